@@ -1,0 +1,22 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A block of anonymous virtual memory reserved with `MAP_NORESERVE`: the only system call the platform-
+/// free core makes. The kernel backs it lazily, so a large reservation costs nothing until touched.
+final class Arena: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let byteCount: Int
+
+    /// - Throws: `.outOfMemory` if the host refuses the reservation.
+    init(byteCount: Int, what: String) throws(HMMError) {
+        let p = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw HMMError(.outOfMemory, "cannot reserve \(byteCount) bytes of host memory for \(what)")
+        }
+        base = p
+        self.byteCount = byteCount
+    }
+
+    deinit { munmap(base, byteCount) }
+}

@@ -1,0 +1,277 @@
+import Synchronization
+
+/// A process's address space (`struct mm_struct`): its VMAs, its four-level page table and its locks.
+///
+/// ## Locking
+/// Lock order, outermost first — every path in the library keeps it:
+/// 1. `mmapLock` (reader–writer): read for faults, CPU accesses and GUP; write for `map`, `unmap`,
+///    `protect`, `remap`, `advise`, `fork` and `exit`.
+/// 2. folio lock (`PG_locked`), taken by migration before it walks the reverse map.
+/// 3. `rmapLock` (reader–writer; the kernel's anon_vma / i_mmap locks): write while the VMA list
+///    changes, read by reverse-map walkers that hold no `mmapLock`.
+/// 4. the PMD lock (one per PMD table), then 5. the PTE lock (one per PTE table).
+/// Under a page-table lock a folio lock may only be try-locked.
+///
+/// Every public method takes the locks it needs itself; none may be called with them already held.
+public final class AddressSpace: @unchecked Sendable {
+    public let machine: Machine
+    /// A small number naming the space in messages.
+    public let id: Int
+    let mmapLock = ReadWriteLock()
+    let rmapLock = ReadWriteLock()
+    /// Sorted, non-overlapping. Guarded by `mmapLock` + `rmapLock` (both write to modify).
+    var vmas: [VMA] = []
+    /// The PGD node; 0 after exit.
+    var root: UInt32 = 0
+    private let exited = Atomic<Bool>(false)
+
+    static let mmapTop: UInt64 = 0x7F00_0000_0000
+    static let mmapMin: UInt64 = 0x10000
+
+    init(machine: Machine, id: Int) throws(HMMError) {
+        self.machine = machine
+        self.id = id
+        root = try machine.pageTables.allocate()
+    }
+
+    deinit {
+        if !hasExited { teardown() }
+    }
+
+    /// Whether ``exit()`` has run.
+    public var hasExited: Bool { exited.load(ordering: .acquiring) }
+
+    var pool: PageTablePool { machine.pageTables }
+    var frames: FrameTable { machine.frames }
+
+    @inline(__always) func checkAlive() throws(HMMError) {
+        if hasExited { throw HMMError(.noProcess, "address space \(id) has exited") }
+    }
+
+    /// The mappings, in address order (`/proc/self/maps`).
+    public var mappings: [MappingInfo] {
+        mmapLock.withReadLock {
+            vmas.map {
+                MappingInfo(
+                    start: $0.start, end: $0.end, protection: $0.protection, shared: $0.isShared,
+                    anonymous: $0.file == nil || $0.file!.isShmem, hugetlb: $0.isHugetlb,
+                    hugePageAdvice: $0.flags.contains(.hugePage))
+            }
+        }
+    }
+
+    // MARK: - exit
+
+    /// Tears the address space down (`exit_mmap`): every mapping is removed, every frame it held is
+    /// returned, every page-table node freed. Later calls on this space throw `.noProcess`.
+    /// Takes `mmapLock` for writing. Calling it twice is harmless.
+    public func exit() {
+        guard !hasExited else { return }
+        teardown()
+    }
+
+    private func teardown() {
+        mmapLock.writeLock()
+        defer { mmapLock.unlock() }
+        if exited.exchange(true, ordering: .acquiringAndReleasing) { return }
+        rmapLock.withWriteLock {
+            for i in vmas.indices.reversed() {
+                let v = vmas[i]
+                zapVMA(v, v.start, v.end)
+                releaseReservations(v, v.start, v.end)
+            }
+            vmas.removeAll()
+            if root != 0 {
+                freeTables(root, level: 0)
+                root = 0
+            }
+        }
+        machine.statistics.count(.exits)
+    }
+
+    // MARK: - VMA list
+
+    /// Index of the VMA containing `address`.
+    @inline(__always) func vmaIndex(containing address: UInt64) -> Int? {
+        var lo = 0
+        var hi = vmas.count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if vmas[mid].end <= address { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < vmas.count && vmas[lo].start <= address ? lo : nil
+    }
+
+    /// Index of the first VMA that ends after `address`.
+    func firstVMA(endingAfter address: UInt64) -> Int {
+        var lo = 0
+        var hi = vmas.count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if vmas[mid].end <= address { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    /// Splits the VMA containing `address` so that a VMA boundary falls there (`split_vma`).
+    /// Requires `mmapLock` and `rmapLock` held for writing.
+    func splitVMA(at address: UInt64) {
+        guard let i = vmaIndex(containing: address), vmas[i].start < address else { return }
+        let v = vmas[i]
+        vmas[i] = v.slice(v.start, address)
+        vmas.insert(v.slice(address, v.end), at: i + 1)
+    }
+
+    /// Merges neighbours that differ in nothing but their extent (`vma_merge`).
+    func mergeVMAs(around lo: UInt64, _ hi: UInt64) {
+        var i = max(0, firstVMA(endingAfter: lo) - 1)
+        while i + 1 < vmas.count && vmas[i].start <= hi {
+            let a = vmas[i]
+            let b = vmas[i + 1]
+            if a.end == b.start, a.protection == b.protection, a.flags == b.flags, a.file === b.file,
+                a.anonVMA === b.anonVMA, a.reservation === b.reservation,
+                a.pgoff + a.length >> UInt64(PageSize.shift) == b.pgoff
+            {
+                vmas[i].end = b.end
+                vmas.remove(at: i + 1)
+            } else {
+                i += 1
+            }
+        }
+    }
+
+    func insertVMA(_ v: VMA) {
+        let i = firstVMA(endingAfter: v.start)
+        precondition(i == vmas.count || vmas[i].start >= v.end, "inserting overlapping VMA")
+        vmas.insert(v, at: i)
+        v.anonVMA?.addMember(self)
+        v.file?.addMapper(self)
+    }
+
+    /// Lowest-fit search from the top of the mmap area down (`get_unmapped_area`, top-down layout).
+    func findFreeRange(length: UInt64, alignment: UInt64) -> UInt64? {
+        var hi = Self.mmapTop
+        func fit(_ lo: UInt64, _ hi: UInt64) -> UInt64? {
+            guard hi >= length else { return nil }
+            let a = (hi - length) & ~(alignment - 1)
+            return a >= lo ? a : nil
+        }
+        for v in vmas.reversed() {
+            if v.start >= hi { continue }
+            if v.end < hi, let a = fit(v.end, hi) { return a }
+            hi = min(hi, v.start)
+        }
+        return fit(Self.mmapMin, hi)
+    }
+
+    // MARK: - page-table walking
+
+    /// The node holding the PMD entries that cover `address`, allocating upper levels if asked.
+    /// Safe under `mmapLock` held for reading: upper-level entries are installed with a CAS and only
+    /// freed under the write lock. Returns 0 when absent and `allocate` is false.
+    @inline(__always) func pmdNode(_ address: UInt64, allocate: Bool) throws(HMMError) -> UInt32 {
+        var node = root
+        for shift in [UInt64(39), 30] {
+            let slot = pool.entries(node) + Int((address >> shift) & 511)
+            var e = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
+            if e.isNone {
+                guard allocate else { return 0 }
+                let n = try pool.allocate()
+                let desired = PageTableEntry.table(n)
+                let (ok, current) = slot.pointee.compareExchange(
+                    expected: 0, desired: desired.rawValue, ordering: .acquiringAndReleasing)
+                if ok {
+                    e = desired
+                } else {
+                    pool.free(n)
+                    e = PageTableEntry(rawValue: current)
+                }
+            }
+            node = e.node
+        }
+        return node
+    }
+
+    @inline(__always) func pmdSlot(_ pmdNode: UInt32, _ address: UInt64) -> UnsafeMutablePointer<Atomic<UInt64>> {
+        pool.entries(pmdNode) + PageTableIndex.pmd(address)
+    }
+
+    @inline(__always) func pteSlot(_ pteNode: UInt32, _ address: UInt64) -> UnsafeMutablePointer<Atomic<UInt64>> {
+        pool.entries(pteNode) + PageTableIndex.pte(address)
+    }
+
+    /// Makes sure the PMD entry for `address` points at a PTE table and returns it; nil if the PMD is a
+    /// huge leaf or a huge non-present entry (the caller handles those). Takes the PMD lock to install.
+    func pteNode(_ pmdNode: UInt32, _ address: UInt64, allocate: Bool) throws(HMMError) -> UInt32? {
+        let slot = pmdSlot(pmdNode, address)
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
+        if e.isTable { return e.node }
+        guard e.isNone else { return nil }
+        guard allocate else { return 0 }
+        let n = try pool.allocate()
+        let lock = pool.lock(pmdNode)
+        lock.lock()
+        let cur = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        if cur.isNone {
+            slot.pointee.store(PageTableEntry.table(n).rawValue, ordering: .releasing)
+            lock.unlock()
+            return n
+        }
+        lock.unlock()
+        pool.free(n)
+        return cur.isTable ? cur.node : nil
+    }
+
+    /// Frees every table below `node` (whose entries must all be none by now) and `node` itself.
+    func freeTables(_ node: UInt32, level: Int) {
+        let e = pool.entries(node)
+        if level < 3 {
+            for i in 0..<512 {
+                let entry = PageTableEntry(rawValue: e[i].load(ordering: .relaxed))
+                if entry.isTable {
+                    freeTables(entry.node, level: level + 1)
+                    e[i].store(0, ordering: .relaxed)
+                }
+            }
+        }
+        pool.free(node)
+    }
+
+    /// Frees PTE tables (and PMD/PUD tables) left entirely empty in `[lo, hi)` (`free_pgtables`).
+    /// Requires `mmapLock` held for writing.
+    func freeEmptyTables(_ lo: UInt64, _ hi: UInt64) {
+        guard root != 0 else { return }
+        var a = lo & ~UInt64((1 << 39) - 1)
+        while a < hi {
+            let pgdSlot = pool.entries(root) + PageTableIndex.pgd(a)
+            let pgdE = PageTableEntry(rawValue: pgdSlot.pointee.load(ordering: .relaxed))
+            if pgdE.isTable, pruneEmpty(pgdE.node, level: 1, base: a, lo: lo, hi: hi) {
+                pgdSlot.pointee.store(0, ordering: .releasing)
+                pool.free(pgdE.node)
+            }
+            a += 1 << 39
+        }
+    }
+
+    /// Recursively frees empty child tables of `node` inside `[lo, hi)`; true if `node` is now empty.
+    private func pruneEmpty(_ node: UInt32, level: Int, base: UInt64, lo: UInt64, hi: UInt64) -> Bool {
+        let shift = UInt64(39 - 9 * level)
+        let e = pool.entries(node)
+        var empty = true
+        for i in 0..<512 {
+            let start = base + UInt64(i) << shift
+            let end = start + (1 << shift)
+            let entry = PageTableEntry(rawValue: e[i].load(ordering: .relaxed))
+            if entry.isNone { continue }
+            if entry.isTable, end > lo, start < hi, level < 3 {
+                if pruneEmpty(entry.node, level: level + 1, base: start, lo: lo, hi: hi) {
+                    e[i].store(0, ordering: .releasing)
+                    pool.free(entry.node)
+                    continue
+                }
+            }
+            empty = false
+        }
+        return empty
+    }
+}

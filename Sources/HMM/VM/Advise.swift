@@ -1,0 +1,104 @@
+/// `madvise` (`mm/madvise.c`).
+extension AddressSpace {
+    /// Gives advice about `[address, address + length)` (`madvise`).
+    ///
+    /// - `.dontNeed` zaps the range: private anonymous memory reads as zero afterwards, file memory
+    ///   refaults from the page cache.
+    /// - `.free` marks exclusively owned anonymous pages clean and lazily freeable; without memory
+    ///   pressure (no reclaim is modelled) their contents stay.
+    /// - `.hugePage` / `.noHugePage` set or clear THP eligibility (splitting VMAs).
+    /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP.
+    /// - Throws: `.invalidArgument` (unaligned, zero or overflowing length, advice the mapping cannot
+    ///   take), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised, as
+    ///   the kernel does), `.tryAgain` if a block could not be collapsed, `.noProcess`.
+    /// Takes `mmapLock` for writing.
+    public func advise(_ address: UInt64, length: Int, _ advice: Advice) throws(HMMError) {
+        let (lo, hi) = try validateRange(address, length, "madvise")
+        mmapLock.writeLock()
+        defer { mmapLock.unlock() }
+        try checkAlive()
+        var firstError: HMMError?
+        do { try checkFullyMapped(lo, hi, "madvise") } catch { firstError = error }
+        let pieces = vmas.filter { $0.end > lo && $0.start < hi }.map { $0.slice(lo, hi) }
+        switch advice {
+        case .dontNeed:
+            for v in pieces {
+                if v.flags.contains(.mixedMap) { throw .invalid("MADV_DONTNEED on a driver mapping") }
+                if v.isHugetlb && (v.start | v.end) & PageSize.pmdMask != 0 {
+                    throw .invalid("MADV_DONTNEED must cover whole hugetlb pages")
+                }
+            }
+            for v in pieces { zapVMA(v, v.start, v.end) }
+        case .free:
+            for v in pieces where !v.isAnonymous || v.isShared {
+                throw .invalid("MADV_FREE applies to private anonymous memory only")
+            }
+            for v in pieces { lazyFree(v) }
+        case .hugePage, .noHugePage:
+            rmapLock.withWriteLock {
+                splitVMA(at: lo)
+                splitVMA(at: hi)
+                var i = firstVMA(endingAfter: lo)
+                while i < vmas.count && vmas[i].start < hi {
+                    if advice == .hugePage {
+                        vmas[i].flags.insert(.hugePage)
+                        vmas[i].flags.remove(.noHugePage)
+                    } else {
+                        vmas[i].flags.insert(.noHugePage)
+                        vmas[i].flags.remove(.hugePage)
+                    }
+                    i += 1
+                }
+                mergeVMAs(around: lo, hi)
+            }
+        case .collapse:
+            for v in pieces where !v.isAnonymous || v.isShared || v.isHugetlb || v.flags.contains(.noHugePage) {
+                throw .invalid("MADV_COLLAPSE needs private anonymous memory without MADV_NOHUGEPAGE")
+            }
+            for v in pieces {
+                var base = (v.start + PageSize.pmdMask) & ~PageSize.pmdMask
+                while base + UInt64(PageSize.pmd) <= v.end {
+                    do { try collapse(v, base) } catch { firstError = firstError ?? error }
+                    base += UInt64(PageSize.pmd)
+                }
+            }
+        }
+        if let firstError { throw firstError }
+    }
+
+    /// `madvise_free_pte_range`: clean and old for pages only this mapping uses.
+    private func lazyFree(_ vma: VMA) {
+        var a = vma.start
+        while a < vma.end {
+            let pmdEnd = min(vma.end, (a | PageSize.pmdMask) + 1)
+            let pmdN = (try? pmdNode(a, allocate: false)) ?? 0
+            guard pmdN != 0 else {
+                a = pmdEnd
+                continue
+            }
+            let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .relaxed))
+            if pmd.isLeaf, !pmd.isSpecial, a & PageSize.pmdMask != 0 || pmdEnd - a != UInt64(PageSize.pmd) {
+                splitHugePMD(pmdN, a)
+                continue
+            }
+            if pmd.isTable {
+                let lock = pool.lock(pmd.node)
+                let ptes = pool.entries(pmd.node)
+                lock.lock()
+                var p = a
+                while p < pmdEnd {
+                    let i = PageTableIndex.pte(p)
+                    let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
+                    if e.isPresent, !e.isSpecial, frames.order(e.pfn) == 0, machine.pageMapcount(e.pfn) == 1 {
+                        ptes[i].store(e.dirty(false).young(false).rawValue, ordering: .relaxed)
+                        frames.clearFlags(e.pfn, [.dirty, .young])
+                        frames.setFlags(e.pfn, .lazyFree)
+                    }
+                    p += UInt64(PageSize.base)
+                }
+                lock.unlock()
+            }
+            a = pmdEnd
+        }
+    }
+}

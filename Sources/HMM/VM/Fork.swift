@@ -1,0 +1,152 @@
+/// `fork` (`kernel/fork.c` dup_mmap, `mm/memory.c` copy_page_range).
+extension AddressSpace {
+    /// Creates a child address space (`fork`). Shared mappings stay shared (the child faults their
+    /// pages from the same file); private mappings become copy-on-write: both sides lose write access
+    /// and anon-exclusivity, except that a page that may be DMA-pinned is copied for the child at once
+    /// so the pin stays coherent with the parent (`page_needs_cow_for_dma`).
+    /// - Returns: the child.
+    /// - Throws: `.outOfMemory` (the child is torn down; the parent is unchanged apart from entries
+    ///   already write-protected, which the next write fault restores), `.noProcess`.
+    /// Takes this space's `mmapLock` for writing.
+    public func fork() throws(HMMError) -> AddressSpace {
+        mmapLock.writeLock()
+        defer { mmapLock.unlock() }
+        try checkAlive()
+        let child = try machine.makeAddressSpace()
+        do {
+            try child.mmapLock.withWriteLock { () throws(HMMError) in
+                for vma in vmas where !vma.flags.contains(.dontCopy) {
+                    var copy = vma
+                    copy.reservation = nil
+                    child.rmapLock.withWriteLock { child.insertVMA(copy) }
+                    if vma.anonVMA != nil || vma.flags.contains(.mixedMap) {
+                        try copyPageRange(vma, into: child)
+                    }
+                }
+            }
+        } catch {
+            child.exit()
+            throw error
+        }
+        machine.statistics.count(.forks)
+        return child
+    }
+
+    private func copyPageRange(_ vma: VMA, into child: AddressSpace) throws(HMMError) {
+        var a = vma.start
+        while a < vma.end {
+            let pmdEnd = min(vma.end, (a | PageSize.pmdMask) + 1)
+            let pmdN = try pmdNode(a, allocate: false)
+            if pmdN == 0 {
+                a = min(vma.end, (a | ((1 << 30) - 1)) + 1)
+                continue
+            }
+            let slot = pmdSlot(pmdN, a)
+            let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
+            if pmd.isLeaf {
+                if try copyHugePMD(vma, pmdN, a, into: child) { a = pmdEnd }
+                continue
+            }
+            if pmd.isTable {
+                let childPMD = try child.pmdNode(a, allocate: true)
+                guard let childPTE = try child.pteNode(childPMD, a, allocate: true) else {
+                    preconditionFailure("fresh child PMD is not empty")
+                }
+                try copyPTEs(vma, pmd.node, childPTE, a, pmdEnd, into: child)
+            }
+            a = pmdEnd
+        }
+    }
+
+    /// `copy_huge_pmd`; false when the PMD was split instead (copy it at PTE level).
+    private func copyHugePMD(_ vma: VMA, _ pmdN: UInt32, _ a: UInt64, into child: AddressSpace) throws(HMMError) -> Bool {
+        let slot = pmdSlot(pmdN, a)
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        let hugetlb = vma.isHugetlb
+        if !e.isSpecial && !hugetlb && machine.maybeDMAPinned(e.pfn) {
+            splitHugePMD(pmdN, a)
+            return false
+        }
+        let childPMD = try child.pmdNode(a, allocate: true)
+        if !hugetlb {
+            guard pool.deposit() else { throw HMMError(.outOfMemory, "no page table to deposit for the child") }
+        }
+        var shared = e
+        if !e.isSpecial {
+            let head = e.pfn
+            machine.getFolio(head)
+            machine.addEntireMapcount(head, 1)
+            if hugetlb {
+                frames.clearFlags(head, .anonExclusive)
+            } else {
+                for i in 0..<PageSize.pagesPerPMD { frames.clearFlags(head + i, .anonExclusive) }
+            }
+            shared = e.writable(false)
+            let lock = pool.lock(pmdN)
+            lock.lock()
+            slot.pointee.store(shared.rawValue, ordering: .relaxed)
+            lock.unlock()
+        }
+        child.pmdSlot(childPMD, a).pointee.store(shared.young(false).rawValue, ordering: .releasing)
+        return true
+    }
+
+    /// `copy_pte_range` for one PTE table.
+    private func copyPTEs(
+        _ vma: VMA, _ src: UInt32, _ dst: UInt32, _ lo: UInt64, _ hi: UInt64, into child: AddressSpace
+    ) throws(HMMError) {
+        let lock = pool.lock(src)
+        let s = pool.entries(src)
+        let d = pool.entries(dst)
+        lock.lock()
+        defer { lock.unlock() }
+        var a = lo
+        while a < hi {
+            let i = PageTableIndex.pte(a)
+            a += UInt64(PageSize.base)
+            let e = PageTableEntry(rawValue: s[i].load(ordering: .relaxed))
+            switch e.kind {
+            case .none, .table:
+                continue
+            case .present:
+                if e.isSpecial {
+                    d[i].store(e.rawValue, ordering: .relaxed)
+                    continue
+                }
+                let pfn = e.pfn
+                let head = frames.head(of: pfn)
+                let f = frames.flags(pfn)
+                if f.contains(.anon) && f.contains(.anonExclusive) && machine.maybeDMAPinned(head) {
+                    guard let copy = machine.allocateFolio(order: 0, zeroed: false) else {
+                        throw HMMError(.outOfMemory, "no frame to copy a pinned page for the child")
+                    }
+                    machine.pointer(copy).copyMemory(from: machine.pointer(pfn), byteCount: PageSize.base)
+                    machine.setAnonRmap(copy, anonVMA: vma.anonVMA!, index: vma.linearIndex(a - UInt64(PageSize.base)),
+                                        exclusive: true)
+                    machine.addPageMapcount(copy, 1)
+                    d[i].store(PageTableEntry.present(copy, writable: e.isWritable, user: e.isUser, dirty: true).rawValue,
+                               ordering: .relaxed)
+                    machine.statistics.count(.forkPinnedCopy)
+                    continue
+                }
+                machine.getFolio(head)
+                machine.addPageMapcount(pfn, 1)
+                var shared = e
+                if f.contains(.anon) {
+                    frames.clearFlags(pfn, .anonExclusive)
+                    shared = e.writable(false)
+                    s[i].store(shared.rawValue, ordering: .relaxed)
+                }
+                d[i].store(shared.young(false).rawValue, ordering: .relaxed)
+            case .migrationWrite, .migrationReadExclusive:
+                let down = PageTableEntry.nonPresent(.migrationRead, e.pfn, young: e.isYoung, dirty: e.isDirty)
+                s[i].store(down.rawValue, ordering: .relaxed)
+                d[i].store(down.rawValue, ordering: .relaxed)
+            case .migrationRead, .hwpoison:
+                d[i].store(e.rawValue, ordering: .relaxed)
+            case .devicePrivateRead, .devicePrivateWrite, .deviceExclusive:
+                preconditionFailure("device entries are copied by the device-memory layer")
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+import Synchronization
+
+/// `FOLL_*` flags for ``AddressSpace/getUserPages(_:count:flags:)``.
+public struct GUPFlags: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// `FOLL_WRITE`: the caller will write; copy-on-write is broken first.
+    public static let write = GUPFlags(rawValue: 0x01)
+    /// `FOLL_PIN` (`pin_user_pages`): a DMA pin, counted with the pin bias.
+    public static let pin = GUPFlags(rawValue: 0x40000)
+    /// `FOLL_LONGTERM`: the pin may last indefinitely (requires `.pin`).
+    public static let longTerm = GUPFlags(rawValue: 0x100)
+    /// `get_user_pages_fast`: try a walk that never faults first; fall back to the slow path.
+    public static let fast = GUPFlags(rawValue: 0x8000_0000)
+}
+
+/// Pages held by a GUP call (`get_user_pages` / `pin_user_pages`). The references are dropped by
+/// ``release()`` or when the handle is deallocated.
+public final class PinnedPages: @unchecked Sendable {
+    public let machine: Machine
+    /// The page frame of each requested page, in order.
+    public let pfns: [PFN]
+    public let flags: GUPFlags
+    private let released = Atomic<Bool>(false)
+
+    init(machine: Machine, pfns: [PFN], flags: GUPFlags) {
+        self.machine = machine
+        self.pfns = pfns
+        self.flags = flags
+    }
+
+    deinit { release() }
+
+    /// Drops every reference (`put_page` / `unpin_user_pages`). Idempotent.
+    public func release() {
+        guard !released.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for pfn in pfns { machine.dropGUPReference(pfn, pin: flags.contains(.pin)) }
+    }
+
+    /// Direct access to a held page's bytes (what a device would DMA to or from).
+    /// - Throws: `.invalidArgument` for an index out of range or after ``release()``.
+    public func withBytes<R>(ofPage index: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> R) throws -> R {
+        guard index >= 0, index < pfns.count, !released.load(ordering: .acquiring) else {
+            throw HMMError(.invalidArgument, "page \(index) is not held")
+        }
+        return try body(UnsafeMutableRawBufferPointer(start: machine.pointer(pfns[index]), count: PageSize.base))
+    }
+}
+
+extension Machine {
+    /// Takes a GUP reference on the page `pfn` (its folio). The zero pages are never counted.
+    func takeGUPReference(_ pfn: PFN, pin: Bool) {
+        if frames.flags(pfn).contains(.zero) { return }
+        let head = frames.head(of: pfn)
+        let units = pin ? pinFolio(head) : { getFolio(head); return Int32(1) }()
+        externalReferences.wrappingAdd(Int(units), ordering: .relaxed)
+    }
+
+    func dropGUPReference(_ pfn: PFN, pin: Bool) {
+        if frames.flags(pfn).contains(.zero) { return }
+        let head = frames.head(of: pfn)
+        let units: Int32 = pin && frames.order(head) == 0 ? Self.pinBias : 1
+        externalReferences.wrappingSubtract(Int(units), ordering: .relaxed)
+        if pin { unpinFolio(head) } else { putFolio(head) }
+    }
+}
+
+/// GUP (`mm/gup.c`).
+extension AddressSpace {
+    /// Takes references on `count` pages starting at `address` (`get_user_pages`, `pin_user_pages`,
+    /// their `_fast` variants). Pages are faulted in as needed: `.write` breaks copy-on-write; a pin of a
+    /// shared anonymous page unshares it first, so the pinned page cannot later diverge from what the
+    /// process sees. All or nothing: on error every reference taken so far is dropped.
+    ///
+    /// Long-term pins of system RAM need no migration here (the machine has no movable zone or CMA).
+    /// `.fast` currently walks under `mmapLock` like the slow path; the lockless walk arrives with the
+    /// epoch-based reclamation of the P2PDMA work.
+    /// - Throws: `.invalidArgument` (unaligned, zero or overflowing count, `.longTerm` without `.pin`),
+    ///   `.fault` (no mapping, no permission, `PROT_NONE`, a driver mapping), `.outOfMemory`,
+    ///   `.noProcess`.
+    /// Takes `mmapLock` for reading.
+    public func getUserPages(_ address: UInt64, count: Int, flags: GUPFlags) throws(HMMError) -> PinnedPages {
+        guard address & PageSize.baseMask == 0 else { throw .invalid("GUP address \(hex(address)) is unaligned") }
+        guard count > 0, count <= 1 << 27 else { throw .invalid("GUP count \(count) out of range") }
+        guard !flags.contains(.longTerm) || flags.contains(.pin) else { throw .invalid("FOLL_LONGTERM needs FOLL_PIN") }
+        let end = address &+ UInt64(count) << UInt64(PageSize.shift)
+        guard end > address, end <= PageTableIndex.userTop else { throw .invalid("GUP range overflows") }
+        mmapLock.readLock()
+        defer { mmapLock.unlock() }
+        try checkAlive()
+        var pfns: [PFN] = []
+        pfns.reserveCapacity(count)
+        let pin = flags.contains(.pin)
+        do throws(HMMError) {
+            for i in 0..<count {
+                let a = address + UInt64(i) << UInt64(PageSize.shift)
+                guard let vi = vmaIndex(containing: a) else { throw HMMError(.fault, "GUP: no mapping at \(hex(a))") }
+                let vma = vmas[vi]
+                if (flags.contains(.write) && !vma.writable) || !vma.readable {
+                    throw HMMError(.fault, "GUP: \(hex(a)) does not allow \(flags.contains(.write) ? "write" : "read")")
+                }
+                while true {
+                    if let pfn = followPage(a, write: flags.contains(.write), pin: pin) {
+                        pfns.append(pfn)
+                        break
+                    }
+                    let mustUnshare = pin && !flags.contains(.write)
+                    do {
+                        try handleFault(a, flags.contains(.write) ? .write : (mustUnshare ? .unshare : .read))
+                    } catch {
+                        throw error.code == .segmentationFault || error.code == .bus ? HMMError(.fault, error.message) : error
+                    }
+                }
+            }
+        } catch {
+            for pfn in pfns { machine.dropGUPReference(pfn, pin: pin) }
+            throw error
+        }
+        return PinnedPages(machine: machine, pfns: pfns, flags: flags)
+    }
+
+    /// `follow_page_mask` + `try_grab_folio`: the page at `a` with a reference taken under the
+    /// page-table lock, or nil if a fault is needed first.
+    private func followPage(_ a: UInt64, write: Bool, pin: Bool) -> PFN? {
+        guard let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return nil }
+        let pSlot = pmdSlot(pmdN, a)
+        let pmd = PageTableEntry(rawValue: pSlot.pointee.load(ordering: .acquiring))
+        let lock: SpinLockWord
+        let slot: UnsafeMutablePointer<Atomic<UInt64>>
+        var sub = 0
+        if pmd.isTable {
+            lock = pool.lock(pmd.node)
+            slot = pteSlot(pmd.node, a)
+        } else if pmd.isLeaf {
+            lock = pool.lock(pmdN)
+            slot = pSlot
+            sub = PageTableIndex.pte(a)
+        } else {
+            return nil
+        }
+        lock.lock()
+        defer { lock.unlock() }
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        guard e.isLeaf, e.isUser, !write || e.isWritable else { return nil }
+        if pmd.isLeaf != e.isHuge { return nil }
+        let pfn = e.pfn + sub
+        if pin && !e.isSpecial {
+            // `gup_must_unshare`: a pin of an anonymous page that others may share would go stale.
+            let head = frames.head(of: pfn)
+            let headFlags = frames.flags(head)
+            let exclusive = frames.flags(pfn).contains(.anonExclusive)
+                || (headFlags.contains(.hugetlb) && headFlags.contains(.anonExclusive))
+            if frames.flags(pfn).contains(.anon) && !exclusive { return nil }
+        }
+        machine.takeGUPReference(pfn, pin: pin)
+        if write && !e.isDirty { slot.pointee.store(e.dirty(true).rawValue, ordering: .relaxed) }
+        return pfn
+    }
+}

@@ -1,0 +1,144 @@
+import Synchronization
+
+/// An in-memory file with a page cache, like a tmpfs `O_TMPFILE` (`mm/shmem.c`). It can be read and
+/// written at an offset (`pread`/`pwrite`) and mapped shared or private. Shared anonymous mappings are
+/// backed by an internal one, as the kernel backs them with shmem.
+///
+/// Thread-safe: the page cache is guarded by one lock, which `read`/`write` hold while copying.
+/// The page cache holds one reference on each cached page; pages return to the machine when the file
+/// is deallocated (no mapping and no owner left).
+public final class MemoryFile: @unchecked Sendable {
+    public let machine: Machine
+    private(set) var handle: UInt64 = 0
+    /// Backing of a `MAP_SHARED | MAP_ANONYMOUS` mapping (never migrated by `migrate_vma`).
+    let isShmem: Bool
+    private struct Cache {
+        var size: Int
+        /// PFN + 1 per page index; 0 when not cached.
+        var pages: [UInt64]
+    }
+    private let cache: Mutex<Cache>
+    private let mappers = Mutex<[WeakBox<AddressSpace>]>([])
+
+    init(machine: Machine, size: Int, shmem: Bool) {
+        self.machine = machine
+        self.isShmem = shmem
+        cache = Mutex(Cache(size: size, pages: []))
+        handle = machine.registry.register(self, anon: false)
+    }
+
+    deinit {
+        machine.registry.unregister(handle)
+        let pages = cache.withLock { $0.pages }
+        for p in pages where p != 0 {
+            machine.frames.clearFlags(PFN(p - 1), .pageCache)
+            machine.putFolio(PFN(p - 1))
+        }
+    }
+
+    /// The file size in bytes.
+    public var size: Int { cache.withLock { $0.size } }
+
+    /// Pages currently in the page cache.
+    public var cachedPages: Int { cache.withLock { $0.pages.reduce(0) { $0 + ($1 == 0 ? 0 : 1) } } }
+
+    /// `pwrite`: writes `bytes` at `offset`, extending the file if needed.
+    /// - Returns: the number of bytes written (all of them).
+    /// - Throws: `.invalidArgument` for a negative or overflowing offset; `.outOfMemory` if RAM runs out
+    ///   (bytes before the failing page stay written, as a short write would leave them).
+    @discardableResult
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws(HMMError) -> Int {
+        guard offset >= 0, offset <= (1 << 40) - bytes.count else {
+            throw .invalid("pwrite offset \(offset) with \(bytes.count) bytes is out of range")
+        }
+        return try cache.withLock { (c: inout Cache) -> Result<Int, HMMError> in
+            var done = 0
+            while done < bytes.count {
+                let pos = offset + done
+                let index = pos >> PageSize.shift
+                let inPage = pos & (PageSize.base - 1)
+                let n = min(bytes.count - done, PageSize.base - inPage)
+                let pfn: PFN
+                do throws(HMMError) { pfn = try lookupOrCreate(&c, index) } catch { return .failure(error) }
+                (machine.pointer(pfn) + inPage).copyMemory(from: bytes.baseAddress! + done, byteCount: n)
+                machine.frames.setFlags(pfn, .dirty)
+                done += n
+                c.size = max(c.size, pos + n)
+            }
+            return .success(done)
+        }.get()
+    }
+
+    /// `pwrite` of an array.
+    @discardableResult
+    public func write(_ bytes: [UInt8], at offset: Int) throws(HMMError) -> Int {
+        try bytes.withUnsafeBytes { b in Result { () throws(HMMError) -> Int in try write(b, at: offset) } }.get()
+    }
+
+    /// `pread`: reads up to `buffer.count` bytes at `offset`; holes read as zero; stops at end of file.
+    /// - Returns: the number of bytes read (0 at or past end of file).
+    /// - Throws: `.invalidArgument` for a negative offset.
+    @discardableResult
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(HMMError) -> Int {
+        guard offset >= 0 else { throw .invalid("pread offset \(offset) is negative") }
+        return cache.withLock { c in
+            let total = max(0, min(buffer.count, c.size - offset))
+            var done = 0
+            while done < total {
+                let pos = offset + done
+                let index = pos >> PageSize.shift
+                let inPage = pos & (PageSize.base - 1)
+                let n = min(total - done, PageSize.base - inPage)
+                if index < c.pages.count, c.pages[index] != 0 {
+                    (buffer.baseAddress! + done).copyMemory(
+                        from: machine.pointer(PFN(c.pages[index] - 1)) + inPage, byteCount: n)
+                } else {
+                    (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: n)
+                }
+                done += n
+            }
+            return total
+        }
+    }
+
+    /// The page-cache page at `index` with one extra reference for the caller (`filemap_fault`),
+    /// created zero-filled if absent. Returns nil past end of file.
+    func getPage(_ index: UInt64) throws(HMMError) -> PFN? {
+        try cache.withLock { (c: inout Cache) -> Result<PFN?, HMMError> in
+            guard index < UInt64((c.size + PageSize.base - 1) >> PageSize.shift) else { return .success(nil) }
+            do throws(HMMError) {
+                let pfn = try lookupOrCreate(&c, Int(index))
+                machine.getFolio(pfn)
+                return .success(pfn)
+            } catch {
+                return .failure(error)
+            }
+        }.get()
+    }
+
+    /// Every cached page (for the invariant checker).
+    var cachedPFNs: [PFN] { cache.withLock { $0.pages.compactMap { $0 == 0 ? nil : PFN($0 - 1) } } }
+
+    private func lookupOrCreate(_ c: inout Cache, _ index: Int) throws(HMMError) -> PFN {
+        if index < c.pages.count, c.pages[index] != 0 { return PFN(c.pages[index] - 1) }
+        guard let pfn = machine.allocateFolio(order: 0, zeroed: true) else {
+            throw HMMError(.outOfMemory, "no free frame for page \(index) of a file")
+        }
+        machine.frames.setFlags(pfn, .pageCache)
+        machine.frames.record(pfn).pointee.mapping.store(handle, ordering: .relaxed)
+        machine.frames.record(pfn).pointee.index.store(UInt64(index), ordering: .relaxed)
+        if index >= c.pages.count { c.pages.append(contentsOf: repeatElement(0, count: index + 1 - c.pages.count)) }
+        c.pages[index] = pfn.rawValue + 1
+        return pfn
+    }
+
+    func addMapper(_ space: AddressSpace) {
+        mappers.withLock { m in
+            if m.contains(where: { $0.object === space }) { return }
+            m.removeAll { $0.object == nil }
+            m.append(WeakBox(space))
+        }
+    }
+
+    var mappingSpaces: [AddressSpace] { mappers.withLock { $0.compactMap { $0.object } } }
+}

@@ -1,0 +1,2 @@
+import HMM
+print("hmm")

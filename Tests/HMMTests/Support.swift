@@ -1,0 +1,27 @@
+import Testing
+@testable import HMM
+
+/// Asserts that `body` throws an ``HMMError`` with `code`.
+func expectError<R>(
+    _ code: HMMError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws(HMMError) -> R
+) {
+    do {
+        _ = try body()
+        Issue.record("expected \(code), nothing was thrown", sourceLocation: sourceLocation)
+    } catch {
+        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+    }
+}
+
+/// A machine with every test's closing check: the invariant checker.
+func withMachine(
+    _ config: Machine.Configuration = .init(systemMemory: 64 << 20, hugetlbPages: 2),
+    sourceLocation: SourceLocation = #_sourceLocation, _ body: (Machine) throws -> Void
+) throws {
+    let m = try Machine(config)
+    try body(m)
+    do { try m.checkInvariants() } catch { Issue.record("\(error)", sourceLocation: sourceLocation) }
+}
+
+let page = UInt64(PageSize.base)
+let pmdSize = UInt64(PageSize.pmd)
