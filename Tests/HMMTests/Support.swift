@@ -3,13 +3,15 @@ import Testing
 
 /// Asserts that `body` throws an ``HMMError`` with `code`.
 func expectError<R>(
-    _ code: HMMError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws(HMMError) -> R
+    _ code: HMMError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> R
 ) {
     do {
         _ = try body()
         Issue.record("expected \(code), nothing was thrown", sourceLocation: sourceLocation)
-    } catch {
+    } catch let error as HMMError {
         #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("expected HMMError.\(code), got \(error)", sourceLocation: sourceLocation)
     }
 }
 

@@ -80,7 +80,8 @@ extension AddressSpace {
         var done = 0
         while done < length {
             let a = address + UInt64(done)
-            let n = try accessChunk(a, length - done, write) { p, c in body(p, done, c) }
+            let base = done
+            let n = try accessChunk(a, length - done, write) { p, chunkOffset, c in body(p, base + chunkOffset, c) }
             if n == 0 {
                 try handleFault(a, write ? .write : .read)
             }
@@ -91,7 +92,7 @@ extension AddressSpace {
     /// Accesses as much as one locked table allows; 0 if the first page needs a fault.
     @inline(__always)
     private func accessChunk(
-        _ a: UInt64, _ remaining: Int, _ write: Bool, _ body: (UnsafeMutableRawPointer, Int) -> Void
+        _ a: UInt64, _ remaining: Int, _ write: Bool, _ body: (UnsafeMutableRawPointer, Int, Int) -> Void
     ) throws(HMMError) -> Int {
         let pmdN = try pmdNode(a, allocate: false)
         guard pmdN != 0 else { return 0 }
@@ -111,7 +112,7 @@ extension AddressSpace {
                     ptes[i].store(e.young(true).dirty(e.isDirty || write).rawValue, ordering: .relaxed)
                 }
                 let n = min(remaining - handled, PageSize.base - inPage)
-                body(machine.pointer(e.pfn) + inPage, n)
+                body(machine.pointer(e.pfn) + inPage, handled, n)
                 handled += n
                 inPage = 0
                 i += 1
@@ -130,7 +131,7 @@ extension AddressSpace {
         }
         let off = Int(a & PageSize.pmdMask)
         let n = min(remaining, PageSize.pmd - off)
-        body(machine.pointer(e.pfn) + off, n)
+        body(machine.pointer(e.pfn) + off, 0, n)
         return n
     }
 }
