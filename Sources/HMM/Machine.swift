@@ -38,8 +38,8 @@ public final class Machine: @unchecked Sendable {
     public let hugeZeroPFN: PFN
     /// References held outside page tables and page caches (GUP gets and pins), in refcount units.
     let externalReferences = Atomic<Int>(0)
-    private let spaceList = Mutex<[WeakBox<AddressSpace>]>([])
-    private let fileList = Mutex<[WeakBox<MemoryFile>]>([])
+    private let spaceList = Locked<[WeakBox<AddressSpace>]>([])
+    private let fileList = Locked<[WeakBox<MemoryFile>]>([])
     private let nextSpaceID = Atomic<Int>(1)
 
     /// Boots a machine.

@@ -29,7 +29,7 @@ struct ConcurrencyTests {
             // Chaos region: remapped, protected, unmapped and refilled under the other threads' feet.
             let chaos = try s.map(length: pages * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
             let iterations = 3000
-            let failures = Mutex<[String]>([])
+            let failures = Locked<[String]>([])
             let seed = UInt64(0x9E37_79B9_7F4A_7C15)
             DispatchQueue.concurrentPerform(iterations: 3) { t in
                 var rng = XorShift(state: seed &+ UInt64(t) &* 0x1000_0001)

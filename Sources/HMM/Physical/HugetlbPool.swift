@@ -8,13 +8,13 @@ final class HugetlbPool: @unchecked Sendable {
         var free: [PFN]
         var reserved: Int
     }
-    private let state: Mutex<State>
+    private let state: Locked<State>
     /// Pages in the pool.
     let totalPages: Int
 
     init(pages: [PFN]) {
         totalPages = pages.count
-        state = Mutex(State(free: pages, reserved: 0))
+        state = Locked(State(free: pages, reserved: 0))
     }
 
     /// Free pages (`HugePages_Free`).

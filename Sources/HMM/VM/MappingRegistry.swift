@@ -11,7 +11,7 @@ final class MappingRegistry: @unchecked Sendable {
         weak var object: AnyObject?
         var generation: UInt64
     }
-    private let state = Mutex<(slots: [Slot], free: [Int])>((slots: [], free: []))
+    private let state = Locked<(slots: [Slot], free: [Int])>((slots: [], free: []))
 
     func register(_ object: AnyObject, anon: Bool) -> UInt64 {
         state.withLock { s in
@@ -59,7 +59,7 @@ final class MappingRegistry: @unchecked Sendable {
 final class AnonVMA: @unchecked Sendable {
     private(set) var handle: UInt64 = 0
     private let registry: MappingRegistry
-    private let members = Mutex<[WeakBox<AddressSpace>]>([])
+    private let members = Locked<[WeakBox<AddressSpace>]>([])
 
     init(registry: MappingRegistry) {
         self.registry = registry
@@ -82,7 +82,7 @@ final class AnonVMA: @unchecked Sendable {
 /// Reservation state of a private hugetlb mapping (the kernel's `resv_map`): which 2 MiB slots, by
 /// linear index, have consumed their reservation. Shared by the pieces of a split VMA.
 final class HugetlbReservation: @unchecked Sendable {
-    private let consumed = Mutex<Set<UInt64>>([])
+    private let consumed = Locked<Set<UInt64>>([])
 
     /// Marks `slot` consumed; true if it still held its reservation.
     func consume(_ slot: UInt64) -> Bool { consumed.withLock { $0.insert(slot).inserted } }

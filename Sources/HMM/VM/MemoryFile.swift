@@ -17,13 +17,13 @@ public final class MemoryFile: @unchecked Sendable {
         /// PFN + 1 per page index; 0 when not cached.
         var pages: [UInt64]
     }
-    private let cache: Mutex<Cache>
-    private let mappers = Mutex<[WeakBox<AddressSpace>]>([])
+    private let cache: Locked<Cache>
+    private let mappers = Locked<[WeakBox<AddressSpace>]>([])
 
     init(machine: Machine, size: Int, shmem: Bool) {
         self.machine = machine
         self.isShmem = shmem
-        cache = Mutex(Cache(size: size, pages: []))
+        cache = Locked(Cache(size: size, pages: []))
         handle = machine.registry.register(self, anon: false)
     }
 

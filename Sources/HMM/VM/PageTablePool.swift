@@ -10,7 +10,7 @@ final class PageTablePool: @unchecked Sendable {
     private let nodes: Arena
     private let lockWords: Arena
     let capacity: Int
-    private let freeList: Mutex<(stack: [UInt32], highWater: UInt32, deposited: Int)>
+    private let freeList: Locked<(stack: [UInt32], highWater: UInt32, deposited: Int)>
     private let used = Atomic<Int>(0)
 
     init(capacity: Int) throws(HMMError) {
@@ -18,7 +18,7 @@ final class PageTablePool: @unchecked Sendable {
         nodes = try Arena(byteCount: capacity * PageSize.base, what: "page-table nodes")
         lockWords = try Arena(byteCount: capacity * 4, what: "page-table locks")
         // Node 0 is never handed out: a table entry always names a node ≥ 1.
-        freeList = Mutex((stack: [], highWater: 1, deposited: 0))
+        freeList = Locked((stack: [], highWater: 1, deposited: 0))
     }
 
     /// Nodes in use.
