@@ -78,3 +78,37 @@ extension AddressSpace {
         return PagemapEntry(rawValue: v, level: level, kind: e.kind)
     }
 }
+
+extension AddressSpace {
+    /// Counts pages of `[address, address + length)` mapped by present entries (`mincore`, or RSS over
+    /// a range): one walk of the page tables, no faults, no page-table locks (entries are read atomically).
+    /// - Throws: `.invalidArgument` for an unaligned or overflowing range, `.noProcess`.
+    /// Takes `mmapLock` for reading.
+    public func residentPages(_ address: UInt64, length: Int) throws(HMMError) -> Int {
+        let (lo, hi) = try validateRange(address, length, "mincore")
+        return try mmapLock.withReadLock { () throws(HMMError) -> Int in
+            try checkAlive()
+            var count = 0
+            var a = lo
+            while a < hi {
+                let pmdEnd = min(hi, (a | PageSize.pmdMask) + 1)
+                let pmdN = try pmdNode(a, allocate: false)
+                if pmdN == 0 {
+                    a = min(hi, (a | ((1 << 30) - 1)) + 1)
+                    continue
+                }
+                let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+                if pmd.isLeaf {
+                    count += Int((pmdEnd - a) >> UInt64(PageSize.shift))
+                } else if pmd.isTable {
+                    let ptes = pool.entries(pmd.node)
+                    let first = PageTableIndex.pte(a)
+                    let last = first + Int((pmdEnd - a) >> UInt64(PageSize.shift))
+                    for i in first..<last where ptes[i].load(ordering: .relaxed) & 1 != 0 { count += 1 }
+                }
+                a = pmdEnd
+            }
+            return count
+        }
+    }
+}

@@ -1,0 +1,140 @@
+import ArgumentParser
+import Foundation
+import HMM
+
+/// `hmm demo`: a short narrated scenario on the default machine.
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Narrate a scenario: map, touch, fork + COW, mprotect, THP fault and split, unmap, exit.")
+
+    @Flag(help: "Print the same report as JSON.")
+    var json = false
+
+    @Option(help: "System RAM of the simulated machine, in MiB.")
+    var memory = 512
+
+    struct Step: Codable {
+        var action: String
+        var pageMap: String?
+    }
+
+    struct Report: Codable {
+        var machine: [String: Int]
+        var steps: [Step]
+        var counters: [String: Int]
+        var framesFree: Int
+        var framesUsed: Int
+        var invariants: String
+    }
+
+    func run() throws {
+        let m = try Machine(.init(systemMemory: memory << 20, hugetlbPages: 2))
+        var steps: [Step] = []
+        func say(_ s: String, _ map: String? = nil) {
+            steps.append(Step(action: s, pageMap: map))
+            guard !json else { return }
+            print("• " + s)
+            if let map { print("    " + map) }
+        }
+        let page: UInt64 = 4096
+        let parent = try m.makeAddressSpace()
+
+        let p = try parent.map(length: 16 * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
+        say("map 16 pages private anonymous at \(hexString(p))", try pageMap(parent, p, 16))
+        _ = try parent.load(UInt64.self, at: p)
+        _ = try parent.load(UInt64.self, at: p + page)
+        for i in 4..<12 { try parent.store(UInt64(i), at: p + UInt64(i) * page) }
+        say("read pages 0-1 (zero page), write pages 4-11 (private zeroed frames)", try pageMap(parent, p, 16))
+
+        let child = try parent.fork()
+        say("fork: private pages now shared read-only between parent and child", try pageMap(parent, p, 16))
+        try child.store(UInt64(99), at: p + 5 * page)
+        try parent.store(UInt64(77), at: p + 6 * page)
+        say("child writes page 5, parent writes page 6: each copy-on-write stays private; "
+            + "parent sees page 5 = \(try parent.load(UInt64.self, at: p + 5 * page)), "
+            + "child sees page 6 = \(try child.load(UInt64.self, at: p + 6 * page))", try pageMap(parent, p, 16))
+
+        try parent.protect(p + 8 * page, length: 4 * Int(page), [.read])
+        var segv = "no fault"
+        do { try parent.store(UInt8(1), at: p + 9 * page) } catch { segv = "\(error.code)" }
+        say("mprotect pages 8-11 read-only; a store there raises \(segv) and changes nothing", try pageMap(parent, p, 16))
+
+        let raw = try parent.map(length: 4 << 20, protection: [.read, .write], flags: [.private, .anonymous])
+        let h = (raw + 0x1F_FFFF) & ~0x1F_FFFF
+        try parent.advise(h, length: 2 << 20, .hugePage)
+        _ = try parent.load(UInt8.self, at: h)
+        say("madvise(HUGEPAGE) on a 2 MiB window; a read maps the huge zero page", try pageMap(parent, h, 16))
+        try parent.store(UInt8(1), at: h + 3)
+        say("a write there allocates one 2 MiB folio, PMD-mapped", try pageMap(parent, h, 16))
+        try parent.protect(h + 4 * page, length: 2 * Int(page), [.read])
+        say("mprotect 2 pages of it read-only: the PMD splits into 512 PTEs (the folio stays whole)",
+            try pageMap(parent, h, 16))
+        try parent.protect(h + 4 * page, length: 2 * Int(page), [.read, .write])
+        try parent.advise(h, length: 2 << 20, .collapse)
+        say("make them writable again (the VMAs merge) and MADV_COLLAPSE: one PMD mapping again",
+            try pageMap(parent, h, 16))
+        let before = m.freeFrames
+        try parent.unmap(h + 2 * page, length: 2 * Int(page))
+        say("unmap 2 pages inside it: PMD and folio split, \(m.freeFrames - before) frames return at once",
+            try pageMap(parent, h, 16))
+
+        let hp = try parent.map(length: 2 << 20, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+        try parent.store(UInt64(1), at: hp)
+        say("MAP_HUGETLB: a 2 MiB page from the hugetlb pool (\(m.freeHugetlbPages) of 2 left free)",
+            try pageMap(parent, hp, 16))
+
+        try parent.unmap(p, length: 16 * Int(page))
+        child.exit()
+        say("unmap the small region in the parent, exit the child")
+        let used = m.totalFrames - m.freeFrames
+        parent.exit()
+        say("exit the parent: \(used - (m.totalFrames - m.freeFrames)) frames returned; "
+            + "\(m.freeFrames) of \(m.totalFrames) frames free")
+        var invariants = "ok"
+        do { try m.checkInvariants() } catch { invariants = "\(error)" }
+
+        var counters: [String: Int] = [:]
+        for (c, v) in m.statistics.snapshot where v != 0 { counters[c.description] = v }
+        let report = Report(
+            machine: ["systemMemoryMiB": memory, "frames": m.totalFrames, "hugetlbPages": 2],
+            steps: steps, counters: counters, framesFree: m.freeFrames, framesUsed: m.totalFrames - m.freeFrames,
+            invariants: invariants)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            return
+        }
+        print("\ncounters:")
+        for (c, v) in m.statistics.snapshot where v != 0 { print("  " + pad(c.description, 24) + "\(v)") }
+        print("frames: \(report.framesUsed) used, \(report.framesFree) free (reserved zero pages and the hugetlb "
+              + "pool count as used)")
+        print("invariants: \(invariants)")
+        print("legend: . none  z zero page  Z huge zero  a anon (exclusive)  s anon (shared)  r read-only  "
+              + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file")
+    }
+
+    /// One character per page.
+    func pageMap(_ s: AddressSpace, _ start: UInt64, _ pages: Int) throws -> String {
+        var out = ""
+        for i in 0..<pages {
+            let a = start + UInt64(i) * 4096
+            let e = try s.pagemap(at: a)
+            guard let pfn = e.pfn else {
+                out += "."
+                continue
+            }
+            let info = s.mappings.first { $0.start <= a && a < $0.end }
+            if pfn == s.machine.zeroPFN { out += "z" }
+            else if e.level == .pmd && pfn.rawValue - UInt64(i) == s.machine.hugeZeroPFN.rawValue { out += "Z" }
+            else if info?.hugetlb == true { out += "T" }
+            else if e.level == .pmd { out += "H" }
+            else if e.fileOrSharedAnon { out += "f" }
+            else if info?.protection.contains(.write) == false { out += "r" }
+            else { out += e.exclusivelyMapped ? "a" : "s" }
+        }
+        return "[" + out + "]"
+    }
+}
+
+func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

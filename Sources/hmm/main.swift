@@ -1,2 +1,0 @@
-import HMM
-print("hmm")
