@@ -222,6 +222,25 @@ public final class AddressSpace: @unchecked Sendable {
         return cur.isTable ? cur.node : nil
     }
 
+    /// Visits `[lo, hi)` one PMD-sized step at a time (`walk_page_range` at PMD granularity), skipping
+    /// whole gigabytes where no PMD table exists. `body(address, stepEnd, pmdNode)` returns true to move
+    /// on, false to visit the same address again (after it split a huge entry).
+    /// Requires `mmapLock` held.
+    func forEachPMDStep<E: Error>(
+        _ lo: UInt64, _ hi: UInt64, _ body: (UInt64, UInt64, UInt32) throws(E) -> Bool
+    ) throws(E) {
+        var a = lo
+        while a < hi {
+            let pmdN = (try? pmdNode(a, allocate: false)) ?? 0
+            if pmdN == 0 {
+                a = min(hi, (a | ((1 << 30) - 1)) + 1)
+                continue
+            }
+            let stepEnd = min(hi, (a | PageSize.pmdMask) + 1)
+            if try body(a, stepEnd, pmdN) { a = stepEnd }
+        }
+    }
+
     /// Frees every table below `node` (whose entries must all be none by now) and `node` itself.
     func freeTables(_ node: UInt32, level: Int) {
         let e = pool.entries(node)

@@ -68,37 +68,29 @@ extension AddressSpace {
 
     /// `madvise_free_pte_range`: clean and old for pages only this mapping uses.
     private func lazyFree(_ vma: VMA) {
-        var a = vma.start
-        while a < vma.end {
-            let pmdEnd = min(vma.end, (a | PageSize.pmdMask) + 1)
-            let pmdN = (try? pmdNode(a, allocate: false)) ?? 0
-            guard pmdN != 0 else {
-                a = pmdEnd
-                continue
-            }
+        forEachPMDStep(vma.start, vma.end) { a, pmdEnd, pmdN in
             let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .relaxed))
             if pmd.isLeaf, !pmd.isSpecial, a & PageSize.pmdMask != 0 || pmdEnd - a != UInt64(PageSize.pmd) {
                 splitHugePMD(pmdN, a)
-                continue
+                return false
             }
-            if pmd.isTable {
-                let lock = pool.lock(pmd.node)
-                let ptes = pool.entries(pmd.node)
-                lock.lock()
-                var p = a
-                while p < pmdEnd {
-                    let i = PageTableIndex.pte(p)
-                    let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
-                    if e.isPresent, !e.isSpecial, frames.order(e.pfn) == 0, machine.pageMapcount(e.pfn) == 1 {
-                        ptes[i].store(e.dirty(false).young(false).rawValue, ordering: .relaxed)
-                        frames.clearFlags(e.pfn, [.dirty, .young])
-                        frames.setFlags(e.pfn, .lazyFree)
-                    }
-                    p += UInt64(PageSize.base)
+            guard pmd.isTable else { return true }
+            let lock = pool.lock(pmd.node)
+            let ptes = pool.entries(pmd.node)
+            lock.lock()
+            var p = a
+            while p < pmdEnd {
+                let i = PageTableIndex.pte(p)
+                let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
+                if e.isPresent, !e.isSpecial, frames.order(e.pfn) == 0, machine.pageMapcount(e.pfn) == 1 {
+                    ptes[i].store(e.dirty(false).young(false).rawValue, ordering: .relaxed)
+                    frames.clearFlags(e.pfn, [.dirty, .young])
+                    frames.setFlags(e.pfn, .lazyFree)
                 }
-                lock.unlock()
+                p += UInt64(PageSize.base)
             }
-            a = pmdEnd
+            lock.unlock()
+            return true
         }
     }
 }

@@ -33,20 +33,9 @@ extension AddressSpace {
     }
 
     private func copyPageRange(_ vma: VMA, into child: AddressSpace) throws(HMMError) {
-        var a = vma.start
-        while a < vma.end {
-            let pmdEnd = min(vma.end, (a | PageSize.pmdMask) + 1)
-            let pmdN = try pmdNode(a, allocate: false)
-            if pmdN == 0 {
-                a = min(vma.end, (a | ((1 << 30) - 1)) + 1)
-                continue
-            }
-            let slot = pmdSlot(pmdN, a)
-            let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
-            if pmd.isLeaf {
-                if try copyHugePMD(vma, pmdN, a, into: child) { a = pmdEnd }
-                continue
-            }
+        try forEachPMDStep(vma.start, vma.end) { (a, pmdEnd, pmdN) throws(HMMError) -> Bool in
+            let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isLeaf { return try copyHugePMD(vma, pmdN, a, into: child) }
             if pmd.isTable {
                 let childPMD = try child.pmdNode(a, allocate: true)
                 guard let childPTE = try child.pteNode(childPMD, a, allocate: true) else {
@@ -54,7 +43,7 @@ extension AddressSpace {
                 }
                 try copyPTEs(vma, pmd.node, childPTE, a, pmdEnd, into: child)
             }
-            a = pmdEnd
+            return true
         }
     }
 

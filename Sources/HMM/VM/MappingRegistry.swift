@@ -59,7 +59,7 @@ final class MappingRegistry: @unchecked Sendable {
 final class AnonVMA: @unchecked Sendable {
     private(set) var handle: UInt64 = 0
     private let registry: MappingRegistry
-    private let members = Locked<[WeakBox<AddressSpace>]>([])
+    private let members = SpaceSet()
 
     init(registry: MappingRegistry) {
         self.registry = registry
@@ -68,15 +68,9 @@ final class AnonVMA: @unchecked Sendable {
 
     deinit { registry.unregister(handle) }
 
-    func addMember(_ space: AddressSpace) {
-        members.withLock { m in
-            if m.contains(where: { $0.object === space }) { return }
-            m.removeAll { $0.object == nil }
-            m.append(WeakBox(space))
-        }
-    }
+    func addMember(_ space: AddressSpace) { members.insert(space) }
 
-    var spaces: [AddressSpace] { members.withLock { $0.compactMap { $0.object } } }
+    var spaces: [AddressSpace] { members.spaces }
 }
 
 /// Reservation state of a private hugetlb mapping (the kernel's `resv_map`): which 2 MiB slots, by
@@ -86,4 +80,19 @@ final class HugetlbReservation: @unchecked Sendable {
 
     /// Marks `slot` consumed; true if it still held its reservation.
     func consume(_ slot: UInt64) -> Bool { consumed.withLock { $0.insert(slot).inserted } }
+}
+
+/// The address spaces that joined an rmap owner, held weakly (an exited or freed space drops out).
+final class SpaceSet: @unchecked Sendable {
+    private let members = Locked<[WeakBox<AddressSpace>]>([])
+
+    func insert(_ space: AddressSpace) {
+        members.withLock { m in
+            if m.contains(where: { $0.object === space }) { return }
+            m.removeAll { $0.object == nil }
+            m.append(WeakBox(space))
+        }
+    }
+
+    var spaces: [AddressSpace] { members.withLock { $0.compactMap { $0.object } } }
 }

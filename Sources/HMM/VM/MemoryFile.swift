@@ -18,7 +18,7 @@ public final class MemoryFile: @unchecked Sendable {
         var pages: [UInt64]
     }
     private let cache: Locked<Cache>
-    private let mappers = Locked<[WeakBox<AddressSpace>]>([])
+    private let mappers = SpaceSet()
 
     init(machine: Machine, size: Int, shmem: Bool) {
         self.machine = machine
@@ -132,13 +132,7 @@ public final class MemoryFile: @unchecked Sendable {
         return pfn
     }
 
-    func addMapper(_ space: AddressSpace) {
-        mappers.withLock { m in
-            if m.contains(where: { $0.object === space }) { return }
-            m.removeAll { $0.object == nil }
-            m.append(WeakBox(space))
-        }
-    }
+    func addMapper(_ space: AddressSpace) { mappers.insert(space) }
 
-    var mappingSpaces: [AddressSpace] { mappers.withLock { $0.compactMap { $0.object } } }
+    var mappingSpaces: [AddressSpace] { mappers.spaces }
 }

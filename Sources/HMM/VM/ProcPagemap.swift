@@ -89,14 +89,7 @@ extension AddressSpace {
         return try mmapLock.withReadLock { () throws(HMMError) -> Int in
             try checkAlive()
             var count = 0
-            var a = lo
-            while a < hi {
-                let pmdEnd = min(hi, (a | PageSize.pmdMask) + 1)
-                let pmdN = try pmdNode(a, allocate: false)
-                if pmdN == 0 {
-                    a = min(hi, (a | ((1 << 30) - 1)) + 1)
-                    continue
-                }
+            forEachPMDStep(lo, hi) { a, pmdEnd, pmdN in
                 let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
                 if pmd.isLeaf {
                     count += Int((pmdEnd - a) >> UInt64(PageSize.shift))
@@ -106,7 +99,7 @@ extension AddressSpace {
                     let last = first + Int((pmdEnd - a) >> UInt64(PageSize.shift))
                     for i in first..<last where ptes[i].load(ordering: .relaxed) & 1 != 0 { count += 1 }
                 }
-                a = pmdEnd
+                return true
             }
             return count
         }

@@ -45,20 +45,13 @@ extension AddressSpace {
     /// `change_protection` over a whole VMA whose `protection` was just set.
     func changeProtection(_ vma: VMA) {
         let user = vma.protection != .none
-        var a = vma.start
-        while a < vma.end {
-            let pmdEnd = min(vma.end, (a | PageSize.pmdMask) + 1)
-            let pmdN = (try? pmdNode(a, allocate: false)) ?? 0
-            if pmdN == 0 {
-                a = min(vma.end, (a | ((1 << 30) - 1)) + 1)
-                continue
-            }
+        forEachPMDStep(vma.start, vma.end) { a, pmdEnd, pmdN in
             let slot = pmdSlot(pmdN, a)
             let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
             if pmd.isLeaf {
                 if a & PageSize.pmdMask != 0 || pmdEnd - a != UInt64(PageSize.pmd) {
                     splitHugePMD(pmdN, a)
-                    continue
+                    return false
                 }
                 let lock = pool.lock(pmdN)
                 lock.lock()
@@ -78,7 +71,7 @@ extension AddressSpace {
                 }
                 lock.unlock()
             }
-            a = pmdEnd
+            return true
         }
     }
 

@@ -53,31 +53,19 @@ extension AddressSpace {
     /// A huge PMD only partly inside is split first. Requires `mmapLock` held for writing (or exit).
     func zapVMA(_ vma: VMA, _ lo: UInt64, _ hi: UInt64) {
         guard root != 0 else { return }
-        var a = lo
-        while a < hi {
-            let pmdEnd = min(hi, (a | PageSize.pmdMask) + 1)
-            let pmdN = (try? pmdNode(a, allocate: false)) ?? 0
-            if pmdN == 0 {
-                a = min(hi, (a | ((1 << 30) - 1)) + 1)
-                continue
-            }
-            let slot = pmdSlot(pmdN, a)
-            let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
-            if pmd.isNone {
-                a = pmdEnd
-                continue
-            }
+        forEachPMDStep(lo, hi) { a, pmdEnd, pmdN in
+            let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isNone { return true }
             if pmd.isTable {
                 zapPTEs(pmd.node, a, pmdEnd)
-                a = pmdEnd
-                continue
+                return true
             }
             if a & PageSize.pmdMask == 0 && pmdEnd - a == UInt64(PageSize.pmd) {
                 zapHugePMD(pmdN, a)
-                a = pmdEnd
-            } else {
-                splitHugePMD(pmdN, a)
+                return true
             }
+            splitHugePMD(pmdN, a)
+            return false
         }
     }
 
