@@ -29,7 +29,7 @@ public struct ReverseMapping: Hashable, Sendable, CustomStringConvertible {
 extension Machine {
     /// Every mapping of the page `pfn`.
     public func reverseMap(_ pfn: PFN) -> [ReverseMapping] {
-        guard pfn.rawValue < UInt64(ramFrames) || pfn.rawValue < UInt64(frames.capacity) else { return [] }
+        guard pfn.rawValue < UInt64(frames.capacity) else { return [] }
         let r = frames.record(pfn)
         let word = r.pointee.mapping.load(ordering: .acquiring)
         let index = r.pointee.index.load(ordering: .relaxed)
