@@ -170,26 +170,41 @@ public final class AddressSpace: @unchecked Sendable {
     /// Safe under `mmapLock` held for reading: upper-level entries are installed with a CAS and only
     /// freed under the write lock. Returns 0 when absent and `allocate` is false.
     @inline(__always) func pmdNode(_ address: UInt64, allocate: Bool) throws(HMMError) -> UInt32 {
-        var node = root
-        for shift in [UInt64(39), 30] {
-            let slot = pool.entries(node) + Int((address >> shift) & 511)
-            var e = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
-            if e.isNone {
-                guard allocate else { return 0 }
-                let n = try pool.allocate()
-                let desired = PageTableEntry.table(n)
-                let (ok, current) = slot.pointee.compareExchange(
-                    expected: 0, desired: desired.rawValue, ordering: .acquiringAndReleasing)
-                if ok {
-                    e = desired
-                } else {
-                    pool.free(n)
-                    e = PageTableEntry(rawValue: current)
-                }
-            }
-            node = e.node
+        let pud = try nextLevel(root, PageTableIndex.pgd(address), allocate: allocate)
+        guard pud != 0 else { return 0 }
+        return try nextLevel(pud, PageTableIndex.pud(address), allocate: allocate)
+    }
+
+    /// The node an upper-level entry points at, installed with a CAS when absent and `allocate`.
+    @inline(__always) private func nextLevel(_ node: UInt32, _ index: Int, allocate: Bool) throws(HMMError) -> UInt32 {
+        let slot = pool.entries(node) + index
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
+        if !e.isNone { return e.node }
+        guard allocate else { return 0 }
+        let n = try pool.allocate()
+        let desired = PageTableEntry.table(n)
+        let (ok, current) = slot.pointee.compareExchange(
+            expected: 0, desired: desired.rawValue, ordering: .acquiringAndReleasing)
+        if ok { return n }
+        pool.free(n)
+        return PageTableEntry(rawValue: current).node
+    }
+
+    /// Runs `body(slot, entry)` for every entry of PTE table `pteN` in `[lo, hi)` with its lock held.
+    func forEachPTE(
+        _ pteN: UInt32, _ lo: UInt64, _ hi: UInt64,
+        _ body: (UnsafeMutablePointer<Atomic<UInt64>>, PageTableEntry) -> Void
+    ) {
+        let lock = pool.lock(pteN)
+        let ptes = pool.entries(pteN)
+        lock.lock()
+        defer { lock.unlock() }
+        var a = lo
+        while a < hi {
+            let slot = ptes + PageTableIndex.pte(a)
+            body(slot, PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed)))
+            a += UInt64(PageSize.base)
         }
-        return node
     }
 
     @inline(__always) func pmdSlot(_ pmdNode: UInt32, _ address: UInt64) -> UnsafeMutablePointer<Atomic<UInt64>> {

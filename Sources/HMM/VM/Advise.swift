@@ -75,21 +75,12 @@ extension AddressSpace {
                 return false
             }
             guard pmd.isTable else { return true }
-            let lock = pool.lock(pmd.node)
-            let ptes = pool.entries(pmd.node)
-            lock.lock()
-            var p = a
-            while p < pmdEnd {
-                let i = PageTableIndex.pte(p)
-                let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
-                if e.isPresent, !e.isSpecial, frames.order(e.pfn) == 0, machine.pageMapcount(e.pfn) == 1 {
-                    ptes[i].store(e.dirty(false).young(false).rawValue, ordering: .relaxed)
-                    frames.clearFlags(e.pfn, [.dirty, .young])
-                    frames.setFlags(e.pfn, .lazyFree)
-                }
-                p += UInt64(PageSize.base)
+            forEachPTE(pmd.node, a, pmdEnd) { slot, e in
+                guard e.isPresent, !e.isSpecial, frames.order(e.pfn) == 0, machine.pageMapcount(e.pfn) == 1 else { return }
+                slot.pointee.store(e.dirty(false).young(false).rawValue, ordering: .relaxed)
+                frames.clearFlags(e.pfn, [.dirty, .young])
+                frames.setFlags(e.pfn, .lazyFree)
             }
-            lock.unlock()
             return true
         }
     }

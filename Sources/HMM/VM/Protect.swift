@@ -59,17 +59,9 @@ extension AddressSpace {
                 slot.pointee.store(newProtection(e, vma, user).rawValue, ordering: .relaxed)
                 lock.unlock()
             } else if pmd.isTable {
-                let lock = pool.lock(pmd.node)
-                let ptes = pool.entries(pmd.node)
-                lock.lock()
-                var p = a
-                while p < pmdEnd {
-                    let i = PageTableIndex.pte(p)
-                    let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
-                    if !e.isNone { ptes[i].store(newProtection(e, vma, user).rawValue, ordering: .relaxed) }
-                    p += UInt64(PageSize.base)
+                forEachPTE(pmd.node, a, pmdEnd) { slot, e in
+                    if !e.isNone { slot.pointee.store(newProtection(e, vma, user).rawValue, ordering: .relaxed) }
                 }
-                lock.unlock()
             }
             return true
         }
