@@ -24,6 +24,8 @@ public final class Machine: @unchecked Sendable {
     public let configuration: Configuration
     /// Event counters.
     public let statistics = Statistics()
+    /// Test hook points (fire in debug builds only).
+    public let hooks = Hooks()
 
     let frames: FrameTable
     let ram: Arena
@@ -38,6 +40,12 @@ public final class Machine: @unchecked Sendable {
     public let hugeZeroPFN: PFN
     /// References held outside page tables and page caches (GUP gets and pins), in refcount units.
     let externalReferences = Atomic<Int>(0)
+    /// Registered pagemaps; also hands out PFN ranges above RAM.
+    let pagemapRegistry: Locked<PagemapRegistryState>
+    /// Slot → pagemap, read without a lock (a slot is written before any frame names it).
+    let pagemapTable: UnsafeMutablePointer<Unmanaged<Pagemap>?>
+    /// Slot → `arena base - firstPFN << 12`, so a device frame's bytes are one add away.
+    let pagemapBias: UnsafeMutablePointer<Atomic<Int>>
     private let spaceList = Locked<[WeakBox<AddressSpace>]>([])
     private let fileList = Locked<[WeakBox<MemoryFile>]>([])
     private let nextSpaceID = Atomic<Int>(1)
@@ -61,6 +69,11 @@ public final class Machine: @unchecked Sendable {
         ram = try Arena(byteCount: c.systemMemory, what: "system RAM")
         frames = try FrameTable(capacity: 1 << 24)
         frames.initialize(0..<ramFrames)
+        pagemapRegistry = Locked(PagemapRegistryState(nextPFN: ramFrames))
+        pagemapTable = .allocate(capacity: 256)
+        pagemapTable.initialize(repeating: nil, count: 256)
+        pagemapBias = .allocate(capacity: 256)
+        for i in 0..<256 { (pagemapBias + i).initialize(to: Atomic(0)) }
         pageTables = try PageTablePool(capacity: c.pageTableNodes)
         allocator = FrameAllocator(table: frames, first: 0, count: ramFrames)
 
@@ -82,6 +95,11 @@ public final class Machine: @unchecked Sendable {
         pointer(zero).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.base)
         pointer(hugeZero).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.pmd)
         for p in pool { prepareFolio(p, order: PageSize.pmdOrder, flags: .hugetlb, refcount: 0) }
+    }
+
+    deinit {
+        pagemapTable.deallocate()
+        pagemapBias.deallocate()
     }
 
     /// A new, empty address space (a process's `mm_struct`).
@@ -128,9 +146,12 @@ public final class Machine: @unchecked Sendable {
     /// Free pages in the hugetlb pool.
     public var freeHugetlbPages: Int { hugetlb.freePages }
 
-    /// The bytes of a RAM frame.
+    /// The bytes of a frame: RAM, or the arena of the pagemap it belongs to.
     @inline(__always) func pointer(_ pfn: PFN) -> UnsafeMutableRawPointer {
-        ram.base + Int(truncatingIfNeeded: pfn.rawValue) << PageSize.shift
+        if _fastPath(pfn.rawValue < UInt64(ramFrames)) {
+            return ram.base + Int(truncatingIfNeeded: pfn.rawValue) << PageSize.shift
+        }
+        return devicePointer(pfn)
     }
 
     /// Copies a frame's 4 KiB out, for tests and tools (`/dev/mem`, in effect).

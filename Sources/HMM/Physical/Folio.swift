@@ -8,7 +8,7 @@ extension Machine {
 
     /// Sets up freshly allocated frames as a folio with `refcount` references.
     func prepareFolio(_ head: PFN, order: Int, flags: FrameFlags, refcount: Int32 = 1) {
-        let orderBits = UInt64(order) << FrameFlags.orderShift
+        let orderBits = UInt64(order) << FrameFlags.orderShift | frames.record(head).pointee.flags.load(ordering: .relaxed) & FrameFlags.pagemapMask
         let r = frames.record(head)
         r.pointee.flags.store(flags.rawValue | orderBits | (order > 0 ? FrameFlags.head.rawValue : 0), ordering: .relaxed)
         r.pointee.refcount.store(refcount, ordering: .relaxed)
@@ -78,12 +78,16 @@ extension Machine {
             r.pointee.mapping.store(0, ordering: .relaxed)
             r.pointee.index.store(0, ordering: .relaxed)
             r.pointee.driverData.store(0, ordering: .relaxed)
-            if i > 0 { r.pointee.flags.store(0, ordering: .relaxed) }
+            if i > 0 { r.pointee.flags.bitwiseAnd(FrameFlags.pagemapMask, ordering: .relaxed) }
         }
         if order > 0 {
             precondition(entireMapcount(head) == 0, "freeing PMD-mapped \(head)")
             frames.record(head + 1).pointee.refcount.store(0, ordering: .relaxed)
             frames.record(head + 2).pointee.refcount.store(0, ordering: .relaxed)
+        }
+        if f.rawValue & FrameFlags.pagemapMask != 0 {
+            freeDeviceFolio(head, order: order)
+            return
         }
         if f.contains(.hugetlb) {
             prepareFolio(head, order: order, flags: .hugetlb, refcount: 0)

@@ -34,6 +34,9 @@ struct FrameFlags: OptionSet, Sendable {
 
     static let orderShift: UInt64 = 16
     static let orderMask: UInt64 = 0xF << orderShift
+    /// Bits 24…31: the frame's pagemap slot (0 for system RAM). Set at registration, never changed.
+    static let pagemapShift: UInt64 = 24
+    static let pagemapMask: UInt64 = 0xFF << pagemapShift
 }
 
 /// Per-frame metadata, one 40-byte record per PFN (the kernel spends 64 bytes on `struct page`).
@@ -83,8 +86,11 @@ final class FrameTable: @unchecked Sendable {
         // for the frames in use, lazily, by `initialize(range:)`.
     }
 
-    func initialize(_ range: Range<Int>) {
-        for i in range { (records + i).initialize(to: FrameRecord()) }
+    func initialize(_ range: Range<Int>, pagemapSlot: Int = 0) {
+        for i in range {
+            (records + i).initialize(to: FrameRecord())
+            records[i].flags.store(UInt64(pagemapSlot) << FrameFlags.pagemapShift, ordering: .relaxed)
+        }
     }
 
     @inline(__always) func record(_ pfn: PFN) -> UnsafeMutablePointer<FrameRecord> {
@@ -105,6 +111,11 @@ final class FrameTable: @unchecked Sendable {
 
     @inline(__always) func order(_ pfn: PFN) -> Int {
         Int((record(pfn).pointee.flags.load(ordering: .relaxed) & FrameFlags.orderMask) >> FrameFlags.orderShift)
+    }
+
+    /// The pagemap slot of a frame: 0 for system RAM, 1…255 for device memory.
+    @inline(__always) func pagemapSlot(_ pfn: PFN) -> Int {
+        Int((record(pfn).pointee.flags.load(ordering: .relaxed) & FrameFlags.pagemapMask) >> FrameFlags.pagemapShift)
     }
 
     /// The head of the folio containing `pfn` (folios are naturally aligned).

@@ -7,6 +7,8 @@ public final class Statistics: @unchecked Sendable {
         case faultAnonZeroPage, faultAnonNew, faultCOWCopy, faultCOWReuse, faultUnshare
         case faultFile, faultShared, faultTHP, faultHugeZero, faultHugetlb, faultMigrationWait
         case thpSplitPMD, thpSplitFolio, thpCollapse, forkPinnedCopy, forks, exits
+        case faultDevicePrivate, faultDevicePrivateWait, faultDeviceExclusive
+        case migrateSuccess, migrateFail, migrateDeviceEvicted
 
         public var description: String {
             switch self {
@@ -27,6 +29,12 @@ public final class Statistics: @unchecked Sendable {
             case .forkPinnedCopy: return "fork.pinned_copy"
             case .forks: return "fork"
             case .exits: return "exit"
+            case .faultDevicePrivate: return "fault.device_private"
+            case .faultDevicePrivateWait: return "fault.device_private.wait"
+            case .faultDeviceExclusive: return "fault.device_exclusive"
+            case .migrateSuccess: return "migrate.success"
+            case .migrateFail: return "migrate.fail"
+            case .migrateDeviceEvicted: return "migrate_device.evicted"
             }
         }
     }

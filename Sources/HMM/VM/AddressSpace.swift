@@ -19,6 +19,8 @@ public final class AddressSpace: @unchecked Sendable {
     public let id: Int
     let mmapLock = ReadWriteLock()
     let rmapLock = ReadWriteLock()
+    /// Interval notifiers (`mmu_notifier_subscriptions`).
+    let notifiers = NotifierSubscriptions()
     /// Sorted, non-overlapping. Guarded by `mmapLock` + `rmapLock` (both write to modify).
     var vmas: [VMA] = []
     /// The PGD node; 0 after exit.
@@ -74,7 +76,7 @@ public final class AddressSpace: @unchecked Sendable {
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
         if exited.exchange(true, ordering: .acquiringAndReleasing) { return }
-        rmapLock.withWriteLock {
+        invalidating(0, UInt64.max, .release) { rmapLock.withWriteLock {
             for i in vmas.indices.reversed() {
                 let v = vmas[i]
                 zapVMA(v, v.start, v.end)
@@ -85,7 +87,7 @@ public final class AddressSpace: @unchecked Sendable {
                 freeTables(root, level: 0)
                 root = 0
             }
-        }
+        } }
         machine.statistics.count(.exits)
     }
 

@@ -28,7 +28,7 @@ extension AddressSpace {
                     throw .invalid("MADV_DONTNEED must cover whole hugetlb pages")
                 }
             }
-            for v in pieces { zapVMA(v, v.start, v.end) }
+            for v in pieces { invalidating(v.start, v.end, .clear) { zapVMA(v, v.start, v.end) } }
         case .free:
             for v in pieces where !v.isAnonymous || v.isShared {
                 throw .invalid("MADV_FREE applies to private anonymous memory only")
@@ -58,7 +58,9 @@ extension AddressSpace {
             for v in pieces {
                 var base = (v.start + PageSize.pmdMask) & ~PageSize.pmdMask
                 while base + UInt64(PageSize.pmd) <= v.end {
-                    do { try collapse(v, base) } catch { firstError = firstError ?? error }
+                    do {
+                        try invalidating(base, base + UInt64(PageSize.pmd), .clear) { () throws(HMMError) in try collapse(v, base) }
+                    } catch { firstError = firstError ?? error }
                     base += UInt64(PageSize.pmd)
                 }
             }

@@ -83,13 +83,50 @@ extension AddressSpace {
         case .hwpoison:
             lock.unlock()
             throw HMMError(.bus, "hardware poison at \(hex(address))")
-        case .devicePrivateRead, .devicePrivateWrite, .deviceExclusive:
+        case .devicePrivateRead, .devicePrivateWrite:
+            return try devicePrivateFault(lock, e, address, access)
+        case .deviceExclusive:
             lock.unlock()
-            throw HMMError(.bus, "device entry at \(hex(address)) has no device-memory layer to restore it")
+            try restoreDeviceExclusive(vma, pteN, address, e)
+            return false
         case .table:
             lock.unlock()
             preconditionFailure("table entry at PTE level")
         }
+    }
+
+    /// `do_swap_page` on a device-private entry (kernel-spec §6), entered with the PTE lock held. Takes
+    /// the page lock by try-lock and a reference while the lock is still held — so a racing migration or
+    /// unmap cannot free the page under `migrateToRAM` (bug #1) — then calls the driver. A contended page
+    /// lock means another thread is already moving the page: wait for it to be unlocked and retry, which
+    /// keeps many threads faulting one page live (bug #11). Returns false: the access is retried.
+    private func devicePrivateFault(
+        _ lock: SpinLockWord, _ e: PageTableEntry, _ address: UInt64, _ access: FaultAccess
+    ) throws(HMMError) -> Bool {
+        let page = e.pfn
+        guard let pm = machine.pagemap(of: page) else {
+            lock.unlock()
+            preconditionFailure("device-private entry \(e) names no pagemap")
+        }
+        guard frames.tryLock(page) else {
+            lock.unlock()
+            machine.statistics.count(.faultDevicePrivateWait)
+            while frames.flags(page).contains(.locked) { sched_yieldShim() }
+            return false
+        }
+        machine.getFolio(page)
+        lock.unlock()
+        defer {
+            frames.unlock(page)
+            machine.putFolio(page)
+        }
+        #if DEBUG
+        machine.hooks.fire(.deviceFaultBeforeMigrateToRAM)
+        #endif
+        machine.statistics.count(.faultDevicePrivate)
+        try pm.ops.migrateToRAM(DeviceFault(space: self, address: address & ~PageSize.baseMask, page: page,
+                                            huge: false, write: access == .write))
+        return false
     }
 
     /// Fault on an empty PTE (`do_anonymous_page`, `do_read_fault`, `do_cow_fault`, `do_shared_fault`).
@@ -224,6 +261,11 @@ extension AddressSpace {
         if let source {
             machine.pointer(copy).copyMemory(from: machine.pointer(source), byteCount: PageSize.base)
         }
+        // Mirrors of the old page must let go of it (`wp_page_copy` sends a clear invalidation).
+        let page = address & ~PageSize.baseMask
+        let started = notifiers.start(NotifierRange(space: self, start: page, end: page + UInt64(PageSize.base),
+                                                    event: .clear, owner: nil, blockable: true))
+        defer { notifiers.end(started) }
         let lock = pool.lock(pteN)
         lock.lock()
         let now = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))

@@ -20,7 +20,9 @@ extension AddressSpace {
                     copy.reservation = nil
                     child.rmapLock.withWriteLock { child.insertVMA(copy) }
                     if vma.anonVMA != nil || vma.flags.contains(.mixedMap) {
-                        try copyPageRange(vma, into: child)
+                        try invalidating(vma.start, vma.end, .protectionPage) { () throws(HMMError) in
+                            try copyPageRange(vma, into: child)
+                        }
                     }
                 }
             }
@@ -133,8 +135,31 @@ extension AddressSpace {
                 d[i].store(down.rawValue, ordering: .relaxed)
             case .migrationRead, .hwpoison:
                 d[i].store(e.rawValue, ordering: .relaxed)
-            case .devicePrivateRead, .devicePrivateWrite, .deviceExclusive:
-                preconditionFailure("device entries are copied by the device-memory layer")
+            case .devicePrivateRead, .devicePrivateWrite:
+                // Parent and child share the device page read-only; the next write in either faults it
+                // back to RAM and copies (kernel-spec §9.1).
+                machine.getFolio(frames.head(of: e.pfn))
+                machine.addPageMapcount(e.pfn, 1)
+                frames.clearFlags(e.pfn, .anonExclusive)
+                let down = PageTableEntry.nonPresent(.devicePrivateRead, e.pfn)
+                s[i].store(down.rawValue, ordering: .relaxed)
+                d[i].store(down.rawValue, ordering: .relaxed)
+            case .deviceExclusive:
+                // Restore the parent's present entry (the fork's invalidation already revoked the device's
+                // access), then share it copy-on-write like any anonymous page.
+                let pfn = e.pfn
+                let head = frames.head(of: pfn)
+                guard frames.tryLock(head) else {
+                    throw HMMError(.busy, "fork: device-exclusive page at \(hex(a - UInt64(PageSize.base))) is locked")
+                }
+                let dirty = frames.flags(head).contains(.dirty)
+                let shared = PageTableEntry.present(pfn, writable: false, young: false, dirty: dirty)
+                frames.clearFlags(pfn, .anonExclusive)
+                machine.getFolio(head)
+                machine.addPageMapcount(pfn, 1)
+                s[i].store(shared.rawValue, ordering: .relaxed)
+                d[i].store(shared.rawValue, ordering: .relaxed)
+                frames.unlock(head)
             }
         }
     }

@@ -72,12 +72,14 @@ extension AddressSpace {
     /// shared anonymous page unshares it first, so the pinned page cannot later diverge from what the
     /// process sees. All or nothing: on error every reference taken so far is dropped.
     ///
-    /// Long-term pins of system RAM need no migration here (the machine has no movable zone or CMA).
+    /// Device-private pages are faulted back to RAM (the driver's `migrateToRAM`); a long-term pin of a
+    /// device-coherent page first moves it to a system page (`migrate_device_coherent_folio`). Long-term
+    /// pins of system RAM need no migration (the machine has no movable zone or CMA).
     /// `.fast` currently walks under `mmapLock` like the slow path; the lockless walk arrives with the
     /// epoch-based reclamation of the P2PDMA work.
     /// - Throws: `.invalidArgument` (unaligned, zero or overflowing count, `.longTerm` without `.pin`),
     ///   `.fault` (no mapping, no permission, `PROT_NONE`, a driver mapping), `.outOfMemory`,
-    ///   `.noProcess`.
+    ///   `.busy` (a coherent page could not be moved for a long-term pin), `.noProcess`.
     /// Takes `mmapLock` for reading.
     public func getUserPages(_ address: UInt64, count: Int, flags: GUPFlags) throws(HMMError) -> PinnedPages {
         guard address & PageSize.baseMask == 0 else { throw .invalid("GUP address \(hex(address)) is unaligned") }
@@ -101,6 +103,15 @@ extension AddressSpace {
                 }
                 while true {
                     if let pfn = followPage(a, write: flags.contains(.write), pin: pin) {
+                        if flags.contains(.longTerm), machine.deviceKind(pfn) == .deviceCoherent {
+                            // Coherent memory must stay evictable: move it to RAM, then pin that page.
+                            let head = frames.head(of: pfn)
+                            machine.getFolio(head)
+                            machine.dropGUPReference(pfn, pin: pin)
+                            defer { machine.putFolio(head) }
+                            try machine.migrateDeviceCoherentPage(head)
+                            continue
+                        }
                         pfns.append(pfn)
                         break
                     }

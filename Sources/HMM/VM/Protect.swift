@@ -16,7 +16,7 @@ extension AddressSpace {
         try checkAlive()
         try checkFullyMapped(lo, hi, "mprotect")
         try checkHugetlbBoundaries(lo, hi)
-        rmapLock.withWriteLock {
+        invalidating(lo, hi, .protectionVMA) { rmapLock.withWriteLock {
             splitVMA(at: lo)
             splitVMA(at: hi)
             var i = firstVMA(endingAfter: lo)
@@ -26,7 +26,7 @@ extension AddressSpace {
                 i += 1
             }
             mergeVMAs(around: lo, hi)
-        }
+        } }
     }
 
     /// `.outOfMemory` if some page of `[lo, hi)` has no VMA (what mprotect and madvise return).

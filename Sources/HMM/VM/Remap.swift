@@ -84,6 +84,8 @@ extension AddressSpace {
             dest = a
         }
         let moved = min(oldLen, newLen)
+        let started = notifiers.start(NotifierRange(space: self, start: oldLo, end: oldHi, event: .unmap, owner: nil, blockable: true))
+        defer { notifiers.end(started) }
         try rmapLock.withWriteLock { () throws(HMMError) in
             if flags.contains(.fixed) { unmapLocked(dest, dest + newLen) }
             if newLen < oldLen { unmapLocked(oldLo + newLen, oldHi) }

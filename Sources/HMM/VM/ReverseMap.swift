@@ -29,30 +29,38 @@ public struct ReverseMapping: Hashable, Sendable, CustomStringConvertible {
 extension Machine {
     /// Every mapping of the page `pfn`.
     public func reverseMap(_ pfn: PFN) -> [ReverseMapping] {
-        guard pfn.rawValue < UInt64(frames.capacity) else { return [] }
+        var out: [ReverseMapping] = []
+        forEachCandidate(of: pfn) { space, a in
+            if let m = space.lookupEntry(a, mapping: pfn) { out.append(m) }
+        }
+        return out
+    }
+
+    /// `rmap_walk`: calls `body(space, address)` for every place `pfn` may be mapped (its owner's VMAs
+    /// at the page's index), with that space's `rmapLock` held for reading so its page tables stay put.
+    /// The body checks the entry itself.
+    func forEachCandidate(of pfn: PFN, _ body: (AddressSpace, UInt64) -> Void) {
+        guard pfn.rawValue < UInt64(frames.capacity) else { return }
         let r = frames.record(pfn)
         let word = r.pointee.mapping.load(ordering: .acquiring)
         let index = r.pointee.index.load(ordering: .relaxed)
-        guard word != 0, let owner = registry.lookup(word) else { return [] }
+        guard word != 0, let owner = registry.lookup(word) else { return }
         let spaces: [AddressSpace]
         if let anon = owner as? AnonVMA {
             spaces = anon.spaces
         } else if let file = owner as? MemoryFile {
             spaces = file.mappingSpaces
         } else {
-            return []
+            return
         }
-        var out: [ReverseMapping] = []
         for space in spaces where !space.hasExited {
             space.rmapLock.withReadLock {
                 guard space.root != 0 else { return }
                 for vma in space.vmas where vma.anonVMA === owner || vma.file === owner {
-                    guard let a = vma.address(ofIndex: index), let m = space.lookupEntry(a, mapping: pfn) else { continue }
-                    out.append(m)
+                    if let a = vma.address(ofIndex: index) { body(space, a) }
                 }
             }
         }
-        return out
     }
 }
 

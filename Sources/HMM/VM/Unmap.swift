@@ -37,6 +37,8 @@ extension AddressSpace {
 
     /// Requires `mmapLock` and `rmapLock` held for writing.
     func unmapLocked(_ lo: UInt64, _ hi: UInt64) {
+        let started = notifiers.start(NotifierRange(space: self, start: lo, end: hi, event: .unmap, owner: nil, blockable: true))
+        defer { notifiers.end(started) }
         splitVMA(at: lo)
         splitVMA(at: hi)
         let i = firstVMA(endingAfter: lo)
@@ -99,6 +101,13 @@ extension AddressSpace {
             let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
             if e.isNone { continue }
             ptes[i].store(0, ordering: .releasing)
+            if e.isDevicePrivate || e.kind == .deviceExclusive {
+                // The entry is a mapping: drop its rmap and reference (the last one frees a device page
+                // through `folioFree`).
+                machine.addPageMapcount(e.pfn, -1)
+                machine.putFolio(frames.head(of: e.pfn))
+                continue
+            }
             guard e.isPresent, !e.isSpecial else { continue }
             let head = frames.head(of: e.pfn)
             if e.isDirty { frames.setFlags(head, .dirty) }

@@ -1,0 +1,391 @@
+import Synchronization
+
+/// Migration of a virtual range between system RAM and device memory in three phases
+/// (`struct migrate_vma`, `migrate_vma_setup/pages/finalize`, kernel-spec §4).
+///
+/// ```
+/// try space.withMmapReadLock { () throws(HMMError) in
+///     let m = try MigrateVMA(space: space, start: a, end: b, select: .system, owner: me)
+///     try m.setup()                       // collect + unmap: src[], cpages, npages
+///     for i in 0..<m.npages where m.src[i].isMigrating { allocate, lock, copy or zero; m.dst[i] = … }
+///     m.pages()                           // move the metadata, insert holes
+///     …update device page tables for entries still migrating…
+///     m.finalize()                        // remove migration entries, unlock, drop references
+/// }
+/// ```
+///
+/// Locking: the caller holds the space's `mmapLock` (read is enough) from `setup` through `finalize`.
+/// Source and destination folios stay locked in between. Page-table locks are taken inside; folios
+/// are only try-locked under them (a contended page is simply not collected).
+public final class MigrateVMA: @unchecked Sendable {
+    public let space: AddressSpace
+    public let start: UInt64
+    /// Exclusive; shrinks if collection stopped early.
+    public private(set) var end: UInt64
+    public let select: MigrateSelect
+    /// The driver identity matched against pagemap owners (`pgmap_owner`); also the owner of the
+    /// `migrate` notifier event.
+    public let owner: (any AnyObject & Sendable)?
+    /// The locked device-private page whose CPU fault started this migration (`fault_page`).
+    public let faultPage: PFN?
+    /// Source entries, one per page (read-only for the driver).
+    public private(set) var src: [MigratePFN]
+    /// Destination entries, filled by the driver between ``setup()`` and ``pages()``.
+    public var dst: [MigratePFN]
+    /// Entries still migrating after ``setup()`` (holes included).
+    public private(set) var cpages = 0
+    /// Page slots walked.
+    public private(set) var npages = 0
+    /// Entries whose page was also mapped elsewhere (restored through the reverse map).
+    private var remote: [Bool]
+    private var phase = 0
+
+    /// Describes a migration of `[start, end)`; nothing happens until ``setup()``.
+    /// - Throws: `.invalidArgument` for an empty or overflowing range.
+    public init(
+        space: AddressSpace, start: UInt64, end: UInt64, select: MigrateSelect,
+        owner: (any AnyObject & Sendable)?, faultPage: PFN? = nil
+    ) throws(HMMError) {
+        let lo = start & ~PageSize.baseMask
+        let hi = end & ~PageSize.baseMask
+        guard hi > lo, hi <= PageTableIndex.userTop else {
+            throw .invalid("migrate_vma range \(hex(start))..<\(hex(end)) is empty or outside user space")
+        }
+        self.space = space
+        self.start = lo
+        self.end = hi
+        self.select = select
+        self.owner = owner
+        self.faultPage = faultPage
+        let n = Int((hi - lo) >> UInt64(PageSize.shift))
+        src = Array(repeating: .empty, count: n)
+        dst = Array(repeating: .empty, count: n)
+        remote = Array(repeating: false, count: n)
+    }
+
+    var machine: Machine { space.machine }
+
+    @inline(__always) func address(_ i: Int) -> UInt64 { start + UInt64(i) << UInt64(PageSize.shift) }
+
+    // MARK: phase 1
+
+    /// `migrate_vma_setup`: validates, collects every page of the range into ``src`` (locking it and
+    /// replacing its mapping by a migration entry) and unmaps it from other spaces.
+    /// - Throws: `.invalidArgument` (no VMA at `start`, range past the VMA, hugetlb or driver VMA, a fault
+    ///   page that is not a locked device-private page, called twice), `.noProcess` after exit. Nothing is
+    ///   collected on error.
+    public func setup() throws(HMMError) {
+        guard phase == 0 else { throw .invalid("migrate_vma_setup called twice") }
+        try space.checkAlive()
+        guard let vi = space.vmaIndex(containing: start) else { throw .invalid("migrate_vma: no VMA at \(hex(start))") }
+        let vma = space.vmas[vi]
+        guard end <= vma.end else { throw .invalid("migrate_vma: \(hex(end)) is past the VMA end \(hex(vma.end))") }
+        guard !vma.isHugetlb, !vma.flags.contains(.mixedMap) else {
+            throw .invalid("migrate_vma: hugetlb and driver VMAs cannot migrate")
+        }
+        if let fp = faultPage {
+            guard machine.isDevicePrivate(fp), machine.frames.flags(fp).contains(.locked) else {
+                throw .invalid("migrate_vma: fault page \(fp) is not a locked device-private page")
+            }
+        }
+        phase = 1
+        space.invalidating(start, end, .migrate, owner: owner) { collect(vma) }
+        npages = src.count
+        cpages = unmapAndCheck()
+        #if DEBUG
+        machine.hooks.fire(.migrateAfterSetup)
+        #endif
+    }
+
+    /// `migrate_vma_collect`.
+    private func collect(_ vma: VMA) {
+        let anonymousVMA = vma.isAnonymous && !vma.isShared
+        space.forEachPMDStep(start, end) { a, stepEnd, pmdN in
+            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isNone {
+                if anonymousVMA { collectHoles(a, stepEnd) }
+                return true
+            }
+            if pmd.isLeaf {
+                // No compound migration here: map the THP (or huge zero page) with PTEs and go on.
+                space.splitHugePMD(pmdN, a)
+                return false
+            }
+            if pmd.isNonPresent {
+                space.waitForChange(space.pmdSlot(pmdN, a), pmd)
+                return false
+            }
+            collectPTEs(pmd.node, a, stepEnd, anonymousVMA)
+            return true
+        }
+        // Slots past a part of the range with no PMD table at all are holes too.
+        var a = start
+        while a < end {
+            let i = Int((a - start) >> UInt64(PageSize.shift))
+            if anonymousVMA, src[i] == .empty, (try? space.pmdNode(a, allocate: false)) ?? 0 == 0 {
+                src[i] = MigratePFN(rawValue: MigratePFN.migrate)
+            }
+            a += UInt64(PageSize.base)
+        }
+    }
+
+    private func collectHoles(_ lo: UInt64, _ hi: UInt64) {
+        var a = lo
+        while a < hi {
+            src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate)
+            a += UInt64(PageSize.base)
+        }
+    }
+
+    /// `migrate_vma_collect_pmd` at PTE level: one table, under its lock.
+    private func collectPTEs(_ pteN: UInt32, _ lo: UInt64, _ hi: UInt64, _ anonymousVMA: Bool) {
+        let lock = space.pool.lock(pteN)
+        let ptes = space.pool.entries(pteN)
+        let frames = machine.frames
+        lock.lock()
+        defer { lock.unlock() }
+        var a = lo
+        while a < hi {
+            let i = Int((a - start) >> UInt64(PageSize.shift))
+            let slot = ptes + PageTableIndex.pte(a)
+            a += UInt64(PageSize.base)
+            var e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+            var writable = false
+            switch e.kind {
+            case .none:
+                if anonymousVMA { src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
+                continue
+            case .present:
+                if e.isSpecial {
+                    if select.contains(.system) && e.pfn == machine.zeroPFN { src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
+                    continue
+                }
+                switch machine.deviceKind(e.pfn) {
+                case nil:
+                    guard select.contains(.system) else { continue }
+                case .deviceCoherent?:
+                    guard select.contains(.deviceCoherent), machine.pagemap(of: e.pfn)?.owner === owner else { continue }
+                default:
+                    continue
+                }
+                let head = frames.head(of: e.pfn)
+                if frames.order(head) > 0 {
+                    guard space.trySplitFolio(head, inTable: pteN, extra: 0) else { continue }
+                    e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+                }
+                writable = e.isWritable
+            case .devicePrivateRead, .devicePrivateWrite:
+                guard select.contains(.devicePrivate), machine.pagemap(of: e.pfn)?.owner === owner else { continue }
+                writable = e.kind == .devicePrivateWrite
+            default:
+                continue
+            }
+            let pfn = e.pfn
+            guard frames.flags(pfn).contains(.anon) || frames.flags(pfn).contains(.pageCache) else { continue }
+            machine.getFolio(pfn)
+            let isFault = pfn == faultPage
+            if !isFault && !frames.tryLock(pfn) {
+                machine.putFolio(pfn)
+                continue
+            }
+            guard machine.unmapForMigration(slot, e, pfn) else {
+                if !isFault { frames.unlock(pfn) }
+                machine.putFolio(pfn)
+                continue
+            }
+            src[i] = MigratePFN(pfn, flags: MigratePFN.migrate | (writable ? MigratePFN.write : 0))
+        }
+    }
+
+    /// `migrate_device_unmap`: pages still mapped elsewhere are unmapped through the reverse map; a page
+    /// with references nobody can explain (a GUP pin) is restored. Returns the entries still migrating.
+    private func unmapAndCheck() -> Int {
+        var count = 0
+        for i in 0..<src.count where src[i].isMigrating {
+            guard let pfn = src[i].pfn else {
+                count += 1
+                continue
+            }
+            if machine.pageMapcount(pfn) > 0 {
+                remote[i] = true
+                _ = machine.tryToMigrate(pfn)
+            }
+            if machine.pageMapcount(pfn) == 0 && machine.refcount(pfn) <= expectedReferences(pfn) {
+                count += 1
+                continue
+            }
+            // Restore: the page stays where it is.
+            restore(i, pfn, to: pfn)
+            release(pfn)
+            src[i] = .empty
+        }
+        return count
+    }
+
+    /// References a collected page may carry: ours, the core's on the fault page, the page cache's.
+    private func expectedReferences(_ pfn: PFN) -> Int32 {
+        (pfn == faultPage ? 2 : 1) + (machine.frames.flags(pfn).contains(.pageCache) ? 1 : 0)
+    }
+
+    private func release(_ pfn: PFN) {
+        if pfn != faultPage { machine.frames.unlock(pfn) }
+        machine.putFolio(pfn)
+    }
+
+    /// Replaces the migration entries of `src` (this space's slot, and every other space's if the page
+    /// was mapped there) by mappings of `new`.
+    private func restore(_ i: Int, _ old: PFN, to new: PFN) {
+        space.withLockedPTE(address(i)) { slot, e in
+            guard e.isMigration, e.pfn == old else { return }
+            slot.pointee.store(machine.entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+        }
+        if remote[i] { machine.removeMigrationEntries(old, new) }
+    }
+
+    // MARK: phase 2
+
+    /// `migrate_vma_pages`: for every entry still migrating with a destination, moves the page state to
+    /// the destination (or, for a hole, maps the destination now). Entries that cannot move (no
+    /// destination, an extra reference appeared, a non-anonymous page bound for device memory, a hole
+    /// a concurrent fault filled) lose `migrate`.
+    /// - Throws: `.invalidArgument` if called out of order, or for a destination that is not a locked
+    ///   folio with exactly the driver's reference. Nothing changes on error.
+    public func pages() throws(HMMError) {
+        guard phase == 1 else { throw .invalid("migrate_vma_pages called out of order") }
+        try validateDestinations()
+        phase = 2
+        var started = false
+        defer { space.notifiers.end(started) }
+        let vma = space.vmas[space.vmaIndex(containing: start)!]
+        for i in 0..<src.count where src[i].isMigrating {
+            guard let d = dst[i].pfn else {
+                src[i].clearMigrate()
+                continue
+            }
+            guard let s = src[i].pfn else {
+                if !started {
+                    started = space.notifiers.start(NotifierRange(
+                        space: space, start: address(i), end: end, event: .migrate, owner: owner, blockable: true))
+                }
+                if !insertPage(vma, address(i), d) { src[i].clearMigrate() }
+                continue
+            }
+            let dstKind = machine.deviceKind(d)
+            let srcFlags = machine.frames.flags(s)
+            if dstKind == .generic || dstKind == .pciP2PDMA
+                || (dstKind != nil && !srcFlags.contains(.anon))
+                || machine.refcount(s) != expectedReferences(s)
+            {
+                src[i].clearMigrate()
+                continue
+            }
+            machine.migrateMetadata(from: s, to: d)
+        }
+    }
+
+    private func validateDestinations() throws(HMMError) {
+        for i in 0..<dst.count {
+            guard let d = dst[i].pfn else { continue }
+            guard d.rawValue < UInt64(machine.frames.capacity), machine.frames.flags(d).contains(.locked),
+                machine.refcount(d) == 1, machine.frames.order(d) == 0
+            else { throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference") }
+        }
+    }
+
+    /// `migrate_vma_insert_page`: maps the new page `d` at the hole `a`.
+    private func insertPage(_ vma: VMA, _ a: UInt64, _ d: PFN) -> Bool {
+        guard vma.isAnonymous, !vma.isShared, let anon = vma.anonVMA else { return false }
+        guard let pmdN = try? space.pmdNode(a, allocate: true) else { return false }
+        var pteN: UInt32? = nil
+        while pteN == nil {
+            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isLeaf && pmd.isSpecial {
+                space.splitHugePMD(pmdN, a)
+                continue
+            }
+            guard pmd.isNone || pmd.isTable, let n = try? space.pteNode(pmdN, a, allocate: true), n != 0 else { return false }
+            pteN = n
+        }
+        let lock = space.pool.lock(pteN!)
+        let slot = space.pteSlot(pteN!, a)
+        lock.lock()
+        defer { lock.unlock() }
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        guard e.isNone || (e.isSpecial && e.pfn == machine.zeroPFN) else { return false }
+        machine.setAnonRmap(d, anonVMA: anon, index: vma.linearIndex(a), exclusive: true)
+        machine.addPageMapcount(d, 1)
+        machine.getFolio(d)
+        let entry: PageTableEntry = machine.isDevicePrivate(d)
+            ? .nonPresent(vma.writable ? .devicePrivateWrite : .devicePrivateRead, d)
+            : .present(d, writable: vma.writable, dirty: vma.writable)
+        slot.pointee.store(entry.rawValue, ordering: .releasing)
+        return true
+    }
+
+    // MARK: phase 3
+
+    /// `migrate_vma_finalize`: every migration entry becomes a mapping of the destination (or of the
+    /// source again where migration failed); sources and destinations are unlocked and the migration's
+    /// references dropped, which frees each source that moved (device pages through `folioFree`).
+    /// Calling it before ``pages()`` abandons the migration (everything is restored). Idempotent.
+    public func finalize() {
+        guard phase == 1 || phase == 2 else { return }
+        phase = 3
+        for i in 0..<src.count {
+            let d = dst[i].pfn
+            guard let s = src[i].pfn else {
+                if let d { release(d) }
+                continue
+            }
+            let new = src[i].isMigrating && d != nil ? d! : s
+            machine.statistics.count(new == s ? .migrateFail : .migrateSuccess)
+            if let d, d != new { release(d) }
+            restore(i, s, to: new)
+            release(s)
+            if new != s { release(new) }
+        }
+    }
+}
+
+extension AddressSpace {
+    /// Runs `body` with `mmapLock` held for reading: what a driver wraps around ``MigrateVMA`` phases,
+    /// ``RangeFault`` and ``makeDeviceExclusive(_:owner:_:)``.
+    /// - Throws: what `body` throws, or `.noProcess` after exit.
+    public func withMmapReadLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R {
+        try mmapLock.withReadLock { () throws(HMMError) -> R in
+            try checkAlive()
+            return try body()
+        }
+    }
+}
+
+extension Machine {
+    /// Allocates a zero-filled system page for a migration destination, locked, with one reference
+    /// (`alloc_page_vma` + `lock_page`). Nil when RAM is exhausted.
+    public func allocateMigrationPage() -> PFN? {
+        guard let p = allocateFolio(order: 0, zeroed: true) else { return nil }
+        frames.setFlags(p, .locked)
+        return p
+    }
+
+    /// Copies one page's bytes (RAM or any pagemap, CPU-addressable or not: this is the device's copy
+    /// engine). The caller holds references on both.
+    /// - Throws: `.invalidArgument` for a frame that is neither RAM nor in a registered pagemap.
+    public func copyPage(from src: PFN, to dst: PFN) throws(HMMError) {
+        try checkFrame(src)
+        try checkFrame(dst)
+        pointer(dst).copyMemory(from: pointer(src), byteCount: PageSize.base)
+    }
+
+    /// Zero-fills a page the caller holds a reference on.
+    /// - Throws: `.invalidArgument` for a frame that is neither RAM nor in a registered pagemap.
+    public func zeroPage(_ pfn: PFN) throws(HMMError) {
+        try checkFrame(pfn)
+        pointer(pfn).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.base)
+    }
+
+    func checkFrame(_ pfn: PFN) throws(HMMError) {
+        if pfn.rawValue < UInt64(ramFrames) { return }
+        guard pagemap(of: pfn)?.isUnregistered == false else { throw .invalid("\(pfn) is not a frame of this machine") }
+    }
+}

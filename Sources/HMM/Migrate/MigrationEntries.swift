@@ -1,0 +1,98 @@
+import Synchronization
+
+/// Installing and removing migration entries (`try_to_migrate_one`, `remove_migration_pte`), shared by
+/// ``MigrateVMA`` and ``MigrateDevice``.
+extension Machine {
+    /// The migration entry that replaces mapping `e` of page `pfn` (present, device-private or
+    /// device-exclusive). Writable sources give a writable entry (so the page comes back writable: no
+    /// double fault, kernel-spec §13 bug #4); otherwise read-exclusive if the page was anon-exclusive.
+    /// Young and dirty are carried from a present entry (bug #8).
+    func migrationEntry(replacing e: PageTableEntry, _ pfn: PFN) -> PageTableEntry {
+        let writable = e.isPresent ? e.isWritable : e.kind == .devicePrivateWrite || e.kind == .deviceExclusive
+        let exclusive = frames.flags(pfn).contains(.anonExclusive)
+        let kind: PageTableEntry.Kind = writable ? .migrationWrite : exclusive ? .migrationReadExclusive : .migrationRead
+        return .nonPresent(kind, pfn, young: e.isPresent && e.isYoung, dirty: e.isPresent && e.isDirty)
+    }
+
+    /// Replaces the mapping `e` of `pfn` at `slot` by a migration entry, with the slot's page-table lock
+    /// held: transfers the dirty bit to the folio (bug #6), gives up anon-exclusivity (refusing — and
+    /// leaving the entry alone — when the page may be DMA-pinned), removes the rmap and drops the
+    /// mapping's reference. The caller holds its own reference and the folio lock.
+    /// - Returns: false if the page may be pinned.
+    func unmapForMigration(_ slot: UnsafeMutablePointer<Atomic<UInt64>>, _ e: PageTableEntry, _ pfn: PFN) -> Bool {
+        let head = frames.head(of: pfn)
+        if frames.flags(pfn).contains(.anonExclusive) && maybeDMAPinned(head) { return false }
+        let m = migrationEntry(replacing: e, pfn)
+        slot.pointee.store(m.rawValue, ordering: .releasing)
+        frames.clearFlags(pfn, .anonExclusive)
+        if e.isPresent && e.isDirty { frames.setFlags(head, .dirty) }
+        addPageMapcount(pfn, -1)
+        putFolio(head)
+        return true
+    }
+
+    /// The entry that replaces migration entry `m` once the page lives at `new` (which may be the old
+    /// page, when migration failed), with the accounting of a new mapping: mapcount, reference and
+    /// anon-exclusivity (restored from the entry's kind).
+    func entryAfterMigration(_ m: PageTableEntry, to new: PFN) -> PageTableEntry {
+        let write = m.kind == .migrationWrite
+        if write || m.kind == .migrationReadExclusive { frames.setFlags(new, .anonExclusive) }
+        addPageMapcount(new, 1)
+        getFolio(frames.head(of: new))
+        if isDevicePrivate(new) {
+            return .nonPresent(write ? .devicePrivateWrite : .devicePrivateRead, new)
+        }
+        return .present(new, writable: write, young: m.isYoung, dirty: m.isDirty)
+    }
+
+    /// `try_to_migrate`: turns every remaining mapping of the small folio `pfn`, in every space, into a
+    /// migration entry. Requires the folio locked and referenced by the caller.
+    /// - Returns: whether no mapping is left.
+    func tryToMigrate(_ pfn: PFN) -> Bool {
+        forEachCandidate(of: pfn) { space, a in
+            space.withLockedPTE(a) { slot, e in
+                let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
+                guard mapping, e.pfn == pfn else { return }
+                _ = unmapForMigration(slot, e, pfn)
+            }
+        }
+        return pageMapcount(pfn) == 0
+    }
+
+    /// `remove_migration_ptes(src, new)` through the reverse map: every migration entry naming `src`
+    /// becomes a mapping of `new`. `new` must carry the rmap identity of `src` already.
+    func removeMigrationEntries(_ src: PFN, _ new: PFN) {
+        forEachCandidate(of: new) { space, a in
+            space.withLockedPTE(a) { slot, e in
+                guard e.isMigration, e.pfn == src else { return }
+                slot.pointee.store(entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+            }
+        }
+    }
+
+    /// Copies the page state a destination inherits (`folio_migrate_mapping` + `folio_migrate_flags`):
+    /// rmap identity, anon, dirty, young.
+    func migrateMetadata(from src: PFN, to dst: PFN) {
+        let s = frames.record(src)
+        let d = frames.record(dst)
+        d.pointee.mapping.store(s.pointee.mapping.load(ordering: .relaxed), ordering: .relaxed)
+        d.pointee.index.store(s.pointee.index.load(ordering: .relaxed), ordering: .relaxed)
+        let carried = frames.flags(src).intersection([.anon, .dirty, .young])
+        frames.setFlags(dst, carried)
+    }
+}
+
+extension AddressSpace {
+    /// Runs `body(slot, entry)` on the PTE for `a` with its page-table lock held; nothing if no PTE
+    /// table maps `a`. Requires `mmapLock` or `rmapLock` held (the tables cannot be freed).
+    func withLockedPTE(_ a: UInt64, _ body: (UnsafeMutablePointer<Atomic<UInt64>>, PageTableEntry) -> Void) {
+        guard root != 0, let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return }
+        let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+        guard pmd.isTable else { return }
+        let lock = pool.lock(pmd.node)
+        let slot = pteSlot(pmd.node, a)
+        lock.lock()
+        defer { lock.unlock() }
+        body(slot, PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed)))
+    }
+}

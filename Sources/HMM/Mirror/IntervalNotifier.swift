@@ -1,0 +1,204 @@
+import Synchronization
+
+/// Why an address range is being invalidated (`enum mmu_notifier_event`, with the kernel's values).
+public enum NotifierEvent: Int, Sendable, CustomStringConvertible {
+    /// munmap / mremap.
+    case unmap = 0
+    /// zap (`MADV_DONTNEED`, collapse), restoring a device-exclusive entry, rmap migration.
+    case clear = 1
+    /// mprotect.
+    case protectionVMA = 2
+    /// write-protecting copy-on-write pages at fork.
+    case protectionPage = 3
+    /// soft-dirty clearing.
+    case softDirty = 4
+    /// the address space is being torn down (`exit_mmap`), over the whole address space.
+    case release = 5
+    /// `migrate_vma` collection and hole insertion; `owner` is the migrating driver.
+    case migrate = 6
+    /// `make_device_exclusive`; `owner` is the caller's.
+    case exclusive = 7
+
+    public var description: String {
+        ["unmap", "clear", "protection_vma", "protection_page", "soft_dirty", "release", "migrate", "exclusive"][rawValue]
+    }
+}
+
+/// One invalidation (`struct mmu_notifier_range`): `[start, end)` of `space` is about to change.
+public struct NotifierRange: Sendable {
+    public let space: AddressSpace
+    public let start: UInt64
+    /// Exclusive.
+    public let end: UInt64
+    public let event: NotifierEvent
+    /// The driver on whose behalf the change happens (migrate, exclusive), else nil.
+    public let owner: (any AnyObject & Sendable)?
+    /// `MMU_NOTIFIER_RANGE_BLOCKABLE`: the callback may sleep (always true here).
+    public let blockable: Bool
+
+    /// Whether this is the migrate event of `owner` itself (which a driver may ignore: the migration
+    /// protocol tells it what moves).
+    public func isMigration(by owner: any AnyObject & Sendable) -> Bool { event == .migrate && self.owner === owner }
+}
+
+/// What a driver supplies with an ``IntervalNotifier`` (`struct mmu_interval_notifier_ops`).
+public protocol IntervalNotifierOperations: AnyObject, Sendable {
+    /// `[range.start, range.end)` overlaps the interval and is about to change. Under the same driver
+    /// lock that guards ``IntervalNotifier/readRetry(_:)``: call ``IntervalNotifier/setSequence(_:)``
+    /// with `sequence`, stop using device mappings of the range, and return true. Runs with the space's
+    /// `mmapLock` held (read or write) and possibly its `rmapLock`; must not take either, nor fault.
+    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool
+}
+
+/// A driver's subscription to changes of one virtual range of an address space
+/// (`struct mmu_interval_notifier`), with the kernel's sequence-count protocol (kernel-spec §7.1):
+///
+/// ```
+/// let seq = notifier.readBegin()
+/// … walk (RangeFault) under mmapLock …
+/// driverLock { if notifier.readRetry(seq) { retry } else { program the device } }
+/// ```
+public final class IntervalNotifier: @unchecked Sendable {
+    public let space: AddressSpace
+    public let start: UInt64
+    /// Exclusive.
+    public let end: UInt64
+    let operations: any IntervalNotifierOperations
+    let sequence = Atomic<UInt64>(0)
+    let removed = Atomic<Bool>(false)
+
+    init(space: AddressSpace, start: UInt64, end: UInt64, operations: any IntervalNotifierOperations) {
+        self.space = space
+        self.start = start
+        self.end = end
+        self.operations = operations
+    }
+
+    /// `mmu_interval_read_begin`: the sequence to validate a walk against. If an invalidation of this
+    /// interval is running right now, waits until it ends. Call without the driver lock held.
+    public func readBegin() -> UInt64 {
+        space.notifiers.readBegin(self)
+    }
+
+    /// `mmu_interval_read_retry`: true if an invalidation touched the interval since ``readBegin()``
+    /// returned `seq`. Call under the driver lock the invalidate callback also takes.
+    public func readRetry(_ seq: UInt64) -> Bool {
+        sequence.load(ordering: .acquiring) != seq
+    }
+
+    /// `mmu_interval_check_retry`: the same test, as a lockless hint.
+    public func checkRetry(_ seq: UInt64) -> Bool { readRetry(seq) }
+
+    /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
+    public func setSequence(_ seq: UInt64) {
+        sequence.store(seq, ordering: .releasing)
+    }
+
+    /// `mmu_interval_notifier_remove`: after it returns no callback runs or will run. Must not be called
+    /// from a callback. Idempotent.
+    public func remove() {
+        guard !removed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        space.notifiers.remove(self)
+    }
+}
+
+/// The per-address-space notifier state (`struct mmu_notifier_subscriptions`): the mm-wide
+/// `invalidate_seq` (even = idle, odd = an invalidation is running) and the intervals.
+final class NotifierSubscriptions: @unchecked Sendable {
+    private struct State {
+        var sequence: UInt64 = 2
+        var active = 0
+        var intervals: [IntervalNotifier] = []
+    }
+    private let state = Locked(State())
+    /// Number of intervals; changes only under the space's `mmapLock` held for writing, so an
+    /// invalidation (which runs under `mmapLock`) can skip the lock when it reads zero.
+    private let count = Atomic<Int>(0)
+
+    func insert(_ n: IntervalNotifier) {
+        state.withLock { s in
+            n.sequence.store(s.active > 0 ? s.sequence : s.sequence &- 1, ordering: .releasing)
+            s.intervals.append(n)
+        }
+        count.wrappingAdd(1, ordering: .releasing)
+    }
+
+    func remove(_ n: IntervalNotifier) {
+        let waitFor: UInt64? = state.withLock { s in
+            s.intervals.removeAll { $0 === n }
+            return s.active > 0 ? s.sequence : nil
+        }
+        count.wrappingSubtract(1, ordering: .releasing)
+        if let seq = waitFor { waitUntilSequence(moves: seq) }
+    }
+
+    func readBegin(_ n: IntervalNotifier) -> UInt64 {
+        while true {
+            let (mm, seq) = state.withLock { s in (s.sequence, n.sequence.load(ordering: .acquiring)) }
+            if seq != mm || mm & 1 == 0 { return seq }
+            waitUntilSequence(moves: mm)
+        }
+    }
+
+    private func waitUntilSequence(moves seq: UInt64) {
+        var spins = 0
+        while state.withLock({ $0.sequence }) == seq {
+            spins += 1
+            if spins > 8 {
+                sched_yieldShim()
+                spins = 0
+            }
+        }
+    }
+
+    /// `mmu_notifier_invalidate_range_start`; returns whether ``end(_:)`` must be called.
+    func start(_ range: NotifierRange) -> Bool {
+        guard count.load(ordering: .acquiring) > 0 else { return false }
+        let (cur, list) = state.withLock { s in
+            s.active += 1
+            s.sequence |= 1
+            return (s.sequence, s.intervals.filter { $0.start < range.end && range.start < $0.end })
+        }
+        for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
+        return true
+    }
+
+    /// `mmu_notifier_invalidate_range_end`.
+    func end(_ started: Bool) {
+        guard started else { return }
+        state.withLock { s in
+            s.active -= 1
+            if s.active == 0 { s.sequence &+= 1 }
+        }
+    }
+}
+
+extension AddressSpace {
+    /// `mmu_interval_notifier_insert`: subscribes `operations` to changes of `[start, start + length)`.
+    /// - Throws: `.invalidArgument` for a zero or overflowing length (the kernel's `-EOVERFLOW`),
+    ///   `.noProcess` after exit.
+    /// Takes `mmapLock` for writing: do not call with it held.
+    public func insertIntervalNotifier(
+        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
+    ) throws(HMMError) -> IntervalNotifier {
+        guard length > 0, start <= UInt64.max - length else {
+            throw .invalid("interval notifier \(hex(start))+\(length) is empty or overflows")
+        }
+        let n = IntervalNotifier(space: self, start: start, end: start + length, operations: operations)
+        try mmapLock.withWriteLock { () throws(HMMError) in
+            try checkAlive()
+            notifiers.insert(n)
+        }
+        return n
+    }
+
+    /// Runs `body` between the start and the end of an invalidation of `[lo, hi)`.
+    @inline(__always)
+    func invalidating<R, E: Error>(
+        _ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, owner: (any AnyObject & Sendable)? = nil, _ body: () throws(E) -> R
+    ) throws(E) -> R {
+        let started = notifiers.start(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner, blockable: true))
+        defer { notifiers.end(started) }
+        return try body()
+    }
+}

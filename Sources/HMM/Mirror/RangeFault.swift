@@ -1,0 +1,219 @@
+import Synchronization
+
+/// The words of ``HMMRange/pfns`` (`HMM_PFN_*`, 64-bit values, kernel-spec §7.2): low bits the frame,
+/// high bits flags.
+public enum HMMPFN {
+    /// `HMM_PFN_VALID` (out) / `HMM_PFN_REQ_FAULT` (in).
+    public static let valid: UInt64 = 1 << 63
+    /// `HMM_PFN_WRITE` (out) / `HMM_PFN_REQ_WRITE` (in).
+    public static let write: UInt64 = 1 << 62
+    /// `HMM_PFN_ERROR`: no VMA, no read permission, or a special mapping.
+    public static let error: UInt64 = 1 << 61
+    /// `HMM_PFN_DMA_MAPPED` (sticky).
+    public static let dmaMapped: UInt64 = 1 << 60
+    /// `HMM_PFN_P2PDMA` (sticky).
+    public static let p2pdma: UInt64 = 1 << 59
+    /// `HMM_PFN_P2PDMA_BUS` (sticky).
+    public static let p2pdmaBus: UInt64 = 1 << 58
+    /// `HMM_PFN_ORDER_SHIFT`: a 5-bit map-order field.
+    public static let orderShift: UInt64 = 53
+    /// `HMM_PFN_REQ_FAULT`.
+    public static let requestFault: UInt64 = valid
+    /// `HMM_PFN_REQ_WRITE`.
+    public static let requestWrite: UInt64 = write
+    /// `HMM_PFN_FLAGS`: every flag bit.
+    public static let flagsMask: UInt64 = ~((1 << orderShift) - 1)
+    /// Flags kept from input to output (`HMM_PFN_INOUT_FLAGS`).
+    static let inOut: UInt64 = dmaMapped | p2pdma | p2pdmaBus
+
+    /// The frame of a word (`hmm_pfn_to_page`).
+    public static func pfn(_ word: UInt64) -> PFN { PFN(word & ~flagsMask) }
+    /// The CPU mapping order (`hmm_pfn_to_map_order`): 0 or 9.
+    public static func mapOrder(_ word: UInt64) -> Int { Int((word >> orderShift) & 0x1F) }
+}
+
+/// `struct hmm_range`: what a device wants to mirror and how.
+public struct HMMRange: Sendable {
+    /// The interval notifier covering the range; its space is the one walked.
+    public let notifier: IntervalNotifier
+    /// The value ``IntervalNotifier/readBegin()`` returned for this attempt.
+    public var notifierSeq: UInt64
+    public let start: UInt64
+    /// Exclusive.
+    public let end: UInt64
+    /// One word per page: request flags in, ``HMMPFN`` words out.
+    public var pfns: [UInt64]
+    /// Flags requested for every page (`default_flags`).
+    public var defaultFlags: UInt64
+    /// Which bits of each input word count as per-page requests (`pfn_flags_mask`).
+    public var pfnFlagsMask: UInt64
+    /// Device-private pages of this owner are reported (never faulted) instead of migrated back.
+    public var devicePrivateOwner: (any AnyObject & Sendable)?
+
+    /// A range over `[start, end)` with zeroed words.
+    public init(
+        notifier: IntervalNotifier, start: UInt64, end: UInt64, defaultFlags: UInt64 = 0, pfnFlagsMask: UInt64 = 0,
+        devicePrivateOwner: (any AnyObject & Sendable)? = nil
+    ) {
+        self.notifier = notifier
+        notifierSeq = 0
+        self.start = start
+        self.end = end
+        pfns = Array(repeating: 0, count: end > start ? Int((end - start) >> UInt64(PageSize.shift)) : 0)
+        self.defaultFlags = defaultFlags
+        self.pfnFlagsMask = pfnFlagsMask
+        self.devicePrivateOwner = devicePrivateOwner
+    }
+}
+
+/// `hmm_range_fault` (`mm/hmm.c`, kernel-spec §7.3).
+extension AddressSpace {
+    /// `HMM_RANGE_DEFAULT_TIMEOUT`, for drivers' retry loops.
+    public static let rangeFaultTimeoutMilliseconds = 1000
+
+    /// Fills `range.pfns` with what the CPU page table maps, faulting pages in where the request flags
+    /// ask for it. Requires `mmapLock` held for reading (``withMmapReadLock(_:)``).
+    /// - Throws: `.busy` (the range was invalidated since `notifierSeq`: read-begin again and retry),
+    ///   `.fault` (a page requested valid cannot be: no VMA, no read permission, poison),
+    ///   `.permission` (write requested on a read-only VMA), `.invalidArgument` (unaligned or empty
+    ///   range, wrong word count, notifier of another space), `.outOfMemory`, `.noProcess`.
+    public func rangeFault(_ range: inout HMMRange) throws(HMMError) {
+        guard range.start & PageSize.baseMask == 0, range.end & PageSize.baseMask == 0, range.start < range.end,
+            range.end <= PageTableIndex.userTop,
+            range.pfns.count == Int((range.end - range.start) >> UInt64(PageSize.shift))
+        else { throw .invalid("hmm_range \(hex(range.start))..<\(hex(range.end)) is malformed") }
+        guard range.notifier.space === self else { throw .invalid("hmm_range notifier belongs to another space") }
+        try checkAlive()
+        var last = range.start
+        let seq = range.notifierSeq
+        let owner = range.devicePrivateOwner
+        let mask = range.pfnFlagsMask
+        let dflt = range.defaultFlags
+        let mayFault = (mask | dflt) & HMMPFN.requestFault != 0
+        while true {
+            if range.notifier.checkRetry(seq) { throw HMMError(.busy, "hmm_range invalidated; retry") }
+            let stop = try range.pfns.withUnsafeMutableBufferPointer { (words) throws(HMMError) -> UInt64? in
+                try walk(from: last, range.start, range.end, words.baseAddress!, mask, dflt, mayFault, owner)
+            }
+            guard let faultAt = stop else { break }
+            last = faultAt
+        }
+        #if DEBUG
+        machine.hooks.fire(.rangeFaultAfterWalk)
+        #endif
+    }
+
+    /// One walk from `from`; returns the address at which it faulted (walk again from there), or nil.
+    private func walk(
+        from: UInt64, _ start: UInt64, _ end: UInt64, _ words: UnsafeMutablePointer<UInt64>,
+        _ mask: UInt64, _ dflt: UInt64, _ mayFault: Bool, _ owner: (any AnyObject & Sendable)?
+    ) throws(HMMError) -> UInt64? {
+        var a = from
+        let shift = UInt64(PageSize.shift)
+        @inline(__always) func request(_ i: Int) -> UInt64 { mayFault ? (words[i] & mask) | dflt : 0 }
+        while a < end {
+            let vi = vmaIndex(containing: a)
+            let next = firstVMA(endingAfter: a)
+            let vmaEnd = vi.map { min(end, vmas[$0].end) } ?? (next < vmas.count ? min(end, vmas[next].start) : end)
+            guard let vi, vmas[vi].readable else {
+                var b = a
+                while b < vmaEnd {
+                    let i = Int((b - start) >> shift)
+                    if request(i) & HMMPFN.requestFault != 0 {
+                        throw HMMError(.fault, "hmm_range_fault: \(hex(b)) has no readable mapping")
+                    }
+                    words[i] = words[i] & HMMPFN.inOut | HMMPFN.error
+                    b += UInt64(PageSize.base)
+                }
+                a = vmaEnd
+                continue
+            }
+            let vma = vmas[vi]
+            while a < vmaEnd {
+                let stepEnd = min(vmaEnd, (a | PageSize.pmdMask) + 1)
+                let pmdN = try pmdNode(a, allocate: false)
+                let pmd = pmdN == 0 ? PageTableEntry.none : PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+                if pmd.isTable {
+                    if let (f, w) = walkPTEs(pmd.node, a, stepEnd, start, words, request, owner) {
+                        try faultForRange(vma, f, write: w)
+                        return f
+                    }
+                    a = stepEnd
+                    continue
+                }
+                while a < stepEnd {
+                    let i = Int((a - start) >> shift)
+                    let req = request(i)
+                    var out: UInt64 = 0
+                    if pmd.isLeaf {
+                        out = HMMPFN.valid | (pmd.isWritable ? HMMPFN.write : 0) | UInt64(PageSize.pmdOrder) << HMMPFN.orderShift
+                            | (pmd.pfn + PageTableIndex.pte(a)).rawValue
+                        if req & HMMPFN.requestWrite != 0 && !pmd.isWritable {
+                            try faultForRange(vma, a, write: true)
+                            return a
+                        }
+                    } else if req & HMMPFN.requestFault != 0 {
+                        // None (or no table at all), or a non-present huge entry (migration): fault.
+                        try faultForRange(vma, a, write: req & HMMPFN.requestWrite != 0)
+                        return a
+                    }
+                    words[i] = words[i] & HMMPFN.inOut | out
+                    a += UInt64(PageSize.base)
+                }
+            }
+        }
+        return nil
+    }
+
+    /// One PTE table under its lock; returns the first page that needs a fault (and whether for write).
+    @inline(__always)
+    private func walkPTEs(
+        _ pteN: UInt32, _ lo: UInt64, _ hi: UInt64, _ start: UInt64, _ words: UnsafeMutablePointer<UInt64>,
+        _ request: (Int) -> UInt64, _ owner: (any AnyObject & Sendable)?
+    ) -> (UInt64, Bool)? {
+        let lock = pool.lock(pteN)
+        let ptes = pool.entries(pteN)
+        let ramFrames = UInt64(machine.totalFrames)
+        lock.lock()
+        defer { lock.unlock() }
+        var b = lo
+        var idx = PageTableIndex.pte(lo)
+        var i = Int((lo - start) >> UInt64(PageSize.shift))
+        while b < hi {
+            let e = PageTableEntry(rawValue: ptes[idx].load(ordering: .relaxed))
+            let req = request(i)
+            var out: UInt64 = 0
+            if e.isPresent {
+                if !e.isSpecial || e.pfn == machine.zeroPFN {
+                    out = HMMPFN.valid | (e.isWritable ? HMMPFN.write : 0) | e.pfn.rawValue
+                    if req & HMMPFN.requestWrite != 0 && !e.isWritable { return (b, true) }
+                } else {
+                    if req & HMMPFN.requestFault != 0 { return (b, req & HMMPFN.requestWrite != 0) }
+                    out = HMMPFN.error
+                }
+            } else if !e.isNone, e.isDevicePrivate, e.pfn.rawValue >= ramFrames, let owner,
+                machine.pagemap(of: e.pfn)?.owner === owner
+            {
+                out = HMMPFN.valid | (e.kind == .devicePrivateWrite ? HMMPFN.write : 0) | e.pfn.rawValue
+            } else if req & HMMPFN.requestFault != 0 {
+                return (b, req & HMMPFN.requestWrite != 0)
+            }
+            words[i] = words[i] & HMMPFN.inOut | out
+            b += UInt64(PageSize.base)
+            idx += 1
+            i += 1
+        }
+        return nil
+    }
+
+    /// `hmm_vma_fault`: one page, as `handle_mm_fault(FAULT_FLAG_REMOTE)` would.
+    private func faultForRange(_ vma: VMA, _ a: UInt64, write: Bool) throws(HMMError) {
+        if write && !vma.writable { throw HMMError(.permission, "hmm_range_fault: write to read-only \(hex(a))") }
+        // A migration entry: wait for it to go, then walk again.
+        do {
+            try handleFault(a, write ? .write : .read)
+        } catch {
+            throw error.code == .outOfMemory ? error : HMMError(.fault, "hmm_range_fault: \(error.message)")
+        }
+    }
+}

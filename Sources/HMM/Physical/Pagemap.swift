@@ -1,0 +1,265 @@
+import Synchronization
+
+/// The kind of a device-memory region (`enum memory_type`, kernel-spec §1).
+public enum PagemapKind: Int, Sendable, CustomStringConvertible {
+    /// `MEMORY_DEVICE_PRIVATE`: the CPU cannot address it. Mapped only by non-present device-private
+    /// entries; a CPU touch faults and the driver's ``PagemapOperations/migrateToRAM(_:)`` moves the page
+    /// back.
+    case devicePrivate = 1
+    /// `MEMORY_DEVICE_COHERENT`: CPU-addressable (CXL-like); mapped by ordinary present entries but never
+    /// long-term pinned (a long-term pin moves the page to RAM first).
+    case deviceCoherent = 2
+    /// `MEMORY_DEVICE_GENERIC`: device-dax memory; at refcount 0 the count is simply reset to 1.
+    case generic = 4
+    /// `MEMORY_DEVICE_PCI_P2PDMA`: a PCI BAR mapped for peer-to-peer DMA.
+    case pciP2PDMA = 5
+
+    public var description: String {
+        switch self {
+        case .devicePrivate: return "device-private"
+        case .deviceCoherent: return "device-coherent"
+        case .generic: return "generic"
+        case .pciP2PDMA: return "p2pdma"
+        }
+    }
+}
+
+/// A CPU fault on a device-private entry, handed to ``PagemapOperations/migrateToRAM(_:)`` (the kernel's
+/// `struct vm_fault` as `migrate_to_ram` sees it).
+///
+/// When the callback runs, the faulting space's `mmapLock` is held for reading, `page` is locked and
+/// referenced by the core (pass it as `faultPage` to ``MigrateVMA``), and no page-table lock is held.
+public struct DeviceFault: Sendable {
+    /// The space that faulted (after fork it may differ from the one that migrated the page).
+    public let space: AddressSpace
+    /// The faulting address, page-aligned.
+    public let address: UInt64
+    /// The device-private page the entry named.
+    public let page: PFN
+    /// True when the fault came through a PMD entry (the whole folio should move); false for a PTE.
+    public let huge: Bool
+    /// Whether the CPU wanted to write.
+    public let write: Bool
+}
+
+/// The callbacks a driver supplies with a ``Pagemap`` (`struct dev_pagemap_ops`).
+///
+/// Callbacks run on the thread that triggered them. `folioFree` may run with page-table locks and the
+/// driver's own notifier lock held (the last reference can drop anywhere): it must not sleep, fault, or
+/// take an address space's `mmapLock`.
+public protocol PagemapOperations: AnyObject, Sendable {
+    /// The folio's refcount reached 0 (`folio_free`); give it back to the driver's allocator.
+    /// `order` is the folio's order.
+    func folioFree(_ head: PFN, order: Int)
+    /// Move the faulting device-private page (and optionally neighbours) back to system RAM
+    /// (`migrate_to_ram`). Throw `.bus` or `.outOfMemory` to fail the CPU access; returning lets the CPU
+    /// retry the access.
+    func migrateToRAM(_ fault: DeviceFault) throws(HMMError)
+    /// A large device folio was split (`folio_split`): `tail` is a new folio, nil for the final call on
+    /// the head. Default: nothing to do.
+    func folioSplit(head: PFN, tail: PFN?)
+}
+
+extension PagemapOperations {
+    public func folioSplit(head: PFN, tail: PFN?) {}
+}
+
+/// A registered device-memory region (`struct dev_pagemap`): a PFN range above system RAM with its
+/// own bytes (a host arena), page metadata in the machine's frame table, an owner identity and the
+/// driver's operations.
+///
+/// Frame lifecycle (current kernel rules, kernel-spec §2.3): a free device frame sits at refcount 0;
+/// ``initFolio(_:order:)`` (`zone_device_folio_init`) makes it a folio with refcount 1, locked, and takes
+/// one pagemap reference per frame; when the last reference drops the core clears its anonymous
+/// state, calls ``PagemapOperations/folioFree(_:order:)`` and drops the pagemap references.
+public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
+    public let kind: PagemapKind
+    /// The managing driver's identity: compared with ``MigrateVMA``'s `owner` and ``HMMRange``'s
+    /// `devicePrivateOwner`.
+    public let owner: any AnyObject & Sendable
+    /// First frame of the region.
+    public let firstPFN: PFN
+    /// Frames in the region.
+    public let count: Int
+    /// Slot in the machine's pagemap table (1…255), stored in every frame's flags.
+    let slot: Int
+    let arena: Arena
+    unowned let machine: Machine
+    private unowned(unsafe) let operations: any PagemapOperations
+    /// Frames handed out by `initFolio` and not yet freed (the kernel's percpu `ref`).
+    let references = Atomic<Int>(0)
+    private let unregistered = Atomic<Bool>(false)
+
+    init(machine: Machine, kind: PagemapKind, owner: any AnyObject & Sendable, firstPFN: PFN, count: Int, slot: Int,
+         operations: any PagemapOperations) throws(HMMError) {
+        self.machine = machine
+        self.kind = kind
+        self.owner = owner
+        self.firstPFN = firstPFN
+        self.count = count
+        self.slot = slot
+        self.operations = operations
+        arena = try Arena(byteCount: count << PageSize.shift, what: "\(kind) pagemap")
+    }
+
+    var ops: any PagemapOperations { operations }
+
+    /// One past the last frame.
+    public var endPFN: PFN { firstPFN + count }
+
+    /// Whether `pfn` belongs to this region.
+    public func contains(_ pfn: PFN) -> Bool { pfn >= firstPFN && pfn < endPFN }
+
+    /// Frames currently allocated (refcount above 0).
+    public var framesInUse: Int { references.load(ordering: .relaxed) }
+
+    /// Whether ``Machine/unregisterPagemap(_:)`` has completed.
+    public var isUnregistered: Bool { unregistered.load(ordering: .acquiring) }
+
+    public var description: String {
+        "\(kind) pagemap \(hex(firstPFN.rawValue))+\(count)"
+    }
+
+    /// `zone_device_folio_init`: turns the free frames at `head` into a folio of `order` with refcount 1,
+    /// locked (the driver unlocks it, or migration does), and takes `1 << order` pagemap references.
+    /// Requires the frames to be free (refcount 0), which only the driver's allocator knows.
+    /// - Throws: `.invalidArgument` (outside the region, misaligned, order not 0 or 9), `.busy` (a frame
+    ///   is still referenced), `.noProcess` (the pagemap was unregistered). Nothing changes on error.
+    public func initFolio(_ head: PFN, order: Int) throws(HMMError) {
+        guard !isUnregistered else { throw HMMError(.noProcess, "\(self) is unregistered") }
+        guard order == 0 || order == PageSize.pmdOrder else { throw .invalid("device folio order \(order) is not 0 or 9") }
+        let n = 1 << order
+        guard contains(head), head.rawValue + UInt64(n) <= endPFN.rawValue, head.rawValue & UInt64(n - 1) == 0 else {
+            throw .invalid("\(head) order \(order) is not an aligned folio of \(self)")
+        }
+        for i in 0..<n where machine.frames.record(head + i).pointee.refcount.load(ordering: .acquiring) != 0 {
+            throw HMMError(.busy, "\(head + i) of \(self) is still referenced")
+        }
+        references.wrappingAdd(n, ordering: .relaxed)
+        machine.prepareFolio(head, order: order, flags: .locked)
+        for i in 0..<n { machine.frames.record(head + i).pointee.driverData.store(0, ordering: .relaxed) }
+    }
+
+    /// The bytes of frame `pfn` of this region (what the device's DMA engine reads and writes).
+    /// - Throws: `.invalidArgument` for a frame outside the region.
+    public func bytes(of pfn: PFN) throws(HMMError) -> UnsafeMutableRawBufferPointer {
+        guard contains(pfn) else { throw .invalid("\(pfn) is not in \(self)") }
+        return UnsafeMutableRawBufferPointer(start: address(pfn), count: PageSize.base)
+    }
+
+    @inline(__always) func address(_ pfn: PFN) -> UnsafeMutableRawPointer {
+        arena.base + Int(truncatingIfNeeded: pfn.rawValue - firstPFN.rawValue) << PageSize.shift
+    }
+
+    /// The driver word of a frame (`zone_device_data`).
+    public func driverData(_ pfn: PFN) -> UInt64 {
+        guard contains(pfn) else { return 0 }
+        return machine.frames.record(pfn).pointee.driverData.load(ordering: .acquiring)
+    }
+
+    /// Sets the driver word of a frame (free-list link, back pointer, …).
+    public func setDriverData(_ pfn: PFN, _ value: UInt64) {
+        guard contains(pfn) else { return }
+        machine.frames.record(pfn).pointee.driverData.store(value, ordering: .releasing)
+    }
+
+    /// The refcount of a frame's folio (0 = free).
+    public func refcount(_ pfn: PFN) -> Int {
+        guard contains(pfn) else { return 0 }
+        return Int(machine.refcount(machine.frames.head(of: pfn)))
+    }
+
+    func markUnregistered() { unregistered.store(true, ordering: .releasing) }
+}
+
+extension Machine {
+    /// Registers `count` frames of device memory of `kind` (`memremap_pages`), placed in the PFN space
+    /// above RAM and every earlier pagemap, with `owner` as its identity and `operations` as its
+    /// callbacks. `operations` is held unowned: the driver must outlive the pagemap.
+    /// - Throws: `.invalidArgument` (count not a positive multiple of 512, more than 16 Mi frames),
+    ///   `.outOfMemory` (PFN space, slots or host memory exhausted).
+    public func registerPagemap(
+        kind: PagemapKind, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations
+    ) throws(HMMError) -> Pagemap {
+        guard count > 0, count % PageSize.pagesPerPMD == 0, count <= 1 << 24 else {
+            throw .invalid("pagemap of \(count) frames: must be a positive multiple of 512")
+        }
+        return try pagemapRegistry.withLock { (r: inout PagemapRegistryState) throws(HMMError) -> Pagemap in
+            guard r.nextPFN + count <= frames.capacity else {
+                throw HMMError(.outOfMemory, "no PFN space left for \(count) more device frames")
+            }
+            guard let slot = (1..<256).first(where: { r.slots[$0] == nil }) else {
+                throw HMMError(.outOfMemory, "all 255 pagemap slots are in use")
+            }
+            let pm = try Pagemap(machine: self, kind: kind, owner: owner, firstPFN: PFN(UInt64(r.nextPFN)),
+                                 count: count, slot: slot, operations: operations)
+            frames.initialize(r.nextPFN..<(r.nextPFN + count), pagemapSlot: slot)
+            r.nextPFN += count
+            r.slots[slot] = pm
+            pagemapTable[slot] = Unmanaged.passUnretained(pm)
+            pagemapBias[slot].store(Int(bitPattern: pm.arena.base) &- Int(pm.firstPFN.rawValue) << PageSize.shift,
+                                    ordering: .releasing)
+            return pm
+        }
+    }
+
+    /// Removes a pagemap (`memunmap_pages`). The kernel waits until every frame is free; we refuse instead
+    /// of hanging, so the driver can evict (``MigrateDevice``) and try again.
+    /// - Throws: `.busy` naming how many frames are still in use (nothing changes), `.invalidArgument`
+    ///   for a pagemap of another machine or one already removed.
+    public func unregisterPagemap(_ pagemap: Pagemap) throws(HMMError) {
+        try pagemapRegistry.withLock { (r: inout PagemapRegistryState) throws(HMMError) in
+            guard pagemap.machine === self, r.slots[pagemap.slot] === pagemap else {
+                throw .invalid("\(pagemap) is not registered with this machine")
+            }
+            let inUse = pagemap.framesInUse
+            guard inUse == 0 else {
+                throw HMMError(.busy, "\(pagemap) still has \(inUse) frame(s) in use; migrate them out first")
+            }
+            pagemap.markUnregistered()
+            r.slots[pagemap.slot] = nil
+            r.retired.append(pagemap)  // its frames' slot bits still name it; keep the arena alive
+        }
+    }
+
+    /// The pagemap a frame belongs to, nil for system RAM.
+    public func pagemap(of pfn: PFN) -> Pagemap? {
+        guard pfn.rawValue >= UInt64(ramFrames), pfn.rawValue < UInt64(frames.capacity) else { return nil }
+        let slot = frames.pagemapSlot(pfn)
+        return slot == 0 ? nil : pagemapTable[slot]?.takeUnretainedValue()
+    }
+
+    /// The kind of memory behind a frame, nil for system RAM.
+    @inline(__always) func deviceKind(_ pfn: PFN) -> PagemapKind? {
+        guard pfn.rawValue >= UInt64(ramFrames) else { return nil }
+        return pagemap(of: pfn)?.kind
+    }
+
+    @inline(__always) func isDevicePrivate(_ pfn: PFN) -> Bool { deviceKind(pfn) == .devicePrivate }
+
+    /// Host address of a device frame.
+    @inline(__always) func devicePointer(_ pfn: PFN) -> UnsafeMutableRawPointer {
+        let bias = pagemapBias[frames.pagemapSlot(pfn)].load(ordering: .acquiring)
+        return UnsafeMutableRawPointer(bitPattern: bias &+ Int(truncatingIfNeeded: pfn.rawValue) << PageSize.shift)!
+    }
+
+    /// `free_zone_device_folio`: the last reference to a device folio dropped.
+    func freeDeviceFolio(_ head: PFN, order: Int) {
+        guard let pm = pagemap(of: head) else { preconditionFailure("device frame \(head) without a pagemap") }
+        for i in 0..<(1 << order) { frames.clearFlags(head + i, [.anon, .anonExclusive, .dirty, .young]) }
+        if pm.kind == .generic {
+            frames.record(head).pointee.refcount.store(1, ordering: .releasing)
+            return
+        }
+        frames.record(head).pointee.flags.bitwiseAnd(FrameFlags.pagemapMask, ordering: .releasing)
+        pm.ops.folioFree(head, order: order)
+        pm.references.wrappingSubtract(1 << order, ordering: .relaxed)
+    }
+}
+
+/// The machine's pagemap bookkeeping (guarded by `Machine.pagemapRegistry`).
+struct PagemapRegistryState {
+    var slots: [Pagemap?] = Array(repeating: nil, count: 256)
+    var retired: [Pagemap] = []
+    var nextPFN: Int
+}
