@@ -5,6 +5,7 @@ let package = Package(
     name: "swift-hmm",
     products: [
         .library(name: "HMM", targets: ["HMM"]),
+        .library(name: "HMMDevices", targets: ["HMMDevices"]),
         .executable(name: "hmm", targets: ["hmm"]),
     ],
     dependencies: [
@@ -12,14 +13,17 @@ let package = Package(
     ],
     targets: [
         .target(name: "HMM"),
+        .target(name: "HMMDevices", dependencies: ["HMM"]),
+        .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices"]),
         .executableTarget(
             name: "hmm",
             dependencies: [
-                "HMM",
+                "HMM", "HMMDevices", "HMMSelftests",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "HMMTests", dependencies: ["HMM"]),
+        .testTarget(name: "HMMTests", dependencies: ["HMM", "HMMDevices"]),
+        .testTarget(name: "SelftestTests", dependencies: ["HMM", "HMMDevices", "HMMSelftests"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -359,6 +359,18 @@ extension AddressSpace {
     }
 }
 
+extension AddressSpace {
+    /// The mapping containing `address`, read without taking `mmapLock`: call it inside
+    /// ``withMmapReadLock(_:)``.
+    public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
+        guard let i = vmaIndex(containing: address) else { return nil }
+        let v = vmas[i]
+        return MappingInfo(start: v.start, end: v.end, protection: v.protection, shared: v.isShared,
+                           anonymous: v.file == nil || v.file!.isShmem, hugetlb: v.isHugetlb,
+                           hugePageAdvice: v.flags.contains(.hugePage))
+    }
+}
+
 extension Machine {
     /// Allocates a zero-filled system page for a migration destination, locked, with one reference
     /// (`alloc_page_vma` + `lock_page`). Nil when RAM is exhausted.
@@ -382,6 +394,14 @@ extension Machine {
     public func zeroPage(_ pfn: PFN) throws(HMMError) {
         try checkFrame(pfn)
         pointer(pfn).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.base)
+    }
+
+    /// The host address of a frame's 4 KiB (RAM or any pagemap): what a device's DMA engine uses. Valid
+    /// while the caller keeps the page from being freed (a reference, or a notifier-protected mapping).
+    /// - Throws: `.invalidArgument` for a frame that is neither RAM nor in a registered pagemap.
+    public func framePointer(_ pfn: PFN) throws(HMMError) -> UnsafeMutableRawPointer {
+        try checkFrame(pfn)
+        return pointer(pfn)
     }
 
     func checkFrame(_ pfn: PFN) throws(HMMError) {

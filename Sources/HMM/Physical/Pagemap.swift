@@ -85,7 +85,7 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
     let slot: Int
     let arena: Arena
     unowned let machine: Machine
-    private unowned(unsafe) let operations: any PagemapOperations
+    private weak var operations: (any PagemapOperations)?
     /// Frames handed out by `initFolio` and not yet freed (the kernel's percpu `ref`).
     let references = Atomic<Int>(0)
     private let unregistered = Atomic<Bool>(false)
@@ -102,7 +102,8 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
         arena = try Arena(byteCount: count << PageSize.shift, what: "\(kind) pagemap")
     }
 
-    var ops: any PagemapOperations { operations }
+    /// The driver's callbacks; nil once the driver object is gone.
+    var ops: (any PagemapOperations)? { operations }
 
     /// One past the last frame.
     public var endPFN: PFN { firstPFN + count }
@@ -175,7 +176,8 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
 extension Machine {
     /// Registers `count` frames of device memory of `kind` (`memremap_pages`), placed in the PFN space
     /// above RAM and every earlier pagemap, with `owner` as its identity and `operations` as its
-    /// callbacks. `operations` is held unowned: the driver must outlive the pagemap.
+    /// callbacks. `operations` is held weakly: once the driver object is gone, freed frames are dropped
+    /// and CPU faults on its device-private pages raise `SIGBUS`.
     /// - Throws: `.invalidArgument` (count not a positive multiple of 512, more than 16 Mi frames),
     ///   `.outOfMemory` (PFN space, slots or host memory exhausted).
     public func registerPagemap(
@@ -252,7 +254,7 @@ extension Machine {
             return
         }
         frames.record(head).pointee.flags.bitwiseAnd(FrameFlags.pagemapMask, ordering: .releasing)
-        pm.ops.folioFree(head, order: order)
+        pm.ops?.folioFree(head, order: order)
         pm.references.wrappingSubtract(1 << order, ordering: .relaxed)
     }
 }

@@ -30,6 +30,10 @@ public struct HMMError: Error, Hashable, Sendable, CustomStringConvertible {
         case remoteIO
         /// `ESRCH`: the address space has exited.
         case noProcess
+        /// `EBADF`: a closed device handle.
+        case badDescriptor
+        /// `ENODEV`: the device was removed.
+        case noDevice
         /// `SIGSEGV`: a CPU access the mapping does not allow, or an access to no mapping at all.
         case segmentationFault
         /// `SIGBUS`: a CPU access to memory that cannot be provided (past the end of a file,
@@ -61,6 +65,8 @@ public struct HMMError: Error, Hashable, Sendable, CustomStringConvertible {
         case .unsupported: return EOPNOTSUPP
         case .remoteIO: return EREMOTEIO
         case .noProcess: return ESRCH
+        case .badDescriptor: return EBADF
+        case .noDevice: return ENODEV
         }
     }
 

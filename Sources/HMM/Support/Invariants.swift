@@ -23,9 +23,10 @@ extension Machine {
         var problems: [String] = []
         func problem(_ s: String) { if problems.count < 200 { problems.append(s) } }
         let n = ramFrames
-        var expectedRef = [Int32](repeating: 0, count: n)
-        var expectedMap = [Int32](repeating: 0, count: n)
-        var expectedEntire = [Int32](repeating: 0, count: n)
+        let (pagemaps, total) = pagemapRegistry.withLock { r in (r.slots.compactMap { $0 }, r.nextPFN) }
+        var expectedRef = [Int32](repeating: 0, count: total)
+        var expectedMap = [Int32](repeating: 0, count: total)
+        var expectedEntire = [Int32](repeating: 0, count: total)
         var nodes = 0
         var hugeDeposits = 0
 
@@ -57,7 +58,7 @@ extension Machine {
                 let where_ = "space \(space.id) \(hex(a))"
                 guard let vi = space.vmaIndex(containing: a) else { return problem("\(where_): entry \(e) outside any VMA") }
                 let vma = space.vmas[vi]
-                guard e.isPresent else { return problem("\(where_): non-present entry \(e) at rest") }
+                guard e.isPresent else { return nonPresent(e, vma, where_) }
                 if e.isWritable && !vma.writable { problem("\(where_): writable entry in a \(vma.protection) VMA") }
                 if e.isUser != (vma.protection != .none) { problem("\(where_): user bit disagrees with \(vma.protection)") }
                 if huge && !vma.isHugetlb { hugeDeposits += 1 }
@@ -66,7 +67,11 @@ extension Machine {
                     if e.isWritable { problem("\(where_): writable zero page") }
                     return
                 }
-                guard e.pfn.rawValue < UInt64(n) else { return problem("\(where_): \(e.pfn) outside RAM") }
+                guard e.pfn.rawValue < UInt64(total) else { return problem("\(where_): \(e.pfn) is no frame") }
+                if e.pfn.rawValue >= UInt64(n) {
+                    guard let kind = deviceKind(e.pfn) else { return problem("\(where_): \(e.pfn) in no pagemap") }
+                    if kind == .devicePrivate { return problem("\(where_): present entry maps device-private \(e.pfn)") }
+                }
                 let head = frames.head(of: e.pfn)
                 let f = frames.flags(e.pfn)
                 if f.contains(.buddy) { problem("\(where_): maps free frame \(e.pfn)") }
@@ -84,6 +89,31 @@ extension Machine {
                     let exclusive = hf.contains(.hugetlb) ? hf.contains(.anonExclusive) : f.contains(.anonExclusive)
                     if !exclusive { problem("\(where_): writable anonymous page \(e.pfn) is not anon-exclusive") }
                 }
+            }
+            /// Device-private and device-exclusive entries are mappings (rmap and a reference each);
+            /// migration entries must not outlive a migration.
+            func nonPresent(_ e: PageTableEntry, _ vma: VMA, _ where_: String) {
+                switch e.kind {
+                case .devicePrivateRead, .devicePrivateWrite:
+                    guard e.pfn.rawValue < UInt64(total), deviceKind(e.pfn) == .devicePrivate else {
+                        return problem("\(where_): device-private entry names \(e.pfn), not device-private memory")
+                    }
+                    if e.kind == .devicePrivateWrite && !vma.writable { problem("\(where_): writable device entry in a \(vma.protection) VMA") }
+                    if e.kind == .devicePrivateWrite && !frames.flags(e.pfn).contains(.anonExclusive) {
+                        problem("\(where_): writable device-private \(e.pfn) is not anon-exclusive")
+                    }
+                case .deviceExclusive:
+                    guard e.pfn.rawValue < UInt64(n), frames.flags(e.pfn).contains(.anon) else {
+                        return problem("\(where_): device-exclusive entry names \(e.pfn), not anonymous RAM")
+                    }
+                case .hwpoison:
+                    return
+                default:
+                    return problem("\(where_): \(e) left behind at rest")
+                }
+                if !vma.isAnonymous || vma.isShared { problem("\(where_): device entry \(e) outside private anonymous memory") }
+                expectedRef[Int(frames.head(of: e.pfn).rawValue)] += 1
+                expectedMap[Int(e.pfn.rawValue)] += 1
             }
             visit(space.root, 0, 0)
         }
@@ -154,6 +184,41 @@ extension Machine {
                 problem("\(pfn): entire mapcount \(entireMapcount(pfn)), mapped by \(expectedEntire[i]) PMDs")
             }
             i += 1 << order
+        }
+        // Device frames: free at refcount 0 (and then unmapped), otherwise accounted like RAM.
+        var inUse = [Int](repeating: 0, count: 256)
+        for pm in pagemaps {
+            var j = Int(pm.firstPFN.rawValue)
+            let last = Int(pm.endPFN.rawValue)
+            while j < last {
+                let pfn = PFN(UInt64(j))
+                let f = frames.flags(pfn)
+                let rc = Int(frames.record(pfn).pointee.refcount.load(ordering: .relaxed))
+                if f.contains(.locked) { problem("device folio \(pfn) locked at rest") }
+                if f.contains(.tail) {
+                    problem("device \(pfn) is a tail outside any folio")
+                    j += 1
+                    continue
+                }
+                let order = f.contains(.head) ? frames.order(pfn) : 0
+                if rc == 0 {
+                    if expectedRef[j] != 0 || expectedMap[j] != 0 { problem("free device frame \(pfn) is mapped") }
+                    j += 1
+                    continue
+                }
+                inUse[pm.slot] += 1 << order
+                let diff = rc - Int(expectedRef[j])
+                if diff < 0 && pm.kind != .generic { problem("\(pfn): refcount \(rc) below its \(expectedRef[j]) mappings") }
+                if pm.kind != .generic { surplus += diff }
+                for k in 0..<(1 << order) {
+                    let mc = frames.record(pfn + k).pointee.mapcount.load(ordering: .relaxed)
+                    if mc != expectedMap[j + k] { problem("\(pfn + k): mapcount \(mc), mapped by \(expectedMap[j + k]) entries") }
+                }
+                j += 1 << order
+            }
+            if pm.kind != .generic && inUse[pm.slot] != pm.framesInUse {
+                problem("\(pm): \(inUse[pm.slot]) frames referenced, pagemap counts \(pm.framesInUse)")
+            }
         }
         let external = externalReferences.load(ordering: .relaxed)
         if surplus != external { problem("references beyond mappings total \(surplus), GUP holds \(external)") }

@@ -124,7 +124,8 @@ extension AddressSpace {
         machine.hooks.fire(.deviceFaultBeforeMigrateToRAM)
         #endif
         machine.statistics.count(.faultDevicePrivate)
-        try pm.ops.migrateToRAM(DeviceFault(space: self, address: address & ~PageSize.baseMask, page: page,
+        guard let ops = pm.ops else { throw HMMError(.bus, "the driver of \(pm) is gone") }
+        try ops.migrateToRAM(DeviceFault(space: self, address: address & ~PageSize.baseMask, page: page,
                                             huge: false, write: access == .write))
         return false
     }

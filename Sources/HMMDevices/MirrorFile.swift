@@ -1,0 +1,476 @@
+import HMM
+import Synchronization
+
+/// What a mirror command reports (`cpages`, `faults` of `struct hmm_dmirror_cmd`).
+public struct MirrorResult: Hashable, Sendable {
+    /// Pages copied or processed.
+    public var cpages = 0
+    /// Device page-fault rounds (`hmm_range_fault` calls that had to fault).
+    public var faults = 0
+    public init(cpages: Int = 0, faults: Int = 0) {
+        self.cpages = cpages
+        self.faults = faults
+    }
+}
+
+/// `HMM_DMIRROR_FLAGS` values.
+public struct MirrorFlags: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next large allocation pretends to fail (one-shot).
+    public static let failAllocation = MirrorFlags(rawValue: 1 << 0)
+}
+
+/// The bytes ``MirrorFile/snapshot(_:pages:into:)`` writes, one per page (`HMM_DMIRROR_PROT_*`).
+public enum MirrorProtection {
+    public static let error: UInt8 = 0xFF
+    public static let none: UInt8 = 0x00
+    public static let read: UInt8 = 0x01
+    public static let write: UInt8 = 0x02
+    public static let pmd: UInt8 = 0x04
+    public static let pud: UInt8 = 0x08
+    public static let zero: UInt8 = 0x10
+    public static let devicePrivateLocal: UInt8 = 0x20
+    public static let devicePrivateRemote: UInt8 = 0x30
+    public static let deviceCoherentLocal: UInt8 = 0x40
+    public static let deviceCoherentRemote: UInt8 = 0x50
+}
+
+/// One open of a ``MirrorDevice`` (the kernel's `struct dmirror`): a device page table mirroring one
+/// address space, kept coherent by an interval notifier over the whole space, and the driver's
+/// commands. Every command validates like the kernel's ioctl entry (`addr` page-aligned, a non-empty,
+/// non-overflowing range) and reports the kernel's errno as a typed error; `cpages`/`faults` are
+/// returned only on success.
+///
+/// Locking: `table` is the driver lock of the notifier protocol; it is never held while calling the
+/// core (faults, migration) — only to program or read the device page table.
+public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
+    public let device: MirrorDevice
+    public let space: AddressSpace
+    private var notifier: IntervalNotifier?
+
+    private struct State {
+        /// Device page table: virtual page number → `pfn << 2 | tag`.
+        var table: [UInt64: UInt64] = [:]
+        var flags: MirrorFlags = []
+    }
+    private let state = Locked(State())
+    private let closed = Atomic<Bool>(false)
+
+    static let tagRead: UInt64 = 0
+    static let tagAtomic: UInt64 = 1
+    static let tagWrite: UInt64 = 3
+    /// Pages per `hmm_range_fault` call of the fault and snapshot paths.
+    static let faultChunk = 32
+    /// Pages per migration piece (`PTRS_PER_PTE`).
+    static let migrateChunk = 512
+
+    var machine: Machine { device.machine }
+
+    init(device: MirrorDevice, space: AddressSpace) throws(HMMError) {
+        self.device = device
+        self.space = space
+        notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, self)
+    }
+
+    deinit { notifier?.remove() }
+
+    /// Closes the file: the notifier is removed and the device page table dropped. Idempotent.
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        notifier?.remove()
+        state.withLock { $0.table.removeAll() }
+    }
+
+    // MARK: notifier
+
+    /// `dmirror_interval_invalidate`: ignore our own device's migration; otherwise drop every device
+    /// mapping in the range (the end page inclusive, as the driver does).
+    public func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
+        if range.isMigration(by: device) { return true }
+        state.withLock { s in
+            notifier.setSequence(sequence)
+            let first = range.start >> UInt64(PageSize.shift)
+            let last = range.end >> UInt64(PageSize.shift)
+            if last - first > UInt64(s.table.count) {
+                s.table = s.table.filter { $0.key < first || $0.key > last }
+            } else {
+                for k in first...last { s.table.removeValue(forKey: k) }
+            }
+        }
+        return true
+    }
+
+    /// Drops the entry for `address` if it maps `pfn` (the page left the device).
+    func forget(address: UInt64, ifMapping pfn: PFN) {
+        state.withLock { s in
+            let k = address >> UInt64(PageSize.shift)
+            if let v = s.table[k], v >> 2 == pfn.rawValue { s.table.removeValue(forKey: k) }
+        }
+    }
+
+    // MARK: entry checks
+
+    private func check(_ address: UInt64, _ pages: Int) throws(HMMError) -> UInt64 {
+        guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
+        guard !device.isRemoved else { throw HMMError(.noDevice, "\(device) was removed") }
+        guard address & UInt64(PageSize.base - 1) == 0 else {
+            throw HMMError(.invalidArgument, "address \(address) is not page-aligned")
+        }
+        guard pages > 0, pages <= 1 << 35 else { throw HMMError(.invalidArgument, "\(pages) pages") }
+        let (end, overflow) = address.addingReportingOverflow(UInt64(pages) << UInt64(PageSize.shift))
+        guard !overflow, end > address else { throw HMMError(.invalidArgument, "range overflows") }
+        return end
+    }
+
+    private func checkBuffer(_ count: Int, _ needed: Int) throws(HMMError) {
+        guard count >= needed else { throw HMMError(.fault, "buffer of \(count) bytes, \(needed) needed") }
+    }
+
+    // MARK: READ / WRITE
+
+    /// `HMM_DMIRROR_READ`: the device reads `pages` pages at `address` into `mirror`, faulting through
+    /// ``AddressSpace/rangeFault(_:)`` where it has no mapping yet.
+    /// - Throws: `.fault` (no readable mapping, short buffer), `.invalidArgument`, `.busy` (the range kept
+    ///   changing for 1000 ms), `.badDescriptor`, `.noDevice`. `mirror` is untouched on error.
+    public func read(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        try checkBuffer(mirror.count, pages << PageSize.shift)
+        let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: pages << PageSize.shift, alignment: 16)
+        defer { bounce.deallocate() }
+        var r = MirrorResult()
+        while true {
+            let copied = try copyFromTable(address, pages, from: r.cpages, into: bounce, needWrite: false)
+            r.cpages = copied
+            if copied == pages { break }
+            try fault(address + UInt64(copied) << UInt64(PageSize.shift), end, write: false)
+            r.faults += 1
+        }
+        mirror.baseAddress!.copyMemory(from: bounce.baseAddress!, byteCount: pages << PageSize.shift)
+        return r
+    }
+
+    /// `HMM_DMIRROR_WRITE`: the device writes `data` to `pages` pages at `address`, write-faulting where
+    /// it has no writable mapping.
+    /// - Throws: `.permission` (read-only mapping), `.fault`, `.invalidArgument`, `.busy`,
+    ///   `.badDescriptor`, `.noDevice`.
+    public func write(_ address: UInt64, pages: Int, from data: UnsafeRawBufferPointer) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        try checkBuffer(data.count, pages << PageSize.shift)
+        var r = MirrorResult()
+        while true {
+            let done = try state.withLock { (s: inout State) throws(HMMError) -> Int in
+                var i = r.cpages
+                while i < pages {
+                    let k = (address >> UInt64(PageSize.shift)) + UInt64(i)
+                    guard let v = s.table[k], v & 3 == Self.tagWrite else { break }
+                    try machine.framePointer(PFN(v >> 2)).copyMemory(from: data.baseAddress! + i << PageSize.shift,
+                                                                      byteCount: PageSize.base)
+                    i += 1
+                }
+                return i
+            }
+            r.cpages = done
+            if done == pages { break }
+            try fault(address + UInt64(done) << UInt64(PageSize.shift), end, write: true)
+            r.faults += 1
+        }
+        return r
+    }
+
+    /// Copies table-mapped pages `from…` into `out`; returns how many pages in a row were present.
+    private func copyFromTable(
+        _ address: UInt64, _ pages: Int, from: Int, into out: UnsafeMutableRawBufferPointer, needWrite: Bool
+    ) throws(HMMError) -> Int {
+        try state.withLock { (s: inout State) throws(HMMError) -> Int in
+            var i = from
+            while i < pages {
+                let k = (address >> UInt64(PageSize.shift)) + UInt64(i)
+                guard let v = s.table[k] else { break }
+                (out.baseAddress! + i << PageSize.shift).copyMemory(from: try machine.framePointer(PFN(v >> 2)),
+                                                                    byteCount: PageSize.base)
+                i += 1
+            }
+            return i
+        }
+    }
+
+    /// `dmirror_fault`: mirror `[start, end)` with faults, 32 pages per `hmm_range_fault`.
+    private func fault(_ start: UInt64, _ end: UInt64, write: Bool) throws(HMMError) {
+        guard let notifier else { throw HMMError(.badDescriptor, "closed") }
+        var a = start
+        while a < end {
+            let next = min(end, a + UInt64(Self.faultChunk) << UInt64(PageSize.shift))
+            var range = HMMRange(notifier: notifier, start: a, end: next,
+                                 defaultFlags: HMMPFN.requestFault | (write ? HMMPFN.requestWrite : 0),
+                                 devicePrivateOwner: device)
+            try rangeFaultLoop(&range) { (s: inout State, range: HMMRange) in
+                for (i, w) in range.pfns.enumerated() where w & HMMPFN.valid != 0 {
+                    let tag = w & HMMPFN.write != 0 ? Self.tagWrite : Self.tagRead
+                    s.table[(range.start >> UInt64(PageSize.shift)) + UInt64(i)] = HMMPFN.pfn(w).rawValue << 2 | tag
+                }
+            }
+            a = next
+        }
+    }
+
+    /// The canonical driver loop (kernel-spec §7.4): read-begin, walk under `mmapLock`, then under the
+    /// table lock check the sequence and program the device — retrying on invalidation for up to
+    /// 1000 ms.
+    private func rangeFaultLoop(_ range: inout HMMRange, program: (inout State, HMMRange) -> Void) throws(HMMError) {
+        let deadline = ContinuousClock.now + .milliseconds(AddressSpace.rangeFaultTimeoutMilliseconds)
+        while true {
+            if ContinuousClock.now > deadline { throw HMMError(.busy, "hmm_range_fault kept retrying for 1000 ms") }
+            range.notifierSeq = range.notifier.readBegin()
+            do {
+                try space.withMmapReadLock { () throws(HMMError) in try space.rangeFault(&range) }
+            } catch where error.code == .busy {
+                continue
+            }
+            let r = range
+            let done = state.withLock { s -> Bool in
+                if r.notifier.readRetry(r.notifierSeq) { return false }
+                program(&s, r)
+                return true
+            }
+            if done { return }
+        }
+    }
+
+    // MARK: migration
+
+    /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates the range's system pages (and holes) to device memory, then
+    /// reads the whole range back from the device page table into `mirror`.
+    /// - Throws: `.invalidArgument` (a piece has no readable VMA — earlier pieces stay migrated; the space
+    ///   exited), `.noEntry` (a page is not mapped by the device afterwards: not migratable, e.g.
+    ///   shared memory, or on another device), `.fault`, `.badDescriptor`, `.noDevice`.
+    public func migrateToDevice(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        try checkBuffer(mirror.count, pages << PageSize.shift)
+        guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
+        try space.withMmapReadLock { () throws(HMMError) in
+            try forEachPiece(address, end) { (a, next) throws(HMMError) in
+                let m = try MigrateVMA(space: space, start: a, end: next, select: .system, owner: device)
+                try m.setup()
+                for i in 0..<m.npages where m.src[i].isMigrating {
+                    if let s = m.src[i].pfn, machine.pagemap(of: s) != nil { continue }
+                    guard let d = device.allocatePage() else { continue }
+                    m.dst[i] = MigratePFN(d, flags: m.src[i].isWritable ? MigratePFN.write : 0)
+                    if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
+                }
+                try m.pages()
+                state.withLock { s in
+                    for i in 0..<m.npages where m.src[i].isMigrating {
+                        guard let d = m.dst[i].pfn else { continue }
+                        let tag = m.dst[i].isWritable ? Self.tagWrite : Self.tagRead
+                        s.table[(a >> UInt64(PageSize.shift)) + UInt64(i)] = d.rawValue << 2 | tag
+                    }
+                }
+                m.finalize()
+            }
+        }
+        let n = try copyFromTable(address, pages, from: 0, into: mirror, needWrite: false)
+        guard n == pages else { throw HMMError(.noEntry, "page \(n) of the range is not on the device") }
+        return MirrorResult(cpages: n)
+    }
+
+    /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrates this device's pages in the range back to system memory.
+    /// `cpages` counts the pages moved (0 if none were on the device).
+    /// - Throws: `.invalidArgument` (a piece without a readable VMA), `.outOfMemory`, `.badDescriptor`,
+    ///   `.noDevice`.
+    public func migrateToSystem(_ address: UInt64, pages: Int) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
+        var r = MirrorResult()
+        let select: MigrateSelect = device.kind == .devicePrivate ? .devicePrivate : .deviceCoherent
+        try space.withMmapReadLock { () throws(HMMError) in
+            try forEachPiece(address, end) { (a, next) throws(HMMError) in
+                let m = try MigrateVMA(space: space, start: a, end: next, select: select, owner: device)
+                try m.setup()
+                do throws(HMMError) { try device.copyToSystem(m) } catch {
+                    m.finalize()
+                    throw error
+                }
+                try m.pages()
+                for i in 0..<m.npages where m.src[i].isMigrating && m.src[i].pfn != nil { r.cpages += 1 }
+                m.finalize()
+            }
+        }
+        return r
+    }
+
+    /// Splits `[address, end)` at VMA boundaries and every 512 pages; each piece must lie in a readable
+    /// VMA. Requires `mmapLock` held.
+    private func forEachPiece(_ address: UInt64, _ end: UInt64, _ body: (UInt64, UInt64) throws(HMMError) -> Void) throws(HMMError) {
+        var a = address
+        while a < end {
+            guard let vma = space.mappingHoldingLock(containing: a), vma.protection.contains(.read) else {
+                throw HMMError(.invalidArgument, "no readable mapping at \(a)")
+            }
+            let next = min(end, vma.end, a + UInt64(Self.migrateChunk) << UInt64(PageSize.shift))
+            try body(a, next)
+            a = next
+        }
+    }
+
+    // MARK: snapshot
+
+    /// `HMM_DMIRROR_SNAPSHOT`: one ``MirrorProtection`` byte per page, from a non-faulting
+    /// ``AddressSpace/rangeFault(_:)`` with a temporary notifier per 32 pages.
+    /// - Throws: `.invalidArgument` (the space exited), `.fault` (short buffer), `.busy`, `.badDescriptor`,
+    ///   `.noDevice`.
+    public func snapshot(_ address: UInt64, pages: Int, into out: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        try checkBuffer(out.count, pages)
+        guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
+        var r = MirrorResult()
+        var a = address
+        while a < end {
+            let next = min(end, a + UInt64(Self.faultChunk) << UInt64(PageSize.shift))
+            let seqOnly = SequenceOnlyNotifier()
+            let n = try space.insertIntervalNotifier(start: a, length: next - a, seqOnly)
+            defer { n.remove() }
+            var range = HMMRange(notifier: n, start: a, end: next, devicePrivateOwner: device)
+            let deadline = ContinuousClock.now + .milliseconds(AddressSpace.rangeFaultTimeoutMilliseconds)
+            while true {
+                if ContinuousClock.now > deadline { throw HMMError(.busy, "snapshot kept retrying for 1000 ms") }
+                range.notifierSeq = n.readBegin()
+                do {
+                    try space.withMmapReadLock { () throws(HMMError) in try space.rangeFault(&range) }
+                } catch where error.code == .busy {
+                    continue
+                }
+                let seq = range.notifierSeq
+                if seqOnly.lock.withLock({ _ in !n.readRetry(seq) }) { break }
+            }
+            for (i, w) in range.pfns.enumerated() {
+                out[r.cpages + i] = protectionByte(w)
+            }
+            r.cpages += range.pfns.count
+            a = next
+        }
+        return r
+    }
+
+    /// `dmirror_mkentry`.
+    private func protectionByte(_ w: UInt64) -> UInt8 {
+        if w & HMMPFN.error != 0 { return MirrorProtection.error }
+        if w & HMMPFN.valid == 0 { return MirrorProtection.none }
+        let pfn = HMMPFN.pfn(w)
+        var b: UInt8 = 0
+        if let pm = machine.pagemap(of: pfn) {
+            let local = pm.owner === device
+            switch pm.kind {
+            case .devicePrivate: b = local ? MirrorProtection.devicePrivateLocal : MirrorProtection.devicePrivateRemote
+            case .deviceCoherent: b = local ? MirrorProtection.deviceCoherentLocal : MirrorProtection.deviceCoherentRemote
+            default: b = 0
+            }
+        } else if pfn == machine.zeroPFN || pfn.rawValue >= machine.hugeZeroPFN.rawValue
+            && pfn.rawValue < machine.hugeZeroPFN.rawValue + UInt64(PageSize.pagesPerPMD)
+        {
+            b = MirrorProtection.zero
+        }
+        b |= w & HMMPFN.write != 0 ? MirrorProtection.write : MirrorProtection.read
+        switch HMMPFN.mapOrder(w) {
+        case PageSize.pmdOrder: b |= MirrorProtection.pmd
+        case 18: b |= MirrorProtection.pud
+        default: break
+        }
+        return b
+    }
+
+    // MARK: exclusive
+
+    /// `HMM_DMIRROR_EXCLUSIVE`: makes every page device-exclusive (device atomics), then reads the range
+    /// back into `mirror`.
+    /// - Throws: `.unsupported` (not private anonymous memory), `.fault`, `.noEntry` (an entry was
+    ///   revoked before the read-back), `.invalidArgument`, `.badDescriptor`, `.noDevice`.
+    public func makeExclusive(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
+        let end = try check(address, pages)
+        try checkBuffer(mirror.count, pages << PageSize.shift)
+        guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
+        try space.withMmapReadLock { () throws(HMMError) in
+            var a = address
+            while a < end {
+                try space.makeDeviceExclusive(a, owner: nil) { pfn in
+                    state.withLock { s in s.table[a >> UInt64(PageSize.shift)] = pfn.rawValue << 2 | Self.tagAtomic }
+                }
+                a += UInt64(PageSize.base)
+            }
+        }
+        let n = try copyFromTable(address, pages, from: 0, into: mirror, needWrite: false)
+        guard n == pages else { throw HMMError(.noEntry, "page \(n) lost its exclusive entry") }
+        return MirrorResult(cpages: n)
+    }
+
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: `.permission` if any page is still held exclusively.
+    /// - Throws: `.permission`, `.invalidArgument`, `.badDescriptor`, `.noDevice`.
+    public func checkExclusive(_ address: UInt64, pages: Int) throws(HMMError) {
+        _ = try check(address, pages)
+        let held = state.withLock { s -> Bool in
+            let first = address >> UInt64(PageSize.shift)
+            return (0..<UInt64(pages)).contains { s.table[first + $0].map { $0 & 3 == Self.tagAtomic } ?? false }
+        }
+        if held { throw HMMError(.permission, "a page is still device-exclusive") }
+    }
+
+    // MARK: release, flags, mmap
+
+    /// `HMM_DMIRROR_RELEASE`: evicts and destroys all of the device's memory (``MirrorDevice/release()``).
+    public func release() throws(HMMError) {
+        guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
+        try device.release()
+    }
+
+    /// `HMM_DMIRROR_FLAGS`.
+    /// - Throws: `.badDescriptor`.
+    public func setFlags(_ flags: MirrorFlags) throws(HMMError) {
+        guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
+        state.withLock { $0.flags = flags }
+    }
+
+    /// The flags set by ``setFlags(_:)``.
+    public var flags: MirrorFlags { state.withLock { $0.flags } }
+
+    /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
+    /// - Throws: as ``AddressSpace/mapDriverPages(length:protection:shared:)``, `.badDescriptor`.
+    public func mmap(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
+        guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
+        return try space.mapDriverPages(length: length, protection: protection, shared: shared)
+    }
+
+    /// Pages the device page table maps (for tests and the demo).
+    public var mappedPages: Int { state.withLock { $0.table.count } }
+}
+
+/// The snapshot's temporary notifier: it only records the sequence.
+final class SequenceOnlyNotifier: IntervalNotifierOperations, @unchecked Sendable {
+    let lock = Locked(())
+    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
+        lock.withLock { _ in notifier.setSequence(sequence) }
+        return true
+    }
+}
+
+extension MirrorFile {
+    /// ``read(_:pages:into:)`` into an array.
+    public func read(_ address: UInt64, pages: Int, into mirror: inout [UInt8]) throws(HMMError) -> MirrorResult {
+        try mirror.withUnsafeMutableBytes { b in Result { () throws(HMMError) in try read(address, pages: pages, into: b) } }.get()
+    }
+    /// ``write(_:pages:from:)`` from an array.
+    public func write(_ address: UInt64, pages: Int, from data: [UInt8]) throws(HMMError) -> MirrorResult {
+        try data.withUnsafeBytes { b in Result { () throws(HMMError) in try write(address, pages: pages, from: b) } }.get()
+    }
+    /// ``migrateToDevice(_:pages:into:)`` into an array.
+    public func migrateToDevice(_ address: UInt64, pages: Int, into mirror: inout [UInt8]) throws(HMMError) -> MirrorResult {
+        try mirror.withUnsafeMutableBytes { b in Result { () throws(HMMError) in try migrateToDevice(address, pages: pages, into: b) } }.get()
+    }
+    /// ``snapshot(_:pages:into:)`` into an array.
+    public func snapshot(_ address: UInt64, pages: Int, into out: inout [UInt8]) throws(HMMError) -> MirrorResult {
+        try out.withUnsafeMutableBytes { b in Result { () throws(HMMError) in try snapshot(address, pages: pages, into: b) } }.get()
+    }
+    /// ``makeExclusive(_:pages:into:)`` into an array.
+    public func makeExclusive(_ address: UInt64, pages: Int, into mirror: inout [UInt8]) throws(HMMError) -> MirrorResult {
+        try mirror.withUnsafeMutableBytes { b in Result { () throws(HMMError) in try makeExclusive(address, pages: pages, into: b) } }.get()
+    }
+}
