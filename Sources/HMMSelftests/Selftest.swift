@@ -1,1 +1,204 @@
-// placeholder
+import HMM
+import HMMDevices
+
+/// A failed assertion of a selftest (the kernel's `ASSERT_*`).
+public struct SelftestFailure: Error, CustomStringConvertible {
+    public let message: String
+    public let line: Int
+    public var description: String { "line \(line): \(message)" }
+}
+
+/// A case that cannot run here (`SKIP()`), with the reason.
+public struct SelftestSkip: Error, CustomStringConvertible {
+    public let reason: String
+    public var description: String { reason }
+}
+
+/// The kernel fixtures: `hmm` opens one device, `hmm2` two.
+public enum SelftestFixture: String, Sendable {
+    case hmm, hmm2
+}
+
+/// A fixture variant: which devices the fixture opens.
+public enum SelftestVariant: String, CaseIterable, Sendable {
+    /// `hmm_device_private` / `hmm2_device_private`: devices 0 (and 1).
+    case devicePrivate
+    /// `hmm_device_coherent` / `hmm2_device_coherent`: devices 2 (and 3).
+    case deviceCoherent
+
+    /// The kernel's variant name for `fixture`.
+    public func name(_ fixture: SelftestFixture) -> String {
+        fixture.rawValue + (self == .devicePrivate ? "_device_private" : "_device_coherent")
+    }
+}
+
+/// One ported case of `tools/testing/selftests/mm/hmm-tests.c`.
+public struct Selftest: Sendable {
+    /// The kernel's name, `fixture.case` (`hmm.anon_read`, `hmm2.snapshot`).
+    public let name: String
+    public let fixture: SelftestFixture
+    /// Why the case is not run yet, if it is not.
+    public let pending: String?
+    let body: @Sendable (SelftestContext) throws -> Void
+}
+
+/// The outcome of one case in one variant.
+public enum SelftestOutcome: Sendable, Equatable {
+    case passed
+    case skipped(String)
+    case failed(String)
+}
+
+/// What a case runs against: a fresh machine with the four mirror devices, the test "process" (an
+/// address space) and the fixture's open device files.
+public final class SelftestContext {
+    public let machine: Machine
+    public let devices: MirrorDeviceSet
+    public let variant: SelftestVariant
+    /// The process under test.
+    public let space: AddressSpace
+    /// The fixture's first (or only) device file.
+    public let fd0: MirrorFile
+    /// The `hmm2` fixture's second device file.
+    public let fd1: MirrorFile?
+    public var fd: MirrorFile { fd0 }
+    /// Page size.
+    public let page = PageSize.base
+    /// `HMM_BUFFER_SIZE`: 4 MiB.
+    public let bufferSize = 4 << 20
+
+    init(variant: SelftestVariant, fixture: SelftestFixture) throws {
+        machine = try Machine(.init(systemMemory: 256 << 20, hugetlbPages: 2))
+        devices = try MirrorDeviceSet(machine: machine, chunkSize: 64 << 20)
+        self.variant = variant
+        space = try machine.makeAddressSpace()
+        let first = variant == .devicePrivate ? 0 : 2
+        fd0 = try devices.device(first).open(space)
+        fd1 = fixture == .hmm2 ? try devices.device(first + 1).open(space) : nil
+    }
+
+    var coherent: Bool { variant == .deviceCoherent }
+
+    // MARK: assertions
+
+    func expect(_ ok: Bool, _ message: @autoclosure () -> String, line: Int = #line) throws {
+        if !ok { throw SelftestFailure(message: message(), line: line) }
+    }
+
+    func expectEqual<T: Equatable>(_ a: T, _ b: T, _ what: String, line: Int = #line) throws {
+        if a != b { throw SelftestFailure(message: "\(what): \(a) != \(b)", line: line) }
+    }
+
+    // MARK: the kernel helpers
+
+    /// A test buffer (`struct hmm_buffer`): the mapping and the device-side mirror.
+    final class Buffer {
+        var ptr: UInt64
+        let size: Int
+        var mirror: [UInt8]
+        var cpages = 0
+        var faults = 0
+        init(ptr: UInt64, size: Int, mirror: Int? = nil) {
+            self.ptr = ptr
+            self.size = size
+            self.mirror = [UInt8](repeating: 0, count: mirror ?? size)
+        }
+    }
+
+    enum Command { case read, write, migrateToDevice, migrateToSystem, snapshot, exclusive, checkExclusive, release }
+
+    /// `hmm_dmirror_cmd`: 0 or `-errno`; `cpages`/`faults` updated on success only.
+    func cmd(_ file: MirrorFile, _ c: Command, _ b: Buffer, _ npages: Int) -> Int32 {
+        do {
+            let r: MirrorResult
+            switch c {
+            case .read: r = try file.read(b.ptr, pages: npages, into: &b.mirror)
+            case .write: r = try file.write(b.ptr, pages: npages, from: b.mirror)
+            case .migrateToDevice: r = try file.migrateToDevice(b.ptr, pages: npages, into: &b.mirror)
+            case .migrateToSystem: r = try file.migrateToSystem(b.ptr, pages: npages)
+            case .snapshot: r = try file.snapshot(b.ptr, pages: npages, into: &b.mirror)
+            case .exclusive: r = try file.makeExclusive(b.ptr, pages: npages, into: &b.mirror)
+            case .checkExclusive:
+                try file.checkExclusive(b.ptr, pages: npages)
+                r = MirrorResult()
+            case .release:
+                try file.release()
+                r = MirrorResult()
+            }
+            b.cpages = r.cpages
+            b.faults = r.faults
+            return 0
+        } catch {
+            return -error.errno
+        }
+    }
+
+    func map(_ size: Int, _ prot: Protection, _ flags: MapFlags = [.private, .anonymous], in s: AddressSpace? = nil,
+             file: MemoryFile? = nil) throws -> UInt64 {
+        try (s ?? space).map(length: size, protection: prot, flags: flags, file: file)
+    }
+
+    /// `THP setup`: the PMD-aligned window inside a mapping of twice the size, with the advice.
+    func thpWindow(_ ptr: UInt64, huge: Bool) throws -> UInt64 {
+        let pmd = UInt64(PageSize.pmd)
+        let w = (ptr + pmd - 1) & ~(pmd - 1)
+        try space.advise(w, length: PageSize.pmd, huge ? .hugePage : .noHugePage)
+        return w
+    }
+
+    /// Stores `value(i)` in every `Int32` of `[ptr, ptr + size)`.
+    func fill(_ ptr: UInt64, _ size: Int, in s: AddressSpace? = nil, from first: Int = 0, _ value: (Int) -> Int32) throws {
+        let n = size / 4
+        var ints = [Int32](repeating: 0, count: n - first)
+        for i in first..<n { ints[i - first] = value(i) }
+        try ints.withUnsafeBytes { b in try (s ?? space).write(b, at: ptr + UInt64(first * 4)) }
+    }
+
+    /// The `Int32`s of `[ptr, ptr + size)` as the CPU sees them.
+    func ints(_ ptr: UInt64, _ size: Int, in s: AddressSpace? = nil) throws -> [Int32] {
+        var out = [Int32](repeating: 0, count: size / 4)
+        try out.withUnsafeMutableBytes { b in try (s ?? space).read(into: b, at: ptr) }
+        return out
+    }
+
+    func mirrorInts(_ b: Buffer) -> [Int32] {
+        b.mirror.withUnsafeBytes { Array($0.bindMemory(to: Int32.self)) }
+    }
+
+    func setMirror(_ b: Buffer, _ value: (Int) -> Int32) {
+        b.mirror.withUnsafeMutableBytes { raw in
+            let p = raw.bindMemory(to: Int32.self)
+            for i in p.indices { p[i] = value(i) }
+        }
+    }
+
+    /// Asserts `ints[i] == value(i)` for every i, reporting the first mismatch.
+    func expectPattern(_ ints: [Int32], _ what: String, line: Int = #line, _ value: (Int) -> Int32) throws {
+        for (i, v) in ints.enumerated() where v != value(i) {
+            throw SelftestFailure(message: "\(what)[\(i)] = \(v), expected \(value(i))", line: line)
+        }
+    }
+}
+
+/// Runs the port.
+public enum Selftests {
+    /// Every case, in the kernel file's order.
+    public static var all: [Selftest] { SelftestCatalogue.cases }
+
+    /// Runs `test` in `variant` on a fresh machine and checks the machine's invariants afterwards.
+    public static func run(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
+        if let pending = test.pending { return .skipped(pending) }
+        do {
+            let ctx = try SelftestContext(variant: variant, fixture: test.fixture)
+            try test.body(ctx)
+            ctx.fd0.close()
+            ctx.fd1?.close()
+            try ctx.machine.checkInvariants()
+            return .passed
+        } catch let skip as SelftestSkip {
+            return .skipped(skip.reason)
+        } catch {
+            return .failed("\(error)")
+        }
+    }
+}

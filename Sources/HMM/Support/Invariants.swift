@@ -111,7 +111,7 @@ extension Machine {
                 default:
                     return problem("\(where_): \(e) left behind at rest")
                 }
-                if !vma.isAnonymous || vma.isShared { problem("\(where_): device entry \(e) outside private anonymous memory") }
+                if vma.isShared { problem("\(where_): device entry \(e) in a shared mapping") }
                 expectedRef[Int(frames.head(of: e.pfn).rawValue)] += 1
                 expectedMap[Int(e.pfn.rawValue)] += 1
             }

@@ -1,0 +1,560 @@
+import HMM
+import HMMDevices
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The cases of `hmm-tests.c` (torvalds/linux @ 0eaed89c), in file order, each asserting exactly the
+/// values of `reference/hmm-tests-catalogue.md`. A forked child is a forked ``AddressSpace`` whose code
+/// runs inline; `_exit` is ``AddressSpace/exit()``.
+enum SelftestCatalogue {
+    static let deviceTHP = "needs 2 MiB device pages (compound migration, PMD device-private entries): the device-THP issue"
+
+    static func hmm(_ name: String, pending: String? = nil, _ body: @escaping @Sendable (SelftestContext) throws -> Void) -> Selftest {
+        Selftest(name: "hmm." + name, fixture: .hmm, pending: pending, body: body)
+    }
+
+    static func hmm2(_ name: String, _ body: @escaping @Sendable (SelftestContext) throws -> Void) -> Selftest {
+        Selftest(name: "hmm2." + name, fixture: .hmm2, pending: nil, body: body)
+    }
+
+    static let cases: [Selftest] = [
+        hmm("open_close") { _ in },
+        hmm("anon_read", anonRead),
+        hmm("anon_read_prot", anonReadProt),
+        hmm("anon_write", anonWrite),
+        hmm("anon_write_prot", anonWriteProt),
+        hmm("anon_write_child", anonWriteChild),
+        hmm("anon_write_child_shared", anonWriteChildShared),
+        hmm("anon_write_huge", anonWriteHuge),
+        hmm("anon_write_hugetlbfs", anonWriteHugetlbfs),
+        hmm("file_read", fileRead),
+        hmm("file_write", fileWrite),
+        hmm("migrate", migrate),
+        hmm("migrate_file_private", migrateFilePrivate),
+        hmm("migrate_fault", migrateFault),
+        hmm("migrate_release", migrateRelease),
+        hmm("migrate_shared", migrateShared),
+        hmm2("migrate_mixed", migrateMixed),
+        hmm("migrate_multiple", migrateMultiple),
+        hmm("anon_read_multiple", anonReadMultiple),
+        hmm("anon_teardown", anonTeardown),
+        hmm("mixedmap", mixedmap),
+        hmm2("snapshot", snapshot),
+        hmm("compound", compound),
+        hmm2("double_map", doubleMap),
+        hmm("exclusive", exclusive),
+        hmm("exclusive_mprotect", exclusiveMprotect),
+        hmm("exclusive_cow", exclusiveCOW),
+        hmm("hmm_gup_test", gupTest),
+        hmm("hmm_cow_in_device", cowInDevice),
+        hmm("migrate_anon_huge_empty", pending: deviceTHP) { _ in },
+        hmm("migrate_anon_huge_zero", pending: deviceTHP) { _ in },
+        hmm("migrate_anon_huge_free", pending: deviceTHP) { _ in },
+        hmm("migrate_anon_huge_fault", pending: deviceTHP) { _ in },
+        hmm("migrate_partial_unmap_fault", pending: deviceTHP) { _ in },
+        hmm("migrate_remap_fault", pending: deviceTHP) { _ in },
+        hmm("migrate_anon_huge_err", pending: deviceTHP) { _ in },
+        hmm("migrate_anon_huge_zero_err", pending: deviceTHP) { _ in },
+        hmm("benchmark_thp_migration", pending: deviceTHP + " (and it is a benchmark: `hmm bench migration`)") { _ in },
+    ]
+
+    typealias Buffer = SelftestContext.Buffer
+
+    /// A 4 MiB private anonymous read-write buffer.
+    static func anonBuffer(_ t: SelftestContext, _ prot: Protection = [.read, .write]) throws -> Buffer {
+        Buffer(ptr: try t.map(t.bufferSize, prot), size: t.bufferSize)
+    }
+
+    // T2
+    static func anonRead(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size, from: 2 * t.page / 4) { Int32($0) }
+        try t.space.protect(b.ptr, length: b.size, [.read])
+        let v: Int32 = try t.space.load(at: b.ptr + UInt64(t.page))
+        try t.expectEqual(v, 0, "zero page read")
+        try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { $0 < 2 * t.page / 4 ? 0 : Int32($0) }
+    }
+
+    // T3
+    static func anonReadProt(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        t.setMirror(b) { -Int32($0) }
+        try t.space.protect(b.ptr, length: b.size, .none)
+        try t.expectEqual(t.cmd(t.fd, .read, b, npages), -EFAULT, "READ of PROT_NONE")
+        try t.space.protect(b.ptr, length: b.size, [.read])
+        try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
+        try t.expectPattern(t.mirrorInts(b), "mirror") { -Int32($0) }
+    }
+
+    // T4
+    static func anonWrite(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        t.setMirror(b) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
+    }
+
+    // T5
+    static func anonWriteProt(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t, [.read])
+        try t.expectEqual(t.cmd(t.fd, .read, b, 1), 0, "READ 1 page")
+        try t.expectEqual(b.cpages, 1, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        t.setMirror(b) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), -EPERM, "WRITE to PROT_READ")
+        try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { _ in 0 }
+        try t.space.protect(b.ptr, length: b.size, [.read, .write])
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
+    }
+
+    // T6
+    static func anonWriteChild(_ t: SelftestContext) throws {
+        for migrate in [false, true] {
+            for useTHP in [false, true] {
+                let size = useTHP ? PageSize.pmd : t.bufferSize
+                let npages = size / t.page
+                let base = try t.map(2 * size, [.read, .write])
+                let ptr = useTHP ? try t.thpWindow(base, huge: true) : base
+                let b = Buffer(ptr: ptr, size: size)
+                try t.fill(ptr, size) { Int32($0) }
+                t.setMirror(b) { -Int32($0) }
+                if migrate {
+                    try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+                    try t.expectEqual(b.cpages, npages, "cpages")
+                }
+                let child = try t.space.fork()
+                // Child: sees the pattern (faulting shared device pages back), writes −i through device 0.
+                try t.expectPattern(t.ints(ptr, size, in: child), "child buffer") { Int32($0) }
+                if !migrate { try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) } }
+                let childFD = try t.devices.device(0).open(child)
+                try t.expectEqual(t.cmd(childFD, .write, b, npages), 0, "child WRITE")
+                try t.expectEqual(b.cpages, npages, "child cpages")
+                try t.expectEqual(b.faults, 1, "child faults")
+                if !migrate { try t.expectPattern(t.ints(ptr, size, in: child), "child buffer after WRITE") { -Int32($0) } }
+                childFD.close()
+                child.exit()
+                // Parent.
+                try t.expectPattern(t.ints(ptr, size), "parent buffer") { Int32($0) }
+                try t.space.unmap(base, length: 2 * size)
+            }
+        }
+    }
+
+    // T7
+    static func anonWriteChildShared(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.shared, .anonymous]), size: t.bufferSize)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        t.setMirror(b) { -Int32($0) }
+        let child = try t.space.fork()
+        try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { Int32($0) }
+        try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) }
+        let childFD = try t.devices.device(0).open(child)
+        try t.expectEqual(t.cmd(childFD, .write, b, npages), 0, "child WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { -Int32($0) }
+        childFD.close()
+        child.exit()
+        try t.expectPattern(t.ints(b.ptr, b.size), "parent buffer") { -Int32($0) }
+    }
+
+    // T8
+    static func anonWriteHuge(_ t: SelftestContext) throws {
+        let size = PageSize.pmd
+        let npages = size / t.page
+        let base = try t.map(2 * size, [.read, .write])
+        let b = Buffer(ptr: try t.thpWindow(base, huge: true), size: size)
+        t.setMirror(b) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(b.ptr, size), "buffer") { Int32($0) }
+    }
+
+    // T9
+    static func anonWriteHugetlbfs(_ t: SelftestContext) throws {
+        guard t.machine.freeHugetlbPages > 0 else { throw SelftestSkip(reason: "Not enough huge pages") }
+        let size = PageSize.pmd
+        let npages = size / t.page
+        guard let ptr = try? t.map(size, [.read, .write], [.private, .anonymous, .hugetlb]) else {
+            throw SelftestSkip(reason: "Huge page could not be allocated")
+        }
+        let b = Buffer(ptr: ptr, size: size)
+        t.setMirror(b) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(ptr, size), "buffer") { Int32($0) }
+        try t.space.unmap(ptr, length: size)
+    }
+
+    static func patternFile(_ t: SelftestContext) throws -> MemoryFile {
+        let file = try t.machine.makeFile(size: t.bufferSize)
+        let ints = (0..<(t.bufferSize / 4)).map { Int32($0) }
+        _ = try ints.withUnsafeBytes { b in try file.write(b, at: 0) }
+        return file
+    }
+
+    // T10
+    static func fileRead(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let file = try patternFile(t)
+        let b = Buffer(ptr: try t.map(t.bufferSize, [.read], [.shared], file: file), size: t.bufferSize)
+        try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+    }
+
+    // T11
+    static func fileWrite(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let file = try t.machine.makeFile(size: t.bufferSize)
+        let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.shared], file: file), size: t.bufferSize)
+        t.setMirror(b) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.ints(b.ptr, b.size), "mapping") { Int32($0) }
+        var back = [Int32](repeating: 0, count: t.bufferSize / 4)
+        let n = try back.withUnsafeMutableBytes { buf in try file.read(into: buf, at: 0) }
+        try t.expectEqual(n, t.bufferSize, "pread length")
+        try t.expectPattern(back, "file") { Int32($0) }
+    }
+
+    // T12
+    static func migrate(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+    }
+
+    // T13
+    static func migrateFilePrivate(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let file = try t.machine.makeFile(size: t.bufferSize)
+        let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.private], file: file), size: t.bufferSize)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+    }
+
+    // T14
+    static func migrateFault(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        try t.expectPattern(t.ints(b.ptr, b.size / 2), "first half") { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "second MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+    }
+
+    // T15
+    static func migrateRelease(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .release, b, npages), 0, "RELEASE")
+        try t.expectPattern(t.ints(b.ptr, b.size / 2), "first half") { Int32($0) }
+    }
+
+    // T16
+    static func migrateShared(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.shared, .anonymous]), size: t.bufferSize)
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), -ENOENT, "MIGRATE_TO_DEV of shared memory")
+    }
+
+    // T17
+    static func migrateMixed(_ t: SelftestContext) throws {
+        let npages = 6
+        let p = try t.map(npages * t.page, .none)
+        let b = Buffer(ptr: p, size: npages * t.page)
+        let pg = UInt64(t.page)
+        let fd1 = t.fd1!
+        try t.expectEqual(t.cmd(fd1, .migrateToDevice, b, npages), -EINVAL, "MIGRATE of PROT_NONE")
+        try t.space.unmap(p + pg, length: t.page)
+        try t.expectEqual(t.cmd(fd1, .migrateToDevice, b, 3), -EINVAL, "MIGRATE over a hole")
+        try t.space.protect(p + 2 * pg, length: t.page, [.read])
+        let z: Int32 = try t.space.load(at: p + 2 * pg)
+        try t.expectEqual(z + 3, 3, "zero page value")
+        try t.space.protect(p + 3 * pg, length: t.page, [.read, .write])
+        try t.space.store(Int32(3), at: p + 3 * pg)
+        try t.space.protect(p + 3 * pg, length: t.page, [.read])
+        try t.space.protect(p + 4 * pg, length: 2 * t.page, [.read, .write])
+        try t.space.store(Int32(3), at: p + 4 * pg)
+        try t.space.store(Int32(3), at: p + 5 * pg)
+        b.ptr = p + 2 * pg
+        try t.expectEqual(t.cmd(fd1, .migrateToDevice, b, 4), 0, "MIGRATE of mixed VMAs")
+        try t.expectEqual(b.cpages, 4, "cpages")
+        b.ptr = p + 5 * pg
+        try t.expectEqual(t.cmd(t.fd0, .migrateToDevice, b, 1), -ENOENT, "MIGRATE of another device's page")
+    }
+
+    // T18
+    static func migrateMultiple(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        for _ in 0..<10 {
+            let b = try anonBuffer(t)
+            try t.fill(b.ptr, b.size) { Int32($0) }
+            try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+            try t.expectEqual(b.cpages, npages, "cpages")
+            try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+            if t.coherent {
+                try t.expectEqual(t.cmd(t.fd, .migrateToSystem, b, npages), 0, "MIGRATE_TO_SYS")
+                try t.expectEqual(b.cpages, npages, "cpages")
+            }
+            try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
+            try t.space.unmap(b.ptr, length: b.size)
+        }
+    }
+
+    // T19
+    static func anonReadMultiple(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        for c in 0..<10 {
+            let b = try anonBuffer(t)
+            try t.fill(b.ptr, b.size) { Int32($0 + c) }
+            try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
+            try t.expectEqual(b.cpages, npages, "cpages")
+            try t.expectEqual(b.faults, 1, "faults")
+            try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0 + c) }
+            try t.space.unmap(b.ptr, length: b.size)
+        }
+    }
+
+    // T20
+    static func anonTeardown(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        for c in 0..<10 {
+            let b = try anonBuffer(t)
+            try t.fill(b.ptr, b.size) { Int32($0 + c) }
+            let space = t.space
+            let half = UInt64(b.size / 2)
+            let ptr = b.ptr
+            let delay = UInt32.random(in: 0..<32)
+            let unmapper = Thread {
+                usleep(delay)
+                try? space.unmap(ptr + half, length: Int(half))
+            }
+            let rc = t.cmd(t.fd, .read, b, npages)
+            unmapper.join()
+            if rc == 0 {
+                try t.expectEqual(b.cpages, npages, "cpages")
+                try t.expectEqual(b.faults, 1, "faults")
+                try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0 + c) }
+            }
+            try t.space.unmap(b.ptr, length: Int(half))
+        }
+    }
+
+    // T21
+    static func mixedmap(_ t: SelftestContext) throws {
+        let p = try t.fd.mmap(length: t.page, protection: [.read, .write], shared: false)
+        let b = Buffer(ptr: p, size: t.page, mirror: 1)
+        try t.expectEqual(t.cmd(t.fd, .snapshot, b, 1), 0, "SNAPSHOT")
+        try t.expectEqual(b.cpages, 1, "cpages")
+        try t.expectEqual(b.mirror[0], MirrorProtection.read, "m[0]")
+    }
+
+    // T22
+    static func snapshot(_ t: SelftestContext) throws {
+        let npages = 7
+        let p = try t.map(npages * t.page, .none)
+        let pg = UInt64(t.page)
+        try t.space.unmap(p + pg, length: t.page)
+        try t.space.protect(p + 2 * pg, length: t.page, [.read])
+        let z: Int32 = try t.space.load(at: p + 2 * pg)
+        try t.expectEqual(z + 3, 3, "zero page value")
+        try t.space.protect(p + 3 * pg, length: t.page, [.read, .write])
+        try t.space.store(Int32(3), at: p + 3 * pg)
+        try t.space.protect(p + 3 * pg, length: t.page, [.read])
+        try t.space.protect(p + 4 * pg, length: 3 * t.page, [.read, .write])
+        try t.space.store(Int32(3), at: p + 4 * pg)
+        let b = Buffer(ptr: p + 5 * pg, size: t.page)
+        try t.expectEqual(t.cmd(t.fd0, .migrateToDevice, b, 1), 0, "MIGRATE page 5 to fd0")
+        try t.expectEqual(b.cpages, 1, "cpages")
+        b.ptr = p + 6 * pg
+        try t.expectEqual(t.cmd(t.fd1!, .migrateToDevice, b, 1), 0, "MIGRATE page 6 to fd1")
+        try t.expectEqual(b.cpages, 1, "cpages")
+        let s = Buffer(ptr: p, size: npages * t.page, mirror: npages)
+        try t.expectEqual(t.cmd(t.fd0, .snapshot, s, npages), 0, "SNAPSHOT")
+        try t.expectEqual(s.cpages, npages, "cpages")
+        let expected: [UInt8] = t.coherent
+            ? [0xFF, 0xFF, 0x11, 0x01, 0x02, 0x42, 0x52]
+            : [0xFF, 0xFF, 0x11, 0x01, 0x02, 0x22, 0x00]
+        try t.expectEqual(s.mirror, expected, "snapshot bytes")
+    }
+
+    // T23
+    static func compound(_ t: SelftestContext) throws {
+        guard t.machine.freeHugetlbPages > 0 else { throw SelftestSkip(reason: "Not enough huge pages") }
+        let size = PageSize.pmd
+        let npages = size / t.page
+        guard let ptr = try? t.map(size, [.read, .write], [.private, .anonymous, .hugetlb]) else { return }
+        try t.fill(ptr, size) { Int32($0) }
+        let b = Buffer(ptr: ptr, size: size, mirror: npages)
+        try t.expectEqual(t.cmd(t.fd, .snapshot, b, npages), 0, "SNAPSHOT")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        let level = b.mirror[0] & MirrorProtection.pud != 0 ? MirrorProtection.pud : MirrorProtection.pmd
+        try t.expectEqual(b.mirror, [UInt8](repeating: MirrorProtection.write | level, count: npages), "RW bytes")
+        try t.space.protect(ptr, length: size, [.read])
+        try t.expectEqual(t.cmd(t.fd, .snapshot, b, npages), 0, "SNAPSHOT")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.mirror, [UInt8](repeating: MirrorProtection.read | level, count: npages), "RO bytes")
+        try t.space.unmap(ptr, length: size)
+    }
+
+    // T24
+    static func doubleMap(_ t: SelftestContext) throws {
+        let npages = 6
+        let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.space.protect(b.ptr, length: b.size, [.read])
+        for (file, what) in [(t.fd0, "fd0"), (t.fd1!, "fd1")] {
+            try t.expectEqual(t.cmd(file, .read, b, npages), 0, "READ \(what)")
+            try t.expectEqual(b.cpages, npages, "cpages")
+            try t.expectEqual(b.faults, 1, "faults")
+            try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        }
+        try t.expectEqual(t.cmd(t.fd1!, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV fd1")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(t.cmd(t.fd0, .read, b, npages), 0, "READ fd0 after migration")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+    }
+
+    // T25
+    static func exclusive(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        try incrementAll(t, b, in: t.space)
+        try t.expectEqual(t.cmd(t.fd, .checkExclusive, b, npages), 0, "CHECK_EXCLUSIVE")
+    }
+
+    /// The CPU loop of the exclusive tests: every int equals i, becomes i + 1 (the first touch of each
+    /// page revokes the device's exclusive access).
+    static func incrementAll(_ t: SelftestContext, _ b: Buffer, in s: AddressSpace) throws {
+        for page in stride(from: 0, to: b.size, by: t.page) {
+            let a = b.ptr + UInt64(page)
+            let ints = try t.ints(a, t.page, in: s)
+            try t.expectPattern(ints, "exclusive page") { Int32(page / 4 + $0) }
+            try t.fill(a, t.page, in: s) { Int32(page / 4 + $0 + 1) }
+        }
+        try t.expectPattern(t.ints(b.ptr, b.size, in: s), "after increment") { Int32($0 + 1) }
+    }
+
+    // T26
+    static func exclusiveMprotect(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        try t.space.protect(b.ptr, length: b.size, [.read])
+        try t.expectEqual(t.cmd(t.fd, .write, b, npages), -EPERM, "WRITE after mprotect")
+    }
+
+    // T27
+    static func exclusiveCOW(_ t: SelftestContext) throws {
+        let npages = t.bufferSize / t.page
+        let b = try anonBuffer(t)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        let child = try t.space.fork()
+        try incrementAll(t, b, in: child)
+        child.exit()
+        try incrementAll(t, b, in: t.space)
+    }
+
+    // T28
+    static func gupTest(_ t: SelftestContext) throws {
+        let npages = 4
+        let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        let pg = UInt64(t.page)
+        let calls: [GUPFlags] = [[.write], [.write, .fast], [.write, .pin, .fast, .longTerm], [.write, .pin, .longTerm]]
+        for (i, flags) in calls.enumerated() {
+            let held = try t.space.getUserPages(b.ptr + UInt64(i) * pg, count: 1, flags: flags)
+            held.release()
+        }
+        let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
+        try t.expectEqual(t.cmd(t.fd, .snapshot, s, npages), 0, "SNAPSHOT")
+        try t.expectEqual(s.cpages, npages, "cpages")
+        try t.expectEqual(s.mirror, t.coherent ? [0x42, 0x42, 0x02, 0x02] : [0x02, 0x02, 0x02, 0x02], "snapshot bytes")
+        try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
+    }
+
+    // T29
+    static func cowInDevice(_ t: SelftestContext) throws {
+        let npages = 4
+        let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
+        try t.expectEqual(b.cpages, npages, "cpages")
+        let child = try t.space.fork()
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        child.exit()
+        let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
+        try t.expectEqual(t.cmd(t.fd, .snapshot, s, npages), 0, "SNAPSHOT")
+        try t.expectEqual(s.cpages, npages, "cpages")
+        try t.expectEqual(s.mirror, [UInt8](repeating: MirrorProtection.write, count: npages), "snapshot bytes")
+    }
+}
+
+/// A joinable pthread, for the cases that race a second thread.
+final class Thread: @unchecked Sendable {
+    private var handle = pthread_t()
+    private let body: () -> Void
+
+    init(_ body: @escaping @Sendable () -> Void) {
+        self.body = body
+        let box = Unmanaged.passRetained(self)
+        let rc = pthread_create(&handle, nil, { arg in
+            let me = Unmanaged<Thread>.fromOpaque(arg!).takeRetainedValue()
+            me.body()
+            return nil
+        }, box.toOpaque())
+        precondition(rc == 0, "pthread_create failed")
+    }
+
+    func join() { pthread_join(handle, nil) }
+}
