@@ -1,23 +1,34 @@
 import HMMSelftests
 import Testing
 
-/// The kernel's hmm-tests, one Swift test per kernel case and fixture variant (`hmm.anon_read` ×
-/// `hmm_device_private`, `hmm_device_coherent`, …). Cases waiting for the device-THP work are reported
-/// as skipped with that reason; every other case ends with the machine's invariant checker.
+/// The kernel's hmm-tests, one Swift test case per kernel case and fixture variant (`hmm.anon_read` ×
+/// `hmm_device_private`, `hmm_device_coherent`, …). Every case ends with the machine's invariant checker.
 @Suite("hmm-tests")
 struct SelftestTests {
-    static let cases = Selftests.all.map(\.name)
+    static let runnable = Selftests.all.filter { $0.pending == nil }.map(\.name)
+    static let pending = Selftests.all.filter { $0.pending != nil }.map(\.name)
 
-    @Test("kernel selftest", arguments: cases, SelftestVariant.allCases)
+    @Test("kernel selftest", arguments: runnable, SelftestVariant.allCases)
     func selftest(_ name: String, _ variant: SelftestVariant) throws {
         let test = try #require(Selftests.all.first { $0.name == name })
         switch Selftests.run(test, variant) {
         case .passed:
             break
         case .skipped(let reason):
-            try Test.cancel("\(name) [\(variant.name(test.fixture))]: \(reason)")
+            // A kernel SKIP (e.g. no hugetlb page): visible, not a failure.
+            withKnownIssue("\(name) [\(variant.name(test.fixture))] skipped: \(reason)") {
+                Issue.record("skipped: \(reason)")
+            }
         case .failed(let message):
             Issue.record("\(name) [\(variant.name(test.fixture))]: \(message)")
         }
+    }
+
+    /// T30–T38 exercise 2 MiB device pages; they stay listed, skipped, until the device-THP issue lands.
+    @Test("kernel selftest (needs device THP)", .disabled("needs 2 MiB device pages: the device-THP issue"),
+          arguments: pending, SelftestVariant.allCases)
+    func pendingSelftest(_ name: String, _ variant: SelftestVariant) throws {
+        let test = try #require(Selftests.all.first { $0.name == name })
+        #expect(Selftests.run(test, variant) == .passed)
     }
 }
