@@ -75,9 +75,7 @@ public final class MigrateDevice: @unchecked Sendable {
         guard phase == 1 else { throw .invalid("migrate_device_pages called out of order") }
         for i in dst.indices {
             guard let d = dst[i].pfn else { continue }
-            guard d.rawValue < UInt64(machine.frames.capacity), machine.frames.flags(d).contains(.locked),
-                machine.refcount(d) == 1, machine.frames.order(d) == 0
-            else { throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference") }
+            guard machine.isMigrationDestination(d) else { throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference") }
         }
         phase = 2
         for i in src.indices where src[i].isMigrating {
@@ -94,10 +92,11 @@ public final class MigrateDevice: @unchecked Sendable {
     /// that moved. Idempotent; calling it before ``pages()`` abandons the migration.
     public func finalize() {
         guard phase != 3 else { return }
+        let accepted = phase == 2
         phase = 3
         let frames = machine.frames
         for i in src.indices {
-            let d = dst[i].pfn
+            let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0) ? $0 : nil }
             guard let s = src[i].pfn else {
                 if let d {
                     frames.unlock(d)

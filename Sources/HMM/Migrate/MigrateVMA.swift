@@ -286,9 +286,9 @@ public final class MigrateVMA: @unchecked Sendable {
     private func validateDestinations() throws(HMMError) {
         for i in 0..<dst.count {
             guard let d = dst[i].pfn else { continue }
-            guard d.rawValue < UInt64(machine.frames.capacity), machine.frames.flags(d).contains(.locked),
-                machine.refcount(d) == 1, machine.frames.order(d) == 0
-            else { throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference") }
+            guard machine.isMigrationDestination(d) else {
+                throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference")
+            }
         }
     }
 
@@ -330,9 +330,12 @@ public final class MigrateVMA: @unchecked Sendable {
     /// Calling it before ``pages()`` abandons the migration (everything is restored). Idempotent.
     public func finalize() {
         guard phase == 1 || phase == 2 else { return }
+        // Destinations were checked by `pages()`; if it never ran (or refused them) a destination the
+        // driver got wrong is not ours to release.
+        let accepted = phase == 2
         phase = 3
         for i in 0..<src.count {
-            let d = dst[i].pfn
+            let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0) ? $0 : nil }
             guard let s = src[i].pfn else {
                 if let d { release(d) }
                 continue
@@ -402,6 +405,13 @@ extension Machine {
     public func framePointer(_ pfn: PFN) throws(HMMError) -> UnsafeMutableRawPointer {
         try checkFrame(pfn)
         return pointer(pfn)
+    }
+
+    /// Whether `d` can be a migration destination: a frame of this machine, locked, order 0, holding
+    /// exactly the allocation's reference.
+    func isMigrationDestination(_ d: PFN) -> Bool {
+        (d.rawValue < UInt64(ramFrames) || pagemap(of: d)?.isUnregistered == false)
+            && frames.flags(d).contains(.locked) && refcount(d) == 1 && frames.order(d) == 0
     }
 
     func checkFrame(_ pfn: PFN) throws(HMMError) {
