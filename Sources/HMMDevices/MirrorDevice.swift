@@ -92,12 +92,30 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     /// `dmirror_devmem_alloc_page`: a locked device page with one reference, or nil.
     func allocatePage() -> PFN? {
-        allocator.withLock { a -> PFN? in
-            if a.free.isEmpty { try? addChunk(&a) }
-            guard let p = a.free.popLast(), let pm = a.chunks.first(where: { $0.contains(p) }) else { return nil }
-            do { try pm.initFolio(p, order: 0) } catch { return nil }
-            a.allocated += 1
-            return p
+        allocatePages(1).first
+    }
+
+    /// Up to `n` locked device pages with one reference each, under one lock (fewer if memory runs out).
+    func allocatePages(_ n: Int) -> [PFN] {
+        allocator.withLock { a -> [PFN] in
+            var out: [PFN] = []
+            out.reserveCapacity(n)
+            while out.count < n {
+                if a.free.isEmpty { try? addChunk(&a) }
+                guard let p = a.free.popLast() else { break }
+                guard let pm = a.chunks.last(where: { $0.contains(p) }), (try? pm.initFolio(p, order: 0)) != nil else { continue }
+                a.allocated += 1
+                out.append(p)
+            }
+            return out
+        }
+    }
+
+    /// Returns pages from ``allocatePages(_:)`` that were not used (still locked, one reference).
+    func giveBack(_ pages: [PFN]) {
+        for p in pages {
+            guard let pm = machine.pagemap(of: p) else { continue }
+            pm.unlockAndPut(p)
         }
     }
 
@@ -131,15 +149,18 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     /// and `migrateToSystem`: a locked system page per migrating source, the data copied, and the
     /// device's own mappings of the addresses dropped.
     func copyToSystem(_ m: MigrateVMA) throws(HMMError) {
+        var moved: [(UInt64, PFN)] = []
+        moved.reserveCapacity(m.npages)
         for i in 0..<m.npages where m.src[i].isMigrating {
             guard let s = m.src[i].pfn else { continue }
-            guard let page = machine.allocateMigrationPage() else {
+            guard let page = machine.allocateMigrationPage(zeroed: false) else {
                 throw HMMError(.outOfMemory, "no system page to migrate \(s) back")
             }
             m.dst[i] = MigratePFN(page, flags: m.src[i].isWritable ? MigratePFN.write : 0)
             try machine.copyPage(from: s, to: page)
-            for file in files { file.forget(address: m.start + UInt64(i) << UInt64(PageSize.shift), ifMapping: s) }
+            moved.append((m.start + UInt64(i) << UInt64(PageSize.shift), s))
         }
+        for file in files { file.forget(moved) }
     }
 
     // MARK: release and removal
@@ -198,7 +219,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         var failure: HMMError?
         for i in m.src.indices where m.src[i].isMigrating {
             guard let s = m.src[i].pfn else { continue }
-            guard let page = machine.allocateMigrationPage() else {
+            guard let page = machine.allocateMigrationPage(zeroed: false) else {
                 failure = HMMError(.outOfMemory, "no system page to evict \(s) to")
                 break
             }

@@ -101,11 +101,13 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         return true
     }
 
-    /// Drops the entry for `address` if it maps `pfn` (the page left the device).
-    func forget(address: UInt64, ifMapping pfn: PFN) {
+    /// Drops the entry of each `(address, pfn)` that still maps that page (the pages left the device).
+    func forget(_ pages: [(UInt64, PFN)]) {
         state.withLock { s in
-            let k = address >> UInt64(PageSize.shift)
-            if let v = s.table[k], v >> 2 == pfn.rawValue { s.table.removeValue(forKey: k) }
+            for (address, pfn) in pages {
+                let k = address >> UInt64(PageSize.shift)
+                if let v = s.table[k], v >> 2 == pfn.rawValue { s.table.removeValue(forKey: k) }
+            }
         }
     }
 
@@ -240,35 +242,42 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
     // MARK: migration
 
     /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates the range's system pages (and holes) to device memory, then
-    /// reads the whole range back from the device page table into `mirror`.
+    /// reads the whole range back from the device page table into `mirror`. With a nil `mirror` the
+    /// read-back is skipped and `cpages` counts the pages migrated by this call (for benchmarks).
     /// - Throws: `.invalidArgument` (a piece has no readable VMA — earlier pieces stay migrated; the space
     ///   exited), `.noEntry` (a page is not mapped by the device afterwards: not migratable, e.g.
     ///   shared memory, or on another device), `.fault`, `.badDescriptor`, `.noDevice`.
-    public func migrateToDevice(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
+    public func migrateToDevice(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer?) throws(HMMError) -> MirrorResult {
         let end = try check(address, pages)
-        try checkBuffer(mirror.count, pages << PageSize.shift)
+        if let mirror { try checkBuffer(mirror.count, pages << PageSize.shift) }
+        var migrated = 0
         guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
         try space.withMmapReadLock { () throws(HMMError) in
             try forEachPiece(address, end) { (a, next) throws(HMMError) in
                 let m = try MigrateVMA(space: space, start: a, end: next, select: .system, owner: device)
                 try m.setup()
+                var pool = device.allocatePages(m.cpages)
+                defer { device.giveBack(pool) }
                 for i in 0..<m.npages where m.src[i].isMigrating {
                     if let s = m.src[i].pfn, machine.pagemap(of: s) != nil { continue }
-                    guard let d = device.allocatePage() else { continue }
+                    guard let d = pool.popLast() else { continue }
                     m.dst[i] = MigratePFN(d, flags: m.src[i].isWritable ? MigratePFN.write : 0)
                     if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
                 }
                 try m.pages()
                 state.withLock { s in
+                    s.table.reserveCapacity(s.table.count + m.cpages)
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         guard let d = m.dst[i].pfn else { continue }
                         let tag = m.dst[i].isWritable ? Self.tagWrite : Self.tagRead
                         s.table[(a >> UInt64(PageSize.shift)) + UInt64(i)] = d.rawValue << 2 | tag
+                        migrated += 1
                     }
                 }
                 m.finalize()
             }
         }
+        guard let mirror else { return MirrorResult(cpages: migrated) }
         let n = try copyFromTable(address, pages, from: 0, into: mirror, needWrite: false)
         guard n == pages else { throw HMMError(.noEntry, "page \(n) of the range is not on the device") }
         return MirrorResult(cpages: n)

@@ -8,7 +8,7 @@ import Glibc
 /// `hmm bench`: the core's benchmarks, each printed with its ratio to a baseline measured in the same run.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmark faults, software-MMU accesses, fork and page walks against same-run baselines.")
+        abstract: "Benchmark faults, software-MMU accesses, fork, page walks, migration, device fault-back and snapshots against same-run baselines.")
 
     @Flag(help: "Small sizes and one repetition (a smoke run for CI).")
     var quick = false
@@ -27,6 +27,7 @@ struct Bench: ParsableCommand {
         try access(m, chunk: 2 << 20, bytes: (64 << 20) / scale, reps: reps)
         try forkAndWalk(m, bytes: (256 << 20) / scale, reps: reps)
         try m.checkInvariants()
+        try deviceBenchmarks(reps: reps, scale: scale)
     }
 
     func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }

@@ -334,6 +334,7 @@ public final class MigrateVMA: @unchecked Sendable {
         // driver got wrong is not ours to release.
         let accepted = phase == 2
         phase = 3
+        var target = [PFN?](repeating: nil, count: src.count)
         for i in 0..<src.count {
             let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0) ? $0 : nil }
             guard let s = src[i].pfn else {
@@ -343,9 +344,42 @@ public final class MigrateVMA: @unchecked Sendable {
             let new = src[i].isMigrating && d != nil ? d! : s
             machine.statistics.count(new == s ? .migrateFail : .migrateSuccess)
             if let d, d != new { release(d) }
-            restore(i, s, to: new)
+            target[i] = new
+        }
+        restoreLocal(target)
+        for i in 0..<src.count {
+            guard let new = target[i], let s = src[i].pfn else { continue }
+            if remote[i] { machine.removeMigrationEntries(s, new) }
             release(s)
             if new != s { release(new) }
+        }
+    }
+
+    /// `remove_migration_ptes` for this space's own slots, one page-table lock per PTE table.
+    private func restoreLocal(_ target: [PFN?]) {
+        var a = start
+        while a < end {
+            let stepEnd = min(end, (a | PageSize.pmdMask) + 1)
+            defer { a = stepEnd }
+            guard let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { continue }
+            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            guard pmd.isTable else { continue }
+            let lock = space.pool.lock(pmd.node)
+            let ptes = space.pool.entries(pmd.node)
+            lock.lock()
+            var b = a
+            while b < stepEnd {
+                let i = Int((b - start) >> UInt64(PageSize.shift))
+                if let new = target[i], let old = src[i].pfn {
+                    let slot = ptes + PageTableIndex.pte(b)
+                    let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+                    if e.isMigration && e.pfn == old {
+                        slot.pointee.store(machine.entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+                    }
+                }
+                b += UInt64(PageSize.base)
+            }
+            lock.unlock()
         }
     }
 }
@@ -375,10 +409,11 @@ extension AddressSpace {
 }
 
 extension Machine {
-    /// Allocates a zero-filled system page for a migration destination, locked, with one reference
-    /// (`alloc_page_vma` + `lock_page`). Nil when RAM is exhausted.
-    public func allocateMigrationPage() -> PFN? {
-        guard let p = allocateFolio(order: 0, zeroed: true) else { return nil }
+    /// Allocates a system page for a migration destination, locked, with one reference
+    /// (`alloc_page_vma` + `lock_page`). Nil when RAM is exhausted. Pass `zeroed: false` only when every
+    /// byte will be overwritten (a copy) before the page is mapped.
+    public func allocateMigrationPage(zeroed: Bool = true) -> PFN? {
+        guard let p = allocateFolio(order: 0, zeroed: zeroed) else { return nil }
         frames.setFlags(p, .locked)
         return p
     }

@@ -141,6 +141,14 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
         for i in 0..<n { machine.frames.record(head + i).pointee.driverData.store(0, ordering: .relaxed) }
     }
 
+    /// Unlocks a folio of this region and drops one reference (`folio_unlock` + `folio_put`): how a driver
+    /// gives back a page it allocated but did not use. Nothing for a frame outside the region or free.
+    public func unlockAndPut(_ head: PFN) {
+        guard contains(head), machine.refcount(head) > 0 else { return }
+        machine.frames.unlock(head)
+        machine.putFolio(head)
+    }
+
     /// The bytes of frame `pfn` of this region (what the device's DMA engine reads and writes).
     /// - Throws: `.invalidArgument` for a frame outside the region.
     public func bytes(of pfn: PFN) throws(HMMError) -> UnsafeMutableRawBufferPointer {
