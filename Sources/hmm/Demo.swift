@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import HMM
+import HMMDevices
 
 /// `hmm demo`: a short narrated scenario on the default machine.
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Narrate a scenario: map, touch, fork + COW, mprotect, THP fault and split, unmap, exit.")
+        abstract: "Narrate a scenario: map, touch, fork + COW, mprotect, THP fault and split, device migration, fault-back, coherent access, eviction, unmap, exit.")
 
     @Flag(help: "Print the same report as JSON.")
     var json = false
@@ -83,6 +84,40 @@ struct Demo: ParsableCommand {
         say("MAP_HUGETLB: a 2 MiB page from the hugetlb pool (\(m.freeHugetlbPages) of 2 left free)",
             try pageMap(parent, hp, 16))
 
+        // Device act: two mirror devices, one device-private and one device-coherent.
+        let devices = try MirrorDeviceSet(machine: m, chunkSize: 16 << 20)
+        let gpu = try devices.device(0)
+        let cxl = try devices.device(2)
+        let d = try parent.map(length: 16 * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
+        for i in 0..<16 { try parent.store(UInt64(1000 + i), at: d + UInt64(i) * page) }
+        let gpuFile = try gpu.open(parent)
+        let cxlFile = try cxl.open(parent)
+        var mirror = [UInt8](repeating: 0, count: 8 * Int(page))
+        let moved = try gpuFile.migrateToDevice(d, pages: 8, into: &mirror)
+        say("device act: 16 fresh pages; migrate_vma moves pages 0-7 to device-private memory of \(gpu) "
+            + "(cpages \(moved.cpages)); the CPU page table now holds non-present device-private entries",
+            try pageMap(parent, d, 16))
+        var seen: [UInt64] = []
+        for i in 0..<4 { seen.append(try parent.load(UInt64.self, at: d + UInt64(i) * page)) }
+        say("the CPU reads pages 0-3: each access faults, migrate_to_ram brings the page back "
+            + "(values \(seen.map(String.init).joined(separator: ", ")))", try pageMap(parent, d, 16))
+        let coherent = try cxlFile.migrateToDevice(d + 8 * page, pages: 4, into: &mirror)
+        let inPlace = try parent.load(UInt64.self, at: d + 8 * page)
+        say("migrate pages 8-11 to device-coherent memory of \(cxl) (cpages \(coherent.cpages)); the CPU reads "
+            + "page 8 in place without a fault (value \(inPlace))", try pageMap(parent, d, 16))
+        var snap = [UInt8](repeating: 0, count: 16)
+        _ = try gpuFile.snapshot(d, pages: 16, into: &snap)
+        say("the private device's snapshot bytes (hmm_range_fault without faulting): "
+            + snap.map { String(format: "%02x", $0) }.joined(separator: " "))
+        let inUse = gpu.pagesInUse
+        try gpu.release()
+        say("release \(gpu): migrate_device_range evicts its \(inUse) remaining pages to RAM through the "
+            + "reverse map; \(cxl) still holds \(cxl.pagesInUse)", try pageMap(parent, d, 16))
+        gpuFile.close()
+        cxlFile.close()
+        try parent.unmap(d, length: 16 * Int(page))
+        say("unmap the buffer: the coherent pages go back to their device (\(cxl.pagesInUse) in use)")
+
         try parent.unmap(p, length: 16 * Int(page))
         child.exit()
         say("unmap the small region in the parent, exit the child")
@@ -111,7 +146,8 @@ struct Demo: ParsableCommand {
               + "pool count as used)")
         print("invariants: \(invariants)")
         print("legend: . none  z zero page  Z huge zero  a anon (exclusive)  s anon (shared)  r read-only  "
-              + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file")
+              + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file  P device-private  C device-coherent  "
+              + "X device-exclusive")
     }
 
     /// One character per page.
@@ -121,11 +157,13 @@ struct Demo: ParsableCommand {
             let a = start + UInt64(i) * 4096
             let e = try s.pagemap(at: a)
             guard let pfn = e.pfn else {
-                out += "."
+                out += e.kind == .devicePrivateRead || e.kind == .devicePrivateWrite ? "P"
+                    : e.kind == .deviceExclusive ? "X" : "."
                 continue
             }
             let info = s.mappings.first { $0.start <= a && a < $0.end }
-            if pfn == s.machine.zeroPFN { out += "z" }
+            if s.machine.pagemap(of: pfn)?.kind == .deviceCoherent { out += "C" }
+            else if pfn == s.machine.zeroPFN { out += "z" }
             else if e.level == .pmd && pfn.rawValue - UInt64(i) == s.machine.hugeZeroPFN.rawValue { out += "Z" }
             else if info?.hugetlb == true { out += "T" }
             else if e.level == .pmd { out += "H" }

@@ -57,7 +57,8 @@ struct ConcurrencyTests {
                             try s.unmap(c, length: Int(page))
                             try s.map(at: c, length: Int(page), protection: [.read, .write], flags: [.private, .anonymous, .fixed])
                         case (1, _):
-                            try s.advise(c, length: Int(page), .dontNeed)
+                            // Thread 2's mremap below leaves a hole for a moment: ENOMEM there is right.
+                            do { try s.advise(c, length: Int(page), .dontNeed) } catch let e as HMMError where e.code == .outOfMemory {}
                         case (2, 4) where step % 50 == 0:
                             let child = try s.fork()
                             for i in 0..<pages {
