@@ -46,6 +46,8 @@ public final class Machine: @unchecked Sendable {
     let pagemapTable: UnsafeMutablePointer<Unmanaged<Pagemap>?>
     /// Slot → `arena base - firstPFN << 12`, so a device frame's bytes are one add away.
     let pagemapBias: UnsafeMutablePointer<Atomic<Int>>
+    /// Slot → `PagemapKind` raw value (0 = none): the kind without touching the pagemap object.
+    let pagemapKinds: UnsafeMutablePointer<Atomic<Int>>
     private let spaceList = Locked<[WeakBox<AddressSpace>]>([])
     private let fileList = Locked<[WeakBox<MemoryFile>]>([])
     private let nextSpaceID = Atomic<Int>(1)
@@ -74,6 +76,8 @@ public final class Machine: @unchecked Sendable {
         pagemapTable.initialize(repeating: nil, count: 256)
         pagemapBias = .allocate(capacity: 256)
         for i in 0..<256 { (pagemapBias + i).initialize(to: Atomic(0)) }
+        pagemapKinds = .allocate(capacity: 256)
+        for i in 0..<256 { (pagemapKinds + i).initialize(to: Atomic(0)) }
         pageTables = try PageTablePool(capacity: c.pageTableNodes)
         allocator = FrameAllocator(table: frames, first: 0, count: ramFrames)
 
@@ -100,6 +104,7 @@ public final class Machine: @unchecked Sendable {
     deinit {
         pagemapTable.deallocate()
         pagemapBias.deallocate()
+        pagemapKinds.deallocate()
     }
 
     /// A new, empty address space (a process's `mm_struct`).

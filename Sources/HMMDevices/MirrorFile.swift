@@ -259,7 +259,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
                 var pool = device.allocatePages(m.cpages)
                 defer { device.giveBack(pool) }
                 for i in 0..<m.npages where m.src[i].isMigrating {
-                    if let s = m.src[i].pfn, machine.pagemap(of: s) != nil { continue }
+                    if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }
                     guard let d = pool.popLast() else { continue }
                     m.dst[i] = MigratePFN(d, flags: m.src[i].isWritable ? MigratePFN.write : 0)
                     if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }

@@ -1,5 +1,8 @@
 import HMM
 import HMMDevices
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Device-memory benchmarks of `hmm bench`: migration bandwidth in 4 KiB pages each way, CPU fault-back
 /// latency, and `RangeFault` snapshot throughput, each against a baseline measured in the same run.
@@ -14,7 +17,7 @@ extension Bench {
         // The snapshot populates (and so warms the host memory behind) most of RAM: run it first so the
         // migrations below do not pay the host's first-touch faults that the memcpy baseline never pays.
         try snapshot(m, bytes: (1 << 30) / scale, reps: reps)
-        try migration(m, bytes: (64 << 20) / scale, reps: reps)
+        try migration(m, bytes: (64 << 20) / scale, reps: reps * (ProcessInfoShim.profiling ? 20 : 1))
         try faultBack(m, pages: 4096 / scale, reps: reps)
         try m.checkInvariants()
     }
@@ -44,11 +47,33 @@ extension Bench {
                 toSystem.append(b)
             }
         }
-        let base = memcpyBaseline(chunk: 4096, bytes: bytes, reps: reps) * Double(pages)
+        let base = bulkCopyBaseline(bytes: bytes, reps: reps)
         for (name, ns) in [("system -> device", median(toDevice)), ("device -> system", median(toSystem))] {
             row("migrate \(bytes >> 20) MiB \(name), 4 KiB pages", "\(fixed(Double(bytes) / ns)) GB/s",
                 "memcpy \(fixed(Double(bytes) / base)) GB/s; ratio \(fixed(base / ns)) x memcpy")
         }
+    }
+
+    /// memcpy of the same bytes a migration moves: `bytes` from one buffer to another, 4 KiB at a time,
+    /// both pre-touched (a cache-cold copy, like the migration's). Nanoseconds for the whole copy.
+    func bulkCopyBaseline(bytes: Int, reps: Int) -> Double {
+        let src = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { src.deallocate(); dst.deallocate() }
+        memset(src, 7, bytes)
+        memset(dst, 0, bytes)
+        var samples: [Double] = []
+        for _ in 0...reps {
+            let t = now()
+            var off = 0
+            while off < bytes {
+                (dst + off).copyMemory(from: src + off, byteCount: 4096)
+                off += 4096
+            }
+            blackHole(dst.load(fromByteOffset: bytes - 8, as: UInt64.self))
+            samples.append(Double(now() - t))
+        }
+        return median(samples)
     }
 
     func faultBack(_ m: Machine, pages: Int, reps: Int) throws {
@@ -111,4 +136,9 @@ extension Bench {
         row("RangeFault snapshot, \(bytes >> 20) MiB present", "\(fixed(1e3 / ns, 0)) M pages/s",
             "\(fixed(ns, 2)) ns/page; page walk \(fixed(w, 2)) ns/page; ratio \(fixed(ns / w)) x walk")
     }
+}
+
+/// `HMM_BENCH_PROFILE=1` repeats the migration figure many times (for `perf record`).
+enum ProcessInfoShim {
+    static var profiling: Bool { getenv("HMM_BENCH_PROFILE") != nil }
 }

@@ -207,6 +207,7 @@ extension Machine {
             r.nextPFN += count
             r.slots[slot] = pm
             pagemapTable[slot] = Unmanaged.passUnretained(pm)
+            pagemapKinds[slot].store(kind.rawValue, ordering: .releasing)
             pagemapBias[slot].store(Int(bitPattern: pm.arena.base) &- Int(pm.firstPFN.rawValue) << PageSize.shift,
                                     ordering: .releasing)
             return pm
@@ -227,8 +228,13 @@ extension Machine {
                 throw HMMError(.busy, "\(pagemap) still has \(inUse) frame(s) in use; migrate them out first")
             }
             pagemap.markUnregistered()
+            // Every frame is free (refcount 0), so nothing can reach them: make them name no pagemap, so
+            // a stale PFN can never resolve to whichever pagemap reuses the slot.
+            frames.initialize(Int(pagemap.firstPFN.rawValue)..<Int(pagemap.endPFN.rawValue), pagemapSlot: 0)
+            pagemapKinds[pagemap.slot].store(0, ordering: .releasing)
+            pagemapBias[pagemap.slot].store(0, ordering: .releasing)
+            pagemapTable[pagemap.slot] = nil
             r.slots[pagemap.slot] = nil
-            r.retired.append(pagemap)  // its frames' slot bits still name it; keep the arena alive
         }
     }
 
@@ -236,13 +242,14 @@ extension Machine {
     public func pagemap(of pfn: PFN) -> Pagemap? {
         guard pfn.rawValue >= UInt64(ramFrames), pfn.rawValue < UInt64(frames.capacity) else { return nil }
         let slot = frames.pagemapSlot(pfn)
-        return slot == 0 ? nil : pagemapTable[slot]?.takeUnretainedValue()
+        guard slot != 0, let pm = pagemapTable[slot]?.takeUnretainedValue(), pm.contains(pfn) else { return nil }
+        return pm
     }
 
-    /// The kind of memory behind a frame, nil for system RAM.
-    @inline(__always) func deviceKind(_ pfn: PFN) -> PagemapKind? {
-        guard pfn.rawValue >= UInt64(ramFrames) else { return nil }
-        return pagemap(of: pfn)?.kind
+    /// The kind of device memory behind a frame; nil for system RAM (or no frame at all).
+    @inline(__always) public func deviceKind(_ pfn: PFN) -> PagemapKind? {
+        guard pfn.rawValue >= UInt64(ramFrames), pfn.rawValue < UInt64(frames.capacity) else { return nil }
+        return PagemapKind(rawValue: pagemapKinds[frames.pagemapSlot(pfn)].load(ordering: .acquiring))
     }
 
     @inline(__always) func isDevicePrivate(_ pfn: PFN) -> Bool { deviceKind(pfn) == .devicePrivate }
@@ -270,6 +277,5 @@ extension Machine {
 /// The machine's pagemap bookkeeping (guarded by `Machine.pagemapRegistry`).
 struct PagemapRegistryState {
     var slots: [Pagemap?] = Array(repeating: nil, count: 256)
-    var retired: [Pagemap] = []
     var nextPFN: Int
 }
