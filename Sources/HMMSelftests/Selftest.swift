@@ -133,6 +133,17 @@ public final class SelftestContext {
         }
     }
 
+    /// Runs a command expecting success with `cpages` (and, if given, `faults`) — the three `ASSERT_EQ`s
+    /// that follow almost every command in the kernel file.
+    func expectSuccess(
+        _ file: MirrorFile, _ c: Command, _ b: Buffer, _ npages: Int, cpages: Int? = nil, faults: Int? = nil,
+        line: Int = #line
+    ) throws {
+        try expectEqual(cmd(file, c, b, npages), 0, "\(c)", line: line)
+        try expectEqual(b.cpages, cpages ?? npages, "\(c) cpages", line: line)
+        if let faults { try expectEqual(b.faults, faults, "\(c) faults", line: line) }
+    }
+
     func map(_ size: Int, _ prot: Protection, _ flags: MapFlags = [.private, .anonymous], in s: AddressSpace? = nil,
              file: MemoryFile? = nil) throws -> UInt64 {
         try (s ?? space).map(length: size, protection: prot, flags: flags, file: file)

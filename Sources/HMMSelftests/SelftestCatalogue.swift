@@ -76,9 +76,7 @@ enum SelftestCatalogue {
         try t.space.protect(b.ptr, length: b.size, [.read])
         let v: Int32 = try t.space.load(at: b.ptr + UInt64(t.page))
         try t.expectEqual(v, 0, "zero page read")
-        try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .read, b, npages, faults: 1)
         try t.expectPattern(t.mirrorInts(b), "mirror") { $0 < 2 * t.page / 4 ? 0 : Int32($0) }
     }
 
@@ -100,9 +98,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         t.setMirror(b) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
     }
 
@@ -110,16 +106,12 @@ enum SelftestCatalogue {
     static func anonWriteProt(_ t: SelftestContext) throws {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t, [.read])
-        try t.expectEqual(t.cmd(t.fd, .read, b, 1), 0, "READ 1 page")
-        try t.expectEqual(b.cpages, 1, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .read, b, 1, faults: 1)
         t.setMirror(b) { Int32($0) }
         try t.expectEqual(t.cmd(t.fd, .write, b, npages), -EPERM, "WRITE to PROT_READ")
         try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { _ in 0 }
         try t.space.protect(b.ptr, length: b.size, [.read, .write])
-        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
     }
 
@@ -135,17 +127,14 @@ enum SelftestCatalogue {
                 try t.fill(ptr, size) { Int32($0) }
                 t.setMirror(b) { -Int32($0) }
                 if migrate {
-                    try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-                    try t.expectEqual(b.cpages, npages, "cpages")
+                    try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
                 }
                 let child = try t.space.fork()
                 // Child: sees the pattern (faulting shared device pages back), writes −i through device 0.
                 try t.expectPattern(t.ints(ptr, size, in: child), "child buffer") { Int32($0) }
                 if !migrate { try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) } }
                 let childFD = try t.devices.device(0).open(child)
-                try t.expectEqual(t.cmd(childFD, .write, b, npages), 0, "child WRITE")
-                try t.expectEqual(b.cpages, npages, "child cpages")
-                try t.expectEqual(b.faults, 1, "child faults")
+                try t.expectSuccess(childFD, .write, b, npages, faults: 1)
                 if !migrate { try t.expectPattern(t.ints(ptr, size, in: child), "child buffer after WRITE") { -Int32($0) } }
                 childFD.close()
                 child.exit()
@@ -166,9 +155,7 @@ enum SelftestCatalogue {
         try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { Int32($0) }
         try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) }
         let childFD = try t.devices.device(0).open(child)
-        try t.expectEqual(t.cmd(childFD, .write, b, npages), 0, "child WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(childFD, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { -Int32($0) }
         childFD.close()
         child.exit()
@@ -182,9 +169,7 @@ enum SelftestCatalogue {
         let base = try t.map(2 * size, [.read, .write])
         let b = Buffer(ptr: try t.thpWindow(base, huge: true), size: size)
         t.setMirror(b) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(b.ptr, size), "buffer") { Int32($0) }
     }
 
@@ -198,9 +183,7 @@ enum SelftestCatalogue {
         }
         let b = Buffer(ptr: ptr, size: size)
         t.setMirror(b) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(ptr, size), "buffer") { Int32($0) }
         try t.space.unmap(ptr, length: size)
     }
@@ -217,9 +200,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let file = try patternFile(t)
         let b = Buffer(ptr: try t.map(t.bufferSize, [.read], [.shared], file: file), size: t.bufferSize)
-        try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .read, b, npages, faults: 1)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
     }
 
@@ -229,9 +210,7 @@ enum SelftestCatalogue {
         let file = try t.machine.makeFile(size: t.bufferSize)
         let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.shared], file: file), size: t.bufferSize)
         t.setMirror(b) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .write, b, npages), 0, "WRITE")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd, .write, b, npages, faults: 1)
         try t.expectPattern(t.ints(b.ptr, b.size), "mapping") { Int32($0) }
         var back = [Int32](repeating: 0, count: t.bufferSize / 4)
         let n = try back.withUnsafeMutableBytes { buf in try file.read(into: buf, at: 0) }
@@ -244,8 +223,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
     }
 
@@ -255,8 +233,7 @@ enum SelftestCatalogue {
         let file = try t.machine.makeFile(size: t.bufferSize)
         let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.private], file: file), size: t.bufferSize)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
     }
 
@@ -265,12 +242,10 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
         try t.expectPattern(t.ints(b.ptr, b.size / 2), "first half") { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "second MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
     }
 
@@ -279,8 +254,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
         try t.expectEqual(t.cmd(t.fd, .release, b, npages), 0, "RELEASE")
         try t.expectPattern(t.ints(b.ptr, b.size / 2), "first half") { Int32($0) }
@@ -313,8 +287,7 @@ enum SelftestCatalogue {
         try t.space.store(Int32(3), at: p + 4 * pg)
         try t.space.store(Int32(3), at: p + 5 * pg)
         b.ptr = p + 2 * pg
-        try t.expectEqual(t.cmd(fd1, .migrateToDevice, b, 4), 0, "MIGRATE of mixed VMAs")
-        try t.expectEqual(b.cpages, 4, "cpages")
+        try t.expectSuccess(fd1, .migrateToDevice, b, 4)
         b.ptr = p + 5 * pg
         try t.expectEqual(t.cmd(t.fd0, .migrateToDevice, b, 1), -ENOENT, "MIGRATE of another device's page")
     }
@@ -325,12 +298,10 @@ enum SelftestCatalogue {
         for _ in 0..<10 {
             let b = try anonBuffer(t)
             try t.fill(b.ptr, b.size) { Int32($0) }
-            try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-            try t.expectEqual(b.cpages, npages, "cpages")
+            try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
             try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
             if t.coherent {
-                try t.expectEqual(t.cmd(t.fd, .migrateToSystem, b, npages), 0, "MIGRATE_TO_SYS")
-                try t.expectEqual(b.cpages, npages, "cpages")
+                try t.expectSuccess(t.fd, .migrateToSystem, b, npages)
             }
             try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
             try t.space.unmap(b.ptr, length: b.size)
@@ -343,9 +314,7 @@ enum SelftestCatalogue {
         for c in 0..<10 {
             let b = try anonBuffer(t)
             try t.fill(b.ptr, b.size) { Int32($0 + c) }
-            try t.expectEqual(t.cmd(t.fd, .read, b, npages), 0, "READ")
-            try t.expectEqual(b.cpages, npages, "cpages")
-            try t.expectEqual(b.faults, 1, "faults")
+            try t.expectSuccess(t.fd, .read, b, npages, faults: 1)
             try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0 + c) }
             try t.space.unmap(b.ptr, length: b.size)
         }
@@ -380,8 +349,7 @@ enum SelftestCatalogue {
     static func mixedmap(_ t: SelftestContext) throws {
         let p = try t.fd.mmap(length: t.page, protection: [.read, .write], shared: false)
         let b = Buffer(ptr: p, size: t.page, mirror: 1)
-        try t.expectEqual(t.cmd(t.fd, .snapshot, b, 1), 0, "SNAPSHOT")
-        try t.expectEqual(b.cpages, 1, "cpages")
+        try t.expectSuccess(t.fd, .snapshot, b, 1)
         try t.expectEqual(b.mirror[0], MirrorProtection.read, "m[0]")
     }
 
@@ -400,14 +368,11 @@ enum SelftestCatalogue {
         try t.space.protect(p + 4 * pg, length: 3 * t.page, [.read, .write])
         try t.space.store(Int32(3), at: p + 4 * pg)
         let b = Buffer(ptr: p + 5 * pg, size: t.page)
-        try t.expectEqual(t.cmd(t.fd0, .migrateToDevice, b, 1), 0, "MIGRATE page 5 to fd0")
-        try t.expectEqual(b.cpages, 1, "cpages")
+        try t.expectSuccess(t.fd0, .migrateToDevice, b, 1)
         b.ptr = p + 6 * pg
-        try t.expectEqual(t.cmd(t.fd1!, .migrateToDevice, b, 1), 0, "MIGRATE page 6 to fd1")
-        try t.expectEqual(b.cpages, 1, "cpages")
+        try t.expectSuccess(t.fd1!, .migrateToDevice, b, 1)
         let s = Buffer(ptr: p, size: npages * t.page, mirror: npages)
-        try t.expectEqual(t.cmd(t.fd0, .snapshot, s, npages), 0, "SNAPSHOT")
-        try t.expectEqual(s.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd0, .snapshot, s, npages)
         let expected: [UInt8] = t.coherent
             ? [0xFF, 0xFF, 0x11, 0x01, 0x02, 0x42, 0x52]
             : [0xFF, 0xFF, 0x11, 0x01, 0x02, 0x22, 0x00]
@@ -422,13 +387,11 @@ enum SelftestCatalogue {
         guard let ptr = try? t.map(size, [.read, .write], [.private, .anonymous, .hugetlb]) else { return }
         try t.fill(ptr, size) { Int32($0) }
         let b = Buffer(ptr: ptr, size: size, mirror: npages)
-        try t.expectEqual(t.cmd(t.fd, .snapshot, b, npages), 0, "SNAPSHOT")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .snapshot, b, npages)
         let level = b.mirror[0] & MirrorProtection.pud != 0 ? MirrorProtection.pud : MirrorProtection.pmd
         try t.expectEqual(b.mirror, [UInt8](repeating: MirrorProtection.write | level, count: npages), "RW bytes")
         try t.space.protect(ptr, length: size, [.read])
-        try t.expectEqual(t.cmd(t.fd, .snapshot, b, npages), 0, "SNAPSHOT")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .snapshot, b, npages)
         try t.expectEqual(b.mirror, [UInt8](repeating: MirrorProtection.read | level, count: npages), "RO bytes")
         try t.space.unmap(ptr, length: size)
     }
@@ -439,17 +402,12 @@ enum SelftestCatalogue {
         let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
         try t.fill(b.ptr, b.size) { Int32($0) }
         try t.space.protect(b.ptr, length: b.size, [.read])
-        for (file, what) in [(t.fd0, "fd0"), (t.fd1!, "fd1")] {
-            try t.expectEqual(t.cmd(file, .read, b, npages), 0, "READ \(what)")
-            try t.expectEqual(b.cpages, npages, "cpages")
-            try t.expectEqual(b.faults, 1, "faults")
-            try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        for file in [t.fd0, t.fd1!] {
+            try t.expectSuccess(file, .read, b, npages, faults: 1)
+            try t.expectPattern(t.mirrorInts(b), "mirror of \(file.device)") { Int32($0) }
         }
-        try t.expectEqual(t.cmd(t.fd1!, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV fd1")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(t.cmd(t.fd0, .read, b, npages), 0, "READ fd0 after migration")
-        try t.expectEqual(b.cpages, npages, "cpages")
-        try t.expectEqual(b.faults, 1, "faults")
+        try t.expectSuccess(t.fd1!, .migrateToDevice, b, npages)
+        try t.expectSuccess(t.fd0, .read, b, npages, faults: 1)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
     }
 
@@ -458,8 +416,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .exclusive, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
         try incrementAll(t, b, in: t.space)
         try t.expectEqual(t.cmd(t.fd, .checkExclusive, b, npages), 0, "CHECK_EXCLUSIVE")
@@ -482,8 +439,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .exclusive, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
         try t.space.protect(b.ptr, length: b.size, [.read])
         try t.expectEqual(t.cmd(t.fd, .write, b, npages), -EPERM, "WRITE after mprotect")
@@ -494,8 +450,7 @@ enum SelftestCatalogue {
         let npages = t.bufferSize / t.page
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .exclusive, b, npages), 0, "EXCLUSIVE")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .exclusive, b, npages)
         let child = try t.space.fork()
         try incrementAll(t, b, in: child)
         child.exit()
@@ -507,8 +462,7 @@ enum SelftestCatalogue {
         let npages = 4
         let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
         let pg = UInt64(t.page)
         let calls: [GUPFlags] = [[.write], [.write, .fast], [.write, .pin, .fast, .longTerm], [.write, .pin, .longTerm]]
@@ -517,8 +471,7 @@ enum SelftestCatalogue {
             held.release()
         }
         let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
-        try t.expectEqual(t.cmd(t.fd, .snapshot, s, npages), 0, "SNAPSHOT")
-        try t.expectEqual(s.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .snapshot, s, npages)
         try t.expectEqual(s.mirror, t.coherent ? [0x42, 0x42, 0x02, 0x02] : [0x02, 0x02, 0x02, 0x02], "snapshot bytes")
         try t.expectPattern(t.ints(b.ptr, b.size), "buffer") { Int32($0) }
     }
@@ -528,14 +481,12 @@ enum SelftestCatalogue {
         let npages = 4
         let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
         try t.fill(b.ptr, b.size) { Int32($0) }
-        try t.expectEqual(t.cmd(t.fd, .migrateToDevice, b, npages), 0, "MIGRATE_TO_DEV")
-        try t.expectEqual(b.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
         let child = try t.space.fork()
         try t.fill(b.ptr, b.size) { Int32($0) }
         child.exit()
         let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
-        try t.expectEqual(t.cmd(t.fd, .snapshot, s, npages), 0, "SNAPSHOT")
-        try t.expectEqual(s.cpages, npages, "cpages")
+        try t.expectSuccess(t.fd, .snapshot, s, npages)
         try t.expectEqual(s.mirror, [UInt8](repeating: MirrorProtection.write, count: npages), "snapshot bytes")
     }
 }

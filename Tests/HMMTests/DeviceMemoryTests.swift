@@ -324,6 +324,25 @@ struct DeviceMemoryTests {
             pfns.pfns = [0, 0]
             expectError(.invalidArgument) { try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&pfns) } }
             pfns.notifier.remove()
+            let other = try m.makeAddressSpace()
+            var foreign = HMMRange(notifier: try other.insertIntervalNotifier(start: a, length: page, SilentNotifier()),
+                                   start: a, end: a + page)
+            expectError(.invalidArgument) { try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&foreign) } }
+            foreign.notifier.remove()
+            other.exit()
+
+            // Wrong owner: a device-private page is selected only by the migration of its own driver.
+            let fd0 = try devices.device(0).open(s)
+            var one = [UInt8](repeating: 0, count: Int(page))
+            _ = try fd0.migrateToDevice(a, pages: 1, into: &one)
+            try s.withMmapReadLock { () throws(HMMError) in
+                let stranger = try MigrateVMA(space: s, start: a, end: a + page, select: .devicePrivate, owner: owner)
+                try stranger.setup()
+                #expect(stranger.cpages == 0 && stranger.src[0] == .empty)
+                stranger.finalize()
+            }
+            #expect(pte(s, a).kind == .devicePrivateWrite)
+            fd0.close()
 
             // MirrorFile commands: the ioctl entry checks, closed handles and removed devices.
             let fd = try devices.device(0).open(s)
