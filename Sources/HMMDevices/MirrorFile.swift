@@ -51,7 +51,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
 
     private struct State {
         /// Device page table: virtual page number → `pfn << 2 | tag`.
-        var table: [UInt64: UInt64] = [:]
+        let table = DevicePageTable()
         var flags: MirrorFlags = []
     }
     private let state = Locked(State())
@@ -90,13 +90,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         if range.isMigration(by: device) { return true }
         state.withLock { s in
             notifier.setSequence(sequence)
-            let first = range.start >> UInt64(PageSize.shift)
-            let last = range.end >> UInt64(PageSize.shift)
-            if last - first > UInt64(s.table.count) {
-                s.table = s.table.filter { $0.key < first || $0.key > last }
-            } else {
-                for k in first...last { s.table.removeValue(forKey: k) }
-            }
+            s.table.removeAll(from: range.start >> UInt64(PageSize.shift), through: range.end >> UInt64(PageSize.shift))
         }
         return true
     }
@@ -106,7 +100,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         state.withLock { s in
             for (address, pfn) in pages {
                 let k = address >> UInt64(PageSize.shift)
-                if let v = s.table[k], v >> 2 == pfn.rawValue { s.table.removeValue(forKey: k) }
+                if let v = s.table[k], v >> 2 == pfn.rawValue { s.table[k] = nil }
             }
         }
     }
@@ -266,7 +260,6 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
                 }
                 try m.pages()
                 state.withLock { s in
-                    s.table.reserveCapacity(s.table.count + m.cpages)
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         guard let d = m.dst[i].pfn else { continue }
                         let tag = m.dst[i].isWritable ? Self.tagWrite : Self.tagRead

@@ -1,0 +1,95 @@
+/// A mirror device's page table (the `xarray` of `struct dmirror`): virtual page number → one 64-bit
+/// entry. Stored as 512-entry leaves (one per 2 MiB of virtual space) found through a dictionary, with
+/// the last leaf cached, so sequential walks cost one hash lookup per 512 pages. Not thread-safe: its
+/// owner's lock guards it.
+final class DevicePageTable {
+    private static let leafShift: UInt64 = 9
+    private static let leafSize = 1 << 9
+    /// Marks an occupied slot (entries may legitimately be 0).
+    private static let present: UInt64 = 1 << 63
+
+    private var leaves: [UInt64: UnsafeMutablePointer<UInt64>] = [:]
+    private var lastKey = UInt64.max
+    private var lastLeaf: UnsafeMutablePointer<UInt64>?
+    /// Entries stored.
+    private(set) var count = 0
+
+    deinit { removeAll() }
+
+    @inline(__always) private func leaf(_ vpfn: UInt64, create: Bool) -> UnsafeMutablePointer<UInt64>? {
+        let key = vpfn >> Self.leafShift
+        if key == lastKey { return lastLeaf }
+        var l = leaves[key]
+        if l == nil {
+            guard create else { return nil }
+            let new = UnsafeMutablePointer<UInt64>.allocate(capacity: Self.leafSize)
+            new.initialize(repeating: 0, count: Self.leafSize)
+            leaves[key] = new
+            l = new
+        }
+        lastKey = key
+        lastLeaf = l
+        return l
+    }
+
+    /// The entry for `vpfn`, nil if none. Values must fit in 63 bits.
+    subscript(vpfn: UInt64) -> UInt64? {
+        get {
+            guard let l = leaf(vpfn, create: false) else { return nil }
+            let v = l[Int(vpfn & UInt64(Self.leafSize - 1))]
+            return v & Self.present != 0 ? v & ~Self.present : nil
+        }
+        set {
+            if let newValue {
+                let l = leaf(vpfn, create: true)!
+                let slot = l + Int(vpfn & UInt64(Self.leafSize - 1))
+                if slot.pointee & Self.present == 0 { count += 1 }
+                slot.pointee = newValue | Self.present
+            } else {
+                guard let l = leaf(vpfn, create: false) else { return }
+                let slot = l + Int(vpfn & UInt64(Self.leafSize - 1))
+                if slot.pointee & Self.present != 0 { count -= 1 }
+                slot.pointee = 0
+            }
+        }
+    }
+
+    /// Removes every entry with `first <= vpfn <= last`.
+    func removeAll(from first: UInt64, through last: UInt64) {
+        guard count > 0, first <= last else { return }
+        if (last - first) >> Self.leafShift > UInt64(leaves.count) {
+            // A huge range (exit, a whole-space invalidation): visit the leaves that exist instead.
+            for (key, l) in leaves {
+                let base = key << Self.leafShift
+                guard base + UInt64(Self.leafSize) > first, base <= last else { continue }
+                clear(l, base, first, last)
+            }
+            return
+        }
+        var v = first
+        while v <= last {
+            let base = v & ~UInt64(Self.leafSize - 1)
+            if let l = leaf(v, create: false) { clear(l, base, first, last) }
+            guard base <= UInt64.max - UInt64(Self.leafSize) else { break }
+            v = base + UInt64(Self.leafSize)
+        }
+    }
+
+    private func clear(_ l: UnsafeMutablePointer<UInt64>, _ base: UInt64, _ first: UInt64, _ last: UInt64) {
+        let lo = Int(max(first, base) - base)
+        let hi = Int(min(last, base + UInt64(Self.leafSize) - 1) - base)
+        for i in lo...hi where l[i] & Self.present != 0 {
+            l[i] = 0
+            count -= 1
+        }
+    }
+
+    /// Drops every entry and leaf.
+    func removeAll() {
+        for (_, l) in leaves { l.deallocate() }
+        leaves.removeAll()
+        lastKey = .max
+        lastLeaf = nil
+        count = 0
+    }
+}
