@@ -152,10 +152,17 @@ extension AddressSpace {
                             try faultForRange(vma, a, write: true)
                             return a
                         }
+                    } else if pmd.isDevicePrivate, let owner, machine.pagemap(of: pmd.pfn)?.owner === owner {
+                        // `hmm_vma_handle_absent_pmd`: this owner's device THP, reported, never faulted.
+                        out = HMMPFN.valid | (pmd.kind == .devicePrivateWrite ? HMMPFN.write : 0)
+                            | UInt64(PageSize.pmdOrder) << HMMPFN.orderShift | (pmd.pfn + PageTableIndex.pte(a)).rawValue
                     } else if req & HMMPFN.requestFault != 0 {
-                        // None (or no table at all), or a non-present huge entry (migration): fault.
+                        // None (or no table at all), a foreign device THP or a PMD migration entry: fault.
                         try faultForRange(vma, a, write: req & HMMPFN.requestWrite != 0)
                         return a
+                    }
+                    else if pmd.isDevicePrivate {
+                        out = HMMPFN.error  // a foreign device THP without a fault request
                     }
                     words[i] = words[i] & HMMPFN.inOut | out
                     a += UInt64(PageSize.base)

@@ -260,6 +260,13 @@ extension Machine {
         return UnsafeMutableRawPointer(bitPattern: bias &+ Int(truncatingIfNeeded: pfn.rawValue) << PageSize.shift)!
     }
 
+    /// A device frame that a folio split left unreferenced: free it as an order-0 folio.
+    func releaseDeviceFrame(_ pfn: PFN, _ pm: Pagemap) {
+        frames.record(pfn).pointee.flags.store(UInt64(pm.slot) << FrameFlags.pagemapShift, ordering: .releasing)
+        pm.ops?.folioFree(pfn, order: 0)
+        pm.references.wrappingSubtract(1, ordering: .relaxed)
+    }
+
     /// `free_zone_device_folio`: the last reference to a device folio dropped.
     func freeDeviceFolio(_ head: PFN, order: Int) {
         guard let pm = pagemap(of: head) else { preconditionFailure("device frame \(head) without a pagemap") }

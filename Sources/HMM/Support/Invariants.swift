@@ -58,7 +58,7 @@ extension Machine {
                 let where_ = "space \(space.id) \(hex(a))"
                 guard let vi = space.vmaIndex(containing: a) else { return problem("\(where_): entry \(e) outside any VMA") }
                 let vma = space.vmas[vi]
-                guard e.isPresent else { return nonPresent(e, vma, where_) }
+                guard e.isPresent else { return nonPresent(e, vma, where_, huge: huge) }
                 if e.isWritable && !vma.writable { problem("\(where_): writable entry in a \(vma.protection) VMA") }
                 if e.isUser != (vma.protection != .none) { problem("\(where_): user bit disagrees with \(vma.protection)") }
                 if huge && !vma.isHugetlb { hugeDeposits += 1 }
@@ -92,7 +92,7 @@ extension Machine {
             }
             /// Device-private and device-exclusive entries are mappings (rmap and a reference each);
             /// migration entries must not outlive a migration.
-            func nonPresent(_ e: PageTableEntry, _ vma: VMA, _ where_: String) {
+            func nonPresent(_ e: PageTableEntry, _ vma: VMA, _ where_: String, huge: Bool) {
                 switch e.kind {
                 case .devicePrivateRead, .devicePrivateWrite:
                     guard e.pfn.rawValue < UInt64(total), deviceKind(e.pfn) == .devicePrivate else {
@@ -113,7 +113,15 @@ extension Machine {
                 }
                 if vma.isShared { problem("\(where_): device entry \(e) in a shared mapping") }
                 expectedRef[Int(frames.head(of: e.pfn).rawValue)] += 1
-                expectedMap[Int(e.pfn.rawValue)] += 1
+                if huge {
+                    guard e.isDevicePrivate, frames.head(of: e.pfn) == e.pfn, frames.order(e.pfn) == PageSize.pmdOrder else {
+                        return problem("\(where_): huge \(e) is not a device-private PMD-order head")
+                    }
+                    expectedEntire[Int(e.pfn.rawValue)] += 1
+                    hugeDeposits += 1
+                } else {
+                    expectedMap[Int(e.pfn.rawValue)] += 1
+                }
             }
             visit(space.root, 0, 0)
         }
@@ -213,6 +221,9 @@ extension Machine {
                 for k in 0..<(1 << order) {
                     let mc = frames.record(pfn + k).pointee.mapcount.load(ordering: .relaxed)
                     if mc != expectedMap[j + k] { problem("\(pfn + k): mapcount \(mc), mapped by \(expectedMap[j + k]) entries") }
+                }
+                if order > 0 && entireMapcount(pfn) != expectedEntire[j] {
+                    problem("\(pfn): entire mapcount \(entireMapcount(pfn)), mapped by \(expectedEntire[j]) PMDs")
                 }
                 j += 1 << order
             }

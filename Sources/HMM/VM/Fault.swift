@@ -32,6 +32,17 @@ extension AddressSpace {
                 if try hugePMDFault(vma, pmdN, address, access) { return }
                 continue
             } else if pmd.isNonPresent {
+                if pmd.isDevicePrivate {
+                    // `do_huge_pmd_device_private`: the whole 2 MiB device folio goes back.
+                    let lock = pool.lock(pmdN)
+                    lock.lock()
+                    guard slot.pointee.load(ordering: .relaxed) == pmd.rawValue else {
+                        lock.unlock()
+                        continue
+                    }
+                    _ = try devicePrivateFault(lock, pmd, address, access)
+                    continue
+                }
                 waitForChange(slot, pmd)
                 continue
             }
@@ -100,33 +111,39 @@ extension AddressSpace {
     /// unmap cannot free the page under `migrateToRAM` (bug #1) — then calls the driver. A contended page
     /// lock means another thread is already moving the page: wait for it to be unlocked and retry, which
     /// keeps many threads faulting one page live (bug #11). Returns false: the access is retried.
+    /// Entered with the lock of the table holding `e` (a PTE, or a huge PMD entry) held; releases it.
     private func devicePrivateFault(
         _ lock: SpinLockWord, _ e: PageTableEntry, _ address: UInt64, _ access: FaultAccess
     ) throws(HMMError) -> Bool {
+        let huge = e.isHuge
         let page = e.pfn
+        let head = frames.head(of: page)
         guard let pm = machine.pagemap(of: page) else {
             lock.unlock()
             preconditionFailure("device-private entry \(e) names no pagemap")
         }
-        guard frames.tryLock(page) else {
+        guard frames.tryLock(head) else {
             lock.unlock()
             machine.statistics.count(.faultDevicePrivateWait)
-            while frames.flags(page).contains(.locked) { sched_yieldShim() }
+            while frames.flags(head).contains(.locked) { sched_yieldShim() }
             return false
         }
-        machine.getFolio(page)
+        machine.getFolio(head)
         lock.unlock()
         defer {
-            frames.unlock(page)
-            machine.putFolio(page)
+            // If the driver split the folio, the lock and our reference now sit on `page`'s own folio.
+            let holder = frames.head(of: page)
+            frames.unlock(holder)
+            machine.putFolio(holder)
         }
         #if DEBUG
         machine.hooks.fire(.deviceFaultBeforeMigrateToRAM)
         #endif
         machine.statistics.count(.faultDevicePrivate)
         guard let ops = pm.ops else { throw HMMError(.bus, "the driver of \(pm) is gone") }
-        try ops.migrateToRAM(DeviceFault(space: self, address: address & ~PageSize.baseMask, page: page,
-                                            huge: false, write: access == .write))
+        let mask = huge ? PageSize.pmdMask : PageSize.baseMask
+        try ops.migrateToRAM(DeviceFault(space: self, address: address & ~mask, page: page, huge: huge,
+                                         write: access == .write))
         return false
     }
 

@@ -38,6 +38,10 @@ extension AddressSpace {
         try forEachPMDStep(vma.start, vma.end) { (a, pmdEnd, pmdN) throws(HMMError) -> Bool in
             let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.isLeaf { return try copyHugePMD(vma, pmdN, a, into: child) }
+            if pmd.isNonPresent && pmd.isHuge {
+                try copyHugeNonPresentPMD(pmdN, a, into: child)
+                return true
+            }
             if pmd.isTable {
                 let childPMD = try child.pmdNode(a, allocate: true)
                 guard let childPTE = try child.pteNode(childPMD, a, allocate: true) else {
@@ -80,6 +84,30 @@ extension AddressSpace {
         }
         child.pmdSlot(childPMD, a).pointee.store(shared.young(false).rawValue, ordering: .releasing)
         return true
+    }
+
+    /// `copy_huge_non_present_pmd`: a device-private PMD is shared read-only (reference, entire
+    /// mapcount, anon-exclusivity given up); a PMD migration entry is copied (downgraded to readable).
+    /// The child gets a deposited page table like any huge mapping.
+    private func copyHugeNonPresentPMD(_ pmdN: UInt32, _ a: UInt64, into child: AddressSpace) throws(HMMError) {
+        let slot = pmdSlot(pmdN, a)
+        let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        let childPMD = try child.pmdNode(a, allocate: true)
+        guard pool.deposit() else { throw HMMError(.outOfMemory, "no page table to deposit for the child") }
+        let down: PageTableEntry
+        if e.isDevicePrivate {
+            machine.getFolio(e.pfn)
+            machine.addEntireMapcount(e.pfn, 1)
+            for i in 0..<PageSize.pagesPerPMD { frames.clearFlags(e.pfn + i, .anonExclusive) }
+            down = .nonPresent(.devicePrivateRead, e.pfn, huge: true)
+        } else {
+            down = .nonPresent(.migrationRead, e.pfn, young: e.isYoung, dirty: e.isDirty, huge: true)
+        }
+        let lock = pool.lock(pmdN)
+        lock.lock()
+        slot.pointee.store(down.rawValue, ordering: .relaxed)
+        lock.unlock()
+        child.pmdSlot(childPMD, a).pointee.store(down.rawValue, ordering: .releasing)
     }
 
     /// `copy_pte_range` for one PTE table.

@@ -109,14 +109,33 @@ extension AddressSpace {
     }
 
     /// `__split_huge_pmd`: replaces a huge PMD mapping by a PTE table mapping the same 512 pages.
-    /// The folio stays large; only the mapping changes. Takes the PMD lock; a no-op if the PMD is no
-    /// longer a splittable huge entry. Must not be used on hugetlb mappings.
+    /// The folio stays large; only the mapping changes. A device-private PMD becomes 512 device-private
+    /// PTEs (writable iff it was; young/dirty are not representable), a PMD migration entry 512 PTE
+    /// migration entries of the same kind. Takes the PMD lock; a no-op if the PMD is no longer a
+    /// splittable huge entry. Must not be used on hugetlb mappings.
     func splitHugePMD(_ pmdN: UInt32, _ address: UInt64) {
         let slot = pmdSlot(pmdN, address)
         let lock = pool.lock(pmdN)
         lock.lock()
         defer { lock.unlock() }
         let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        if e.isNonPresent && e.isHuge && (e.isDevicePrivate || e.isMigration) {
+            let node = pool.withdrawDeposit()
+            let ptes = pool.entries(node)
+            let head = e.pfn
+            for i in 0..<PageSize.pagesPerPMD {
+                let pte = PageTableEntry.nonPresent(e.kind, head + i, young: e.isYoung, dirty: e.isDirty)
+                ptes[i].store(pte.rawValue, ordering: .relaxed)
+            }
+            if e.isDevicePrivate {
+                for i in 0..<PageSize.pagesPerPMD { machine.addPageMapcount(head + i, 1) }
+                machine.getFolio(head, Int32(PageSize.pagesPerPMD - 1))
+                machine.addEntireMapcount(head, -1)
+            }
+            slot.pointee.store(PageTableEntry.table(node).rawValue, ordering: .releasing)
+            machine.statistics.count(.thpSplitPMD)
+            return
+        }
         guard e.isLeaf, e.isHuge else { return }
         precondition(!frames.flags(e.pfn).contains(.hugetlb), "splitting a hugetlb PMD")
         let node = pool.withdrawDeposit()
@@ -139,12 +158,15 @@ extension AddressSpace {
         machine.statistics.count(.thpSplitPMD)
     }
 
-    /// Splits a PTE-mapped anonymous large folio into 512 small folios when every reference to it comes
-    /// from entries in the PTE table `pteN` (whose lock the caller holds) plus `extra` references the
-    /// caller owns. Pages no longer mapped return to the allocator at once. The refcount is frozen to
-    /// zero first (`folio_ref_freeze`), so a concurrent `tryGet` cannot slip in. True if split; the
-    /// caller's `extra` references are consumed then.
-    func trySplitFolio(_ head: PFN, inTable pteN: UInt32, extra: Int32) -> Bool {
+    /// Splits a PTE-mapped anonymous large folio — system RAM or device-private — into 512 small folios
+    /// when every reference to it comes from entries in the PTE table `pteN` (whose lock the caller
+    /// holds) plus `extra` references the caller owns. The refcount is frozen to zero first
+    /// (`folio_ref_freeze`), so a concurrent `tryGet` cannot slip in; no other table maps the folio, so no
+    /// walker can reach it while its metadata is rewritten. Afterwards `keep` (default: the head) carries
+    /// the caller's `extra` references and the folio lock if it was held; the caller still owns and drops
+    /// them. Pages no longer mapped go back at once (device pages through `folioFree`), and the driver's
+    /// `folioSplit` hears of every new folio. True if split.
+    func trySplitFolio(_ head: PFN, inTable pteN: UInt32, extra: Int32, keep: PFN? = nil) -> Bool {
         let order = frames.order(head)
         let f = frames.flags(head)
         guard order > 0, f.contains(.anon), !f.contains(.hugetlb), machine.entireMapcount(head) == 0 else {
@@ -156,29 +178,42 @@ extension AddressSpace {
         let last = head + (1 << order)
         for i in 0..<512 {
             let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
-            if e.isPresent, e.pfn >= head, e.pfn < last { inTable += 1 }
+            if e.isPresent || e.isDevicePrivate, e.pfn >= head, e.pfn < last { inTable += 1 }
         }
         guard inTable == total,
             frames.record(head).pointee.refcount.compareExchange(
                 expected: total + extra, desired: 0, ordering: .acquiringAndReleasing
             ).exchanged
         else { return false }
+        let holder = keep.map { $0 >= head && $0 < last ? $0 : head } ?? head
+        let locked = f.contains(.locked)
         var toFree: [PFN] = []
         for i in 0..<(1 << order) {
             let p = head + i
             let r = frames.record(p)
             let mapped = r.pointee.mapcount.load(ordering: .relaxed)
-            let keep = FrameFlags(rawValue: r.pointee.flags.load(ordering: .relaxed))
-                .intersection([.anon, .anonExclusive, .dirty, .young])
-            r.pointee.flags.store(mapped > 0 ? keep.rawValue : 0, ordering: .relaxed)
-            r.pointee.refcount.store(mapped, ordering: .releasing)
-            if mapped == 0 {
+            let old = r.pointee.flags.load(ordering: .relaxed)
+            var keepFlags = FrameFlags(rawValue: old).intersection([.anon, .anonExclusive, .dirty, .young])
+            if p == holder && locked { keepFlags.insert(.locked) }
+            let refs = mapped + (p == holder ? extra : 0)
+            r.pointee.flags.store((refs > 0 ? keepFlags.rawValue : 0) | old & FrameFlags.pagemapMask, ordering: .relaxed)
+            if refs == 0 {
                 r.pointee.mapping.store(0, ordering: .relaxed)
                 r.pointee.index.store(0, ordering: .relaxed)
                 toFree.append(p)
             }
+            r.pointee.refcount.store(refs, ordering: .releasing)
         }
-        for p in toFree { machine.allocator.free(p, order: 0) }
+        if let pm = machine.pagemap(of: head) {
+            if let ops = pm.ops {
+                for i in 1..<(1 << order) { ops.folioSplit(head: head, tail: head + i) }
+                ops.folioSplit(head: head, tail: nil)
+            }
+            // Split pages that nothing maps any more are free device frames now.
+            for p in toFree { machine.releaseDeviceFrame(p, pm) }
+        } else {
+            for p in toFree { machine.allocator.free(p, order: 0) }
+        }
         machine.statistics.count(.thpSplitFolio)
         return true
     }

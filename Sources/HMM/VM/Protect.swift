@@ -48,7 +48,7 @@ extension AddressSpace {
         forEachPMDStep(vma.start, vma.end) { a, pmdEnd, pmdN in
             let slot = pmdSlot(pmdN, a)
             let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))
-            if pmd.isLeaf {
+            if pmd.isLeaf || (pmd.isNonPresent && pmd.isHuge) {
                 if a & PageSize.pmdMask != 0 || pmdEnd - a != UInt64(PageSize.pmd) {
                     splitHugePMD(pmdN, a)
                     return false

@@ -152,7 +152,6 @@ extension AddressSpace {
                     off += UInt64(PageSize.pmd)
                     continue
                 }
-                precondition(pmd.isLeaf, "non-present huge entries are split by the device THP layer")
                 splitHugePMD(srcPMD, src)
                 continue
             }

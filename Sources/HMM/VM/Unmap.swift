@@ -78,6 +78,15 @@ extension AddressSpace {
         lock.lock()
         let e = PageTableEntry(rawValue: slot.pointee.exchange(0, ordering: .acquiringAndReleasing))
         lock.unlock()
+        if e.isNonPresent && e.isHuge {
+            // A device-private PMD is a mapping (rmap + reference); a PMD migration entry holds nothing.
+            pool.releaseDeposit()
+            if e.isDevicePrivate {
+                machine.addEntireMapcount(e.pfn, -1)
+                machine.putFolio(e.pfn)
+            }
+            return
+        }
         guard e.isLeaf else { return }
         let hugetlb = frames.flags(e.pfn).contains(.hugetlb)
         if !hugetlb { pool.releaseDeposit() }
@@ -103,9 +112,14 @@ extension AddressSpace {
             ptes[i].store(0, ordering: .releasing)
             if e.isDevicePrivate || e.kind == .deviceExclusive {
                 // The entry is a mapping: drop its rmap and reference (the last one frees a device page
-                // through `folioFree`).
+                // through `folioFree`). A large device folio losing part of its mappings is split below.
+                let head = frames.head(of: e.pfn)
+                if frames.order(head) > 0, !partial.contains(head), partial.count < 8 {
+                    machine.getFolio(head)
+                    partial.append(head)
+                }
                 machine.addPageMapcount(e.pfn, -1)
-                machine.putFolio(frames.head(of: e.pfn))
+                machine.putFolio(head)
                 continue
             }
             guard e.isPresent, !e.isSpecial else { continue }
@@ -118,7 +132,8 @@ extension AddressSpace {
             machine.addPageMapcount(e.pfn, -1)
             machine.putFolio(head)
         }
-        for head in partial where !trySplitFolio(head, inTable: pteN, extra: 1) {
+        for head in partial {
+            _ = trySplitFolio(head, inTable: pteN, extra: 1)
             machine.putFolio(head)
         }
         lock.unlock()
