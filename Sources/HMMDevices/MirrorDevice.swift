@@ -24,7 +24,9 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     private struct Allocator {
         var chunks: [Pagemap] = []
+        /// Free order-0 pages (`free_pages`) and free 2 MiB folios (`free_folios`).
         var free: [PFN] = []
+        var freeFolios: [PFN] = []
         /// Pages handed out and given back (`calloc`, `cfree`).
         var allocated = 0
         var freed = 0
@@ -32,6 +34,8 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     private let allocator = Locked(Allocator())
     private let openFiles = Locked<[Weak<MirrorFile>]>([])
     private let removed = Atomic<Bool>(false)
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`, one-shot: the next large allocation (device or system) fails.
+    let failNextLargeAllocation = Atomic<Bool>(false)
 
     /// Creates the device with its first chunk of `chunkSize` bytes (default 256 MiB, the kernel's
     /// `DEVMEM_CHUNK_SIZE`).
@@ -79,15 +83,36 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     // MARK: device memory allocator
 
-    private func addChunk(_ a: inout Allocator) throws(HMMError) {
+    /// `dmirror_allocate_chunk`: a chunk added for a large request goes on the folio list in 2 MiB
+    /// blocks; otherwise (and for the first chunk) it is all small pages.
+    private func addChunk(_ a: inout Allocator, large: Bool = false) throws(HMMError) {
         // A coherent device has one fixed window of special-purpose memory: it cannot grow.
         if kind == .deviceCoherent && !a.chunks.isEmpty {
             throw HMMError(.outOfMemory, "\(self) has no second coherent chunk")
         }
         let pm = try machine.registerPagemap(kind: kind, count: chunkPages, owner: self, operations: self)
         a.chunks.append(pm)
-        a.free.reserveCapacity(a.free.count + chunkPages)
-        for i in stride(from: chunkPages - 1, through: 0, by: -1) { a.free.append(pm.firstPFN + i) }
+        if large {
+            for i in stride(from: chunkPages - PageSize.pagesPerPMD, through: 0, by: -PageSize.pagesPerPMD) {
+                a.freeFolios.append(pm.firstPFN + i)
+            }
+        } else {
+            a.free.reserveCapacity(a.free.count + chunkPages)
+            for i in stride(from: chunkPages - 1, through: 0, by: -1) { a.free.append(pm.firstPFN + i) }
+        }
+    }
+
+    /// A locked 2 MiB device folio with one reference, or nil (no memory, or fail-allocation was set).
+    func allocateFolio() -> PFN? {
+        if failNextLargeAllocation.exchange(false, ordering: .acquiringAndReleasing) { return nil }
+        return allocator.withLock { a -> PFN? in
+            if a.freeFolios.isEmpty { try? addChunk(&a, large: true) }
+            guard let p = a.freeFolios.popLast(), let pm = a.chunks.last(where: { $0.contains(p) }),
+                (try? pm.initFolio(p, order: PageSize.pmdOrder)) != nil
+            else { return nil }
+            a.allocated += PageSize.pagesPerPMD
+            return p
+        }
     }
 
     /// `dmirror_devmem_alloc_page`: a locked device page with one reference, or nil.
@@ -125,16 +150,23 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
             a.freed += 1 << order
             // Pages of a chunk being released are not recycled.
             guard a.chunks.contains(where: { $0.contains(head) }) else { return }
-            for i in 0..<(1 << order) { a.free.append(head + i) }
+            if order == PageSize.pmdOrder {
+                a.freeFolios.append(head)
+            } else {
+                for i in 0..<(1 << order) { a.free.append(head + i) }
+            }
         }
     }
 
     // MARK: CPU faults
 
-    /// `dmirror_devmem_fault`: migrate the faulting page back to system memory.
+    /// `dmirror_devmem_fault`: migrate the faulting page — the whole 2 MiB folio for a PMD fault — back to
+    /// system memory.
     public func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
-        let select: MigrateSelect = kind == .devicePrivate ? .devicePrivate : .deviceCoherent
-        let m = try MigrateVMA(space: fault.space, start: fault.address, end: fault.address + UInt64(PageSize.base),
+        var select: MigrateSelect = kind == .devicePrivate ? .devicePrivate : .deviceCoherent
+        if fault.huge { select.insert(.compound) }
+        let size = UInt64(fault.huge ? PageSize.pmd : PageSize.base)
+        let m = try MigrateVMA(space: fault.space, start: fault.address, end: fault.address + size,
                                select: select, owner: self, faultPage: fault.page)
         do { try m.setup() } catch { throw HMMError(.bus, "migrate_to_ram setup failed: \(error.message)") }
         do throws(HMMError) { try copyToSystem(m) } catch {
@@ -153,12 +185,33 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         moved.reserveCapacity(m.npages)
         for i in 0..<m.npages where m.src[i].isMigrating {
             guard let s = m.src[i].pfn else { continue }
-            guard let page = machine.allocateMigrationPage(zeroed: false) else {
-                throw HMMError(.outOfMemory, "no system page to migrate \(s) back")
+            let write = m.src[i].isWritable ? MigratePFN.write : 0
+            var pages = 1
+            if m.src[i].isCompound {
+                pages = PageSize.pagesPerPMD
+                if !failNextLargeAllocation.exchange(false, ordering: .acquiringAndReleasing),
+                    let folio = machine.allocateMigrationFolio(zeroed: false)
+                {
+                    m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
+                    for j in 0..<pages { try machine.copyPage(from: s + j, to: folio + j) }
+                } else {
+                    // No 2 MiB system folio: 512 small pages, and the core splits the device folio.
+                    for j in 0..<pages {
+                        guard let page = machine.allocateMigrationPage(zeroed: false) else {
+                            throw HMMError(.outOfMemory, "no system page to migrate \(s + j) back")
+                        }
+                        m.dst[i + j] = MigratePFN(page, flags: write)
+                        try machine.copyPage(from: s + j, to: page)
+                    }
+                }
+            } else {
+                guard let page = machine.allocateMigrationPage(zeroed: false) else {
+                    throw HMMError(.outOfMemory, "no system page to migrate \(s) back")
+                }
+                m.dst[i] = MigratePFN(page, flags: write)
+                try machine.copyPage(from: s, to: page)
             }
-            m.dst[i] = MigratePFN(page, flags: m.src[i].isWritable ? MigratePFN.write : 0)
-            try machine.copyPage(from: s, to: page)
-            moved.append((m.start + UInt64(i) << UInt64(PageSize.shift), s))
+            for j in 0..<pages { moved.append((m.start + UInt64(i + j) << UInt64(PageSize.shift), s + j)) }
         }
         for file in files { file.forget(moved) }
     }
@@ -188,6 +241,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
             let c = a.chunks
             a.chunks = []
             a.free = []
+            a.freeFolios = []
             return c
         }
         var firstError: HMMError?

@@ -248,14 +248,19 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
         try space.withMmapReadLock { () throws(HMMError) in
             try forEachPiece(address, end) { (a, next) throws(HMMError) in
-                let m = try MigrateVMA(space: space, start: a, end: next, select: .system, owner: device)
+                let m = try MigrateVMA(space: space, start: a, end: next, select: [.system, .compound], owner: device)
                 try m.setup()
                 var pool = device.allocatePages(m.cpages)
                 defer { device.giveBack(pool) }
                 for i in 0..<m.npages where m.src[i].isMigrating {
                     if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }
-                    guard let d = pool.popLast() else { continue }
-                    m.dst[i] = MigratePFN(d, flags: m.src[i].isWritable ? MigratePFN.write : 0)
+                    let write = m.src[i].isWritable ? MigratePFN.write : 0
+                    if m.src[i].isCompound {
+                        try fillCompound(m, i, write)
+                        continue
+                    }
+                    guard let d = pool.popLast() ?? device.allocatePage() else { continue }
+                    m.dst[i] = MigratePFN(d, flags: write)
                     if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
                 }
                 try m.pages()
@@ -263,8 +268,10 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         guard let d = m.dst[i].pfn else { continue }
                         let tag = m.dst[i].isWritable ? Self.tagWrite : Self.tagRead
-                        s.table[(a >> UInt64(PageSize.shift)) + UInt64(i)] = d.rawValue << 2 | tag
-                        migrated += 1
+                        for j in 0..<(m.dst[i].isCompound ? PageSize.pagesPerPMD : 1) {
+                            s.table[(a >> UInt64(PageSize.shift)) + UInt64(i + j)] = (d + j).rawValue << 2 | tag
+                            migrated += 1
+                        }
                     }
                 }
                 m.finalize()
@@ -276,6 +283,28 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         return MirrorResult(cpages: n)
     }
 
+    /// A compound source: one 2 MiB device folio, or — when none can be had (or fail-allocation is set)
+    /// — 512 small device pages, which makes the core split the source.
+    private func fillCompound(_ m: MigrateVMA, _ i: Int, _ write: UInt64) throws(HMMError) {
+        let s = m.src[i].pfn
+        if let folio = device.allocateFolio() {
+            m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
+            for j in 0..<PageSize.pagesPerPMD {
+                if let s { try machine.copyPage(from: s + j, to: folio + j) } else { try machine.zeroPage(folio + j) }
+            }
+            return
+        }
+        let pages = device.allocatePages(PageSize.pagesPerPMD)
+        guard pages.count == PageSize.pagesPerPMD else {
+            device.giveBack(pages)
+            return
+        }
+        for (j, d) in pages.enumerated() {
+            m.dst[i + j] = MigratePFN(d, flags: write)
+            if let s { try machine.copyPage(from: s + j, to: d) } else { try machine.zeroPage(d) }
+        }
+    }
+
     /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrates this device's pages in the range back to system memory.
     /// `cpages` counts the pages moved (0 if none were on the device).
     /// - Throws: `.invalidArgument` (a piece without a readable VMA), `.outOfMemory`, `.badDescriptor`,
@@ -284,7 +313,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         let end = try check(address, pages)
         guard !space.hasExited else { throw HMMError(.invalidArgument, "the address space has exited") }
         var r = MirrorResult()
-        let select: MigrateSelect = device.kind == .devicePrivate ? .devicePrivate : .deviceCoherent
+        let select: MigrateSelect = [device.kind == .devicePrivate ? .devicePrivate : .deviceCoherent, .compound]
         try space.withMmapReadLock { () throws(HMMError) in
             try forEachPiece(address, end) { (a, next) throws(HMMError) in
                 let m = try MigrateVMA(space: space, start: a, end: next, select: select, owner: device)
@@ -294,6 +323,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
                     throw error
                 }
                 try m.pages()
+                // A compound entry counts once, as the driver counts it.
                 for i in 0..<m.npages where m.src[i].isMigrating && m.src[i].pfn != nil { r.cpages += 1 }
                 m.finalize()
             }
@@ -429,6 +459,7 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
     public func setFlags(_ flags: MirrorFlags) throws(HMMError) {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
         state.withLock { $0.flags = flags }
+        if flags.contains(.failAllocation) { device.failNextLargeAllocation.store(true, ordering: .releasing) }
     }
 
     /// The flags set by ``setFlags(_:)``.

@@ -29,7 +29,7 @@ public final class MigrateVMA: @unchecked Sendable {
     /// The locked device-private page whose CPU fault started this migration (`fault_page`).
     public let faultPage: PFN?
     /// Source entries, one per page (read-only for the driver).
-    public private(set) var src: [MigratePFN]
+    public internal(set) var src: [MigratePFN]
     /// Destination entries, filled by the driver between ``setup()`` and ``pages()``.
     public var dst: [MigratePFN]
     /// Entries still migrating after ``setup()`` (holes included).
@@ -37,7 +37,7 @@ public final class MigrateVMA: @unchecked Sendable {
     /// Page slots walked.
     public private(set) var npages = 0
     /// Entries whose page was also mapped elsewhere (restored through the reverse map).
-    private var remote: [Bool]
+    var remote: [Bool]
     private var phase = 0
 
     /// Describes a migration of `[start, end)`; nothing happens until ``setup()``.
@@ -84,7 +84,7 @@ public final class MigrateVMA: @unchecked Sendable {
             throw .invalid("migrate_vma: hugetlb and driver VMAs cannot migrate")
         }
         if let fp = faultPage {
-            guard machine.isDevicePrivate(fp), machine.frames.flags(fp).contains(.locked) else {
+            guard machine.isDevicePrivate(fp), machine.frames.flags(machine.frames.head(of: fp)).contains(.locked) else {
                 throw .invalid("migrate_vma: fault page \(fp) is not a locked device-private page")
             }
         }
@@ -97,39 +97,48 @@ public final class MigrateVMA: @unchecked Sendable {
         #endif
     }
 
-    /// `migrate_vma_collect`.
+    /// `migrate_vma_collect`: one PMD step at a time. With `.compound`, a whole PMD-aligned 2 MiB step
+    /// that is empty, the huge zero page, a THP or a device THP becomes one `compound` entry followed by
+    /// 511 empty ones; otherwise huge mappings are split and collected page by page.
     private func collect(_ vma: VMA) {
         let anonymousVMA = vma.isAnonymous && !vma.isShared
-        space.forEachPMDStep(start, end) { a, stepEnd, pmdN in
-            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
-            if pmd.isNone {
-                if anonymousVMA { collectHoles(a, stepEnd) }
-                return true
-            }
-            if pmd.isLeaf {
-                // No compound migration here: map the THP (or huge zero page) with PTEs and go on.
-                space.splitHugePMD(pmdN, a)
-                return false
-            }
-            if pmd.isNonPresent {
-                space.waitForChange(space.pmdSlot(pmdN, a), pmd)
-                return false
-            }
-            collectPTEs(pmd.node, a, stepEnd, anonymousVMA)
-            return true
-        }
-        // Slots past a part of the range with no PMD table at all are holes too.
         var a = start
         while a < end {
-            let i = Int((a - start) >> UInt64(PageSize.shift))
-            if anonymousVMA, src[i] == .empty, (try? space.pmdNode(a, allocate: false)) ?? 0 == 0 {
-                src[i] = MigratePFN(rawValue: MigratePFN.migrate)
+            let stepEnd = min(end, (a | PageSize.pmdMask) + 1)
+            let whole = a & PageSize.pmdMask == 0 && stepEnd - a == UInt64(PageSize.pmd) && select.contains(.compound)
+            let pmdN = (try? space.pmdNode(a, allocate: false)) ?? 0
+            let pmd = pmdN == 0 ? PageTableEntry.none : PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isNone {
+                if anonymousVMA { whole ? collectCompoundHole(a) : collectHoles(a, stepEnd) }
+            } else if pmd.isLeaf {
+                if pmd.isSpecial && whole && anonymousVMA && select.contains(.system) {
+                    collectCompoundHole(a)  // the huge zero page is a hole
+                } else if !(whole && !pmd.isSpecial && select.contains(.system) && collectHugePMD(pmdN, a, pmd)) {
+                    space.splitHugePMD(pmdN, a)
+                    continue
+                }
+            } else if pmd.isNonPresent {
+                if pmd.isDevicePrivate {
+                    guard select.contains(.devicePrivate), machine.pagemap(of: pmd.pfn)?.owner === owner else {
+                        a = stepEnd
+                        continue
+                    }
+                    if !(whole && collectHugePMD(pmdN, a, pmd)) {
+                        space.splitHugePMD(pmdN, a)
+                        continue
+                    }
+                } else {
+                    space.waitForChange(space.pmdSlot(pmdN, a), pmd)
+                    continue
+                }
+            } else {
+                collectPTEs(pmd.node, a, stepEnd, anonymousVMA)
             }
-            a += UInt64(PageSize.base)
+            a = stepEnd
         }
     }
 
-    private func collectHoles(_ lo: UInt64, _ hi: UInt64) {
+    func collectHoles(_ lo: UInt64, _ hi: UInt64) {
         var a = lo
         while a < hi {
             src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate)
@@ -176,6 +185,14 @@ public final class MigrateVMA: @unchecked Sendable {
                 writable = e.isWritable
             case .devicePrivateRead, .devicePrivateWrite:
                 guard select.contains(.devicePrivate), machine.pagemap(of: e.pfn)?.owner === owner else { continue }
+                let head = frames.head(of: e.pfn)
+                if frames.order(head) > 0 {
+                    // A device THP mapped by PTEs: split it, the fault's reference and lock staying on the
+                    // faulting page.
+                    let faultRefs: Int32 = faultPage.map { $0 >= head && $0 < head + (1 << frames.order(head)) ? 1 : 0 } ?? 0
+                    guard space.trySplitFolio(head, inTable: pteN, extra: faultRefs, keep: faultPage) else { continue }
+                    e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+                }
                 writable = e.kind == .devicePrivateWrite
             default:
                 continue
@@ -206,11 +223,11 @@ public final class MigrateVMA: @unchecked Sendable {
                 count += 1
                 continue
             }
-            if machine.pageMapcount(pfn) > 0 {
+            if machine.totalMapcount(pfn) > 0 {
                 remote[i] = true
-                _ = machine.tryToMigrate(pfn)
+                _ = src[i].isCompound ? machine.tryToMigrateHuge(pfn) : machine.tryToMigrate(pfn)
             }
-            if machine.pageMapcount(pfn) == 0 && machine.refcount(pfn) <= expectedReferences(pfn) {
+            if machine.totalMapcount(pfn) == 0 && machine.refcount(pfn) <= expectedReferences(pfn) {
                 count += 1
                 continue
             }
@@ -223,18 +240,23 @@ public final class MigrateVMA: @unchecked Sendable {
     }
 
     /// References a collected page may carry: ours, the core's on the fault page, the page cache's.
-    private func expectedReferences(_ pfn: PFN) -> Int32 {
+    func expectedReferences(_ pfn: PFN) -> Int32 {
         (pfn == faultPage ? 2 : 1) + (machine.frames.flags(pfn).contains(.pageCache) ? 1 : 0)
     }
 
-    private func release(_ pfn: PFN) {
+    func release(_ pfn: PFN) {
         if pfn != faultPage { machine.frames.unlock(pfn) }
         machine.putFolio(pfn)
     }
 
     /// Replaces the migration entries of `src` (this space's slot, and every other space's if the page
     /// was mapped there) by mappings of `new`.
-    private func restore(_ i: Int, _ old: PFN, to new: PFN) {
+    func restore(_ i: Int, _ old: PFN, to new: PFN) {
+        if src[i].isCompound {
+            if let pmdN = try? space.pmdNode(address(i), allocate: false), pmdN != 0 { restoreHuge(pmdN, address(i), old, to: new) }
+            if remote[i] { machine.removeHugeMigrationEntries(old, new) }
+            return
+        }
         space.withLockedPTE(address(i)) { slot, e in
             guard e.isMigration, e.pfn == old else { return }
             slot.pointee.store(machine.entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
@@ -262,12 +284,28 @@ public final class MigrateVMA: @unchecked Sendable {
                 src[i].clearMigrate()
                 continue
             }
+            let dstCompound = dst[i].isCompound
             guard let s = src[i].pfn else {
                 if !started {
                     started = space.notifiers.start(NotifierRange(
                         space: space, start: address(i), end: end, event: .migrate, owner: owner, blockable: true))
                 }
-                if !insertPage(vma, address(i), d) { src[i].clearMigrate() }
+                if src[i].isCompound && !dstCompound {
+                    // The driver answered a 2 MiB hole with small pages: insert them one by one.
+                    for j in 0..<PageSize.pagesPerPMD { src[i + j] = MigratePFN(rawValue: MigratePFN.migrate) }
+                }
+                let inserted = dstCompound
+                    ? src[i].isCompound && insertHugePage(vma, address(i), d)
+                    : insertPage(vma, address(i), d)
+                if !inserted { src[i].clearMigrate() }
+                continue
+            }
+            if src[i].isCompound && !dstCompound && !splitUnmappedFolio(i) {
+                src[i].clearMigrate()
+                continue
+            }
+            if dstCompound != src[i].isCompound {
+                src[i].clearMigrate()
                 continue
             }
             let dstKind = machine.deviceKind(d)
@@ -279,15 +317,15 @@ public final class MigrateVMA: @unchecked Sendable {
                 src[i].clearMigrate()
                 continue
             }
-            machine.migrateMetadata(from: s, to: d)
+            for j in 0..<(dstCompound ? PageSize.pagesPerPMD : 1) { machine.migrateMetadata(from: s + j, to: d + j) }
         }
     }
 
     private func validateDestinations() throws(HMMError) {
         for i in 0..<dst.count {
             guard let d = dst[i].pfn else { continue }
-            guard machine.isMigrationDestination(d) else {
-                throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference")
+            guard machine.isMigrationDestination(d, compound: dst[i].isCompound) else {
+                throw .invalid("dst[\(i)] = \(d) is not a locked folio of the entry's size holding one reference")
             }
         }
     }
@@ -336,7 +374,7 @@ public final class MigrateVMA: @unchecked Sendable {
         phase = 3
         var target = [PFN?](repeating: nil, count: src.count)
         for i in 0..<src.count {
-            let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0) ? $0 : nil }
+            let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0, compound: dst[i].isCompound) ? $0 : nil }
             guard let s = src[i].pfn else {
                 if let d { release(d) }
                 continue
@@ -349,7 +387,9 @@ public final class MigrateVMA: @unchecked Sendable {
         restoreLocal(target)
         for i in 0..<src.count {
             guard let new = target[i], let s = src[i].pfn else { continue }
-            if remote[i] { machine.removeMigrationEntries(s, new) }
+            if remote[i] {
+                src[i].isCompound ? machine.removeHugeMigrationEntries(s, new) : machine.removeMigrationEntries(s, new)
+            }
             release(s)
             if new != s { release(new) }
         }
@@ -363,6 +403,11 @@ public final class MigrateVMA: @unchecked Sendable {
             defer { a = stepEnd }
             guard let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { continue }
             let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isNonPresent && pmd.isHuge {
+                let i = Int((a - start) >> UInt64(PageSize.shift))
+                if let new = target[i], let old = src[i].pfn { restoreHuge(pmdN, a, old, to: new) }
+                continue
+            }
             guard pmd.isTable else { continue }
             let lock = space.pool.lock(pmd.node)
             let ptes = space.pool.entries(pmd.node)
@@ -409,6 +454,14 @@ extension AddressSpace {
 }
 
 extension Machine {
+    /// Allocates a 2 MiB system folio for a compound migration destination, locked, with one reference
+    /// (`vma_alloc_folio` of PMD order). Nil when no 2 MiB block is free.
+    public func allocateMigrationFolio(zeroed: Bool = true) -> PFN? {
+        guard let p = allocateFolio(order: PageSize.pmdOrder, zeroed: zeroed) else { return nil }
+        frames.setFlags(p, .locked)
+        return p
+    }
+
     /// Allocates a system page for a migration destination, locked, with one reference
     /// (`alloc_page_vma` + `lock_page`). Nil when RAM is exhausted. Pass `zeroed: false` only when every
     /// byte will be overwritten (a copy) before the page is mapped.
@@ -444,9 +497,10 @@ extension Machine {
 
     /// Whether `d` can be a migration destination: a frame of this machine, locked, order 0, holding
     /// exactly the allocation's reference.
-    func isMigrationDestination(_ d: PFN) -> Bool {
+    func isMigrationDestination(_ d: PFN, compound: Bool = false) -> Bool {
         (d.rawValue < UInt64(ramFrames) || pagemap(of: d)?.isUnregistered == false)
-            && frames.flags(d).contains(.locked) && refcount(d) == 1 && frames.order(d) == 0
+            && frames.flags(d).contains(.locked) && refcount(d) == 1
+            && frames.order(d) == (compound ? PageSize.pmdOrder : 0) && !frames.flags(d).contains(.tail)
     }
 
     func checkFrame(_ pfn: PFN) throws(HMMError) {
