@@ -105,7 +105,7 @@ public final class SelftestContext {
         }
     }
 
-    enum Command { case read, write, migrateToDevice, migrateToSystem, snapshot, exclusive, checkExclusive, release }
+    enum Command { case read, write, migrateToDevice, migrateToSystem, snapshot, exclusive, checkExclusive, release, flags }
 
     /// `hmm_dmirror_cmd`: 0 or `-errno`; `cpages`/`faults` updated on success only.
     func cmd(_ file: MirrorFile, _ c: Command, _ b: Buffer, _ npages: Int) -> Int32 {
@@ -123,6 +123,9 @@ public final class SelftestContext {
                 r = MirrorResult()
             case .release:
                 try file.release()
+                r = MirrorResult()
+            case .flags:
+                try file.setFlags(MirrorFlags(rawValue: UInt64(npages)))
                 r = MirrorResult()
             }
             b.cpages = r.cpages

@@ -10,8 +10,6 @@ import Glibc
 /// values of `reference/hmm-tests-catalogue.md`. A forked child is a forked ``AddressSpace`` whose code
 /// runs inline; `_exit` is ``AddressSpace/exit()``.
 enum SelftestCatalogue {
-    static let deviceTHP = "needs 2 MiB device pages (compound migration, PMD device-private entries): the device-THP issue"
-
     static func hmm(_ name: String, pending: String? = nil, _ body: @escaping @Sendable (SelftestContext) throws -> Void) -> Selftest {
         Selftest(name: "hmm." + name, fixture: .hmm, pending: pending, body: body)
     }
@@ -50,15 +48,15 @@ enum SelftestCatalogue {
         hmm("exclusive_cow", exclusiveCOW),
         hmm("hmm_gup_test", gupTest),
         hmm("hmm_cow_in_device", cowInDevice),
-        hmm("migrate_anon_huge_empty", pending: deviceTHP) { _ in },
-        hmm("migrate_anon_huge_zero", pending: deviceTHP) { _ in },
-        hmm("migrate_anon_huge_free", pending: deviceTHP) { _ in },
-        hmm("migrate_anon_huge_fault", pending: deviceTHP) { _ in },
-        hmm("migrate_partial_unmap_fault", pending: deviceTHP) { _ in },
-        hmm("migrate_remap_fault", pending: deviceTHP) { _ in },
-        hmm("migrate_anon_huge_err", pending: deviceTHP) { _ in },
-        hmm("migrate_anon_huge_zero_err", pending: deviceTHP) { _ in },
-        hmm("benchmark_thp_migration", pending: deviceTHP + " (and it is a benchmark: `hmm bench migration`)") { _ in },
+        hmm("migrate_anon_huge_empty", migrateAnonHugeEmpty),
+        hmm("migrate_anon_huge_zero", migrateAnonHugeZero),
+        hmm("migrate_anon_huge_free", migrateAnonHugeFree),
+        hmm("migrate_anon_huge_fault", migrateAnonHugeFault),
+        hmm("migrate_partial_unmap_fault", migratePartialUnmapFault),
+        hmm("migrate_remap_fault", migrateRemapFault),
+        hmm("migrate_anon_huge_err", migrateAnonHugeErr),
+        hmm("migrate_anon_huge_zero_err", migrateAnonHugeZeroErr),
+        hmm("benchmark_thp_migration", pending: "a benchmark, not a test: its table is `hmm bench migration`") { _ in },
     ]
 
     typealias Buffer = SelftestContext.Buffer
@@ -488,6 +486,167 @@ enum SelftestCatalogue {
         let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
         try t.expectSuccess(t.fd, .snapshot, s, npages)
         try t.expectEqual(s.mirror, [UInt8](repeating: MirrorProtection.write, count: npages), "snapshot bytes")
+    }
+}
+
+extension SelftestCatalogue {
+    /// `THP setup` with a mirror of `mirrorSize` bytes filled with 0xFF, as the huge tests start.
+    static func hugeBuffer(_ t: SelftestContext, _ prot: Protection, huge: Bool = true, mirrorSize: Int? = nil,
+                           advise: Bool = true) throws -> (base: UInt64, b: Buffer) {
+        let size = PageSize.pmd
+        let base = try t.map(2 * size, prot)
+        let pmd = UInt64(size)
+        let w = (base + pmd - 1) & ~(pmd - 1)
+        if advise { try t.space.advise(w, length: size, huge ? .hugePage : .noHugePage) }
+        let b = Buffer(ptr: w, size: size, mirror: mirrorSize ?? size)
+        for i in b.mirror.indices { b.mirror[i] = 0xFF }
+        return (base, b)
+    }
+
+    // T30
+    static func migrateAnonHugeEmpty(_ t: SelftestContext) throws {
+        let npages = PageSize.pmd / t.page
+        let (_, b) = try hugeBuffer(t, [.read])
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expect(b.mirror.allSatisfy { $0 == 0 }, "mirror is not all zero")
+    }
+
+    // T31
+    static func migrateAnonHugeZero(_ t: SelftestContext) throws {
+        let npages = PageSize.pmd / t.page
+        let (_, b) = try hugeBuffer(t, [.read])
+        let v: Int32 = try t.space.load(at: b.ptr)
+        try t.expectEqual(v, 0, "huge zero page")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expect(b.mirror.allSatisfy { $0 == 0 }, "mirror is not all zero")
+        try t.expectPattern(t.ints(b.ptr, b.size), "window") { _ in 0 }
+    }
+
+    // T32
+    static func migrateAnonHugeFree(_ t: SelftestContext) throws {
+        let npages = PageSize.pmd / t.page
+        let (_, b) = try hugeBuffer(t, [.read, .write])
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        try t.space.advise(b.ptr, length: b.size, .free)
+    }
+
+    // T33
+    static func migrateAnonHugeFault(_ t: SelftestContext) throws {
+        let npages = PageSize.pmd / t.page
+        let (_, b) = try hugeBuffer(t, [.read, .write], advise: false)
+        try t.fill(b.ptr, b.size) { Int32($0) }
+        try t.space.advise(b.ptr, length: b.size, .collapse)
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+        if !t.coherent {
+            let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
+            try t.expectSuccess(t.fd, .snapshot, s, npages)
+            try t.expect(s.mirror.allSatisfy { $0 == 0x26 }, "snapshot bytes \(Set(s.mirror)) are not all 0x26")
+            for i in 0..<npages {
+                let e = try t.space.pagemap(at: b.ptr + UInt64(i * t.page))
+                try t.expect(e.swapped && !e.present, "pagemap of page \(i): \(e)")
+            }
+        }
+        try t.expectPattern(t.ints(b.ptr, b.size), "window") { Int32($0) }
+    }
+
+    // T34
+    static func migratePartialUnmapFault(_ t: SelftestContext) throws {
+        let size = PageSize.pmd
+        let npages = size / t.page
+        for useTHP in [false, true] {
+            for offset in [0, size / 4, size / 2] {
+                let (base, b) = try hugeBuffer(t, [.read, .write], huge: useTHP)
+                try t.fill(b.ptr, size) { Int32($0) }
+                try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+                try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+                try t.space.unmap(b.ptr + UInt64(offset), length: size / 2)
+                for range in [0..<offset, (offset + size / 2)..<size] where !range.isEmpty {
+                    let ints = try t.ints(b.ptr + UInt64(range.lowerBound), range.count)
+                    try t.expectPattern(ints, "thp \(useTHP) offset \(offset)") { Int32(range.lowerBound / 4 + $0) }
+                }
+                try t.space.unmap(base, length: 2 * size)
+            }
+        }
+    }
+
+    // T35
+    static func migrateRemapFault(_ t: SelftestContext) throws {
+        let size = PageSize.pmd
+        let npages = size / t.page
+        let pmd = UInt64(size)
+        for before in [false, true] {
+            for dontUnmap in [false, true] {
+                for useTHP in [false, true] {
+                    for offset in [0, size / 4, size / 2] {
+                        let base = try t.map(8 * size, [.read, .write])
+                        let map = (base + pmd - 1) & ~(pmd - 1)
+                        try t.space.advise(map, length: size, useTHP ? .hugePage : .noHugePage)
+                        try t.space.unmap(map + pmd, length: 2 * size)
+                        try t.fill(map, size) { Int32($0) }
+                        var flags: RemapFlags = [.mayMove, .fixed]
+                        if dontUnmap { flags.insert(.dontUnmap) }
+                        let target = map + pmd + UInt64(offset)
+                        var ptr = map
+                        if before { ptr = try t.space.remap(map, length: size, newLength: size, flags: flags, to: target) }
+                        let b = Buffer(ptr: ptr, size: size)
+                        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+                        try t.expectPattern(t.mirrorInts(b), "mirror") { Int32($0) }
+                        if !before { ptr = try t.space.remap(map, length: size, newLength: size, flags: flags, to: target) }
+                        try t.expectPattern(t.ints(ptr, size), "before \(before) dontUnmap \(dontUnmap) thp \(useTHP) offset \(offset)") {
+                            Int32($0)
+                        }
+                        try t.space.unmap(ptr, length: size)
+                        try t.space.unmap(base, length: 8 * size)
+                    }
+                }
+            }
+        }
+    }
+
+    // T36
+    static func migrateAnonHugeErr(_ t: SelftestContext) throws {
+        let size = PageSize.pmd
+        let npages = size / t.page
+        var (base, b) = try hugeBuffer(t, [.read, .write], mirrorSize: 2 * size)
+        try t.fill(b.ptr, size) { Int32($0) }
+        try t.expectEqual(t.cmd(t.fd, .flags, b, Int(MirrorFlags.failAllocation.rawValue)), 0, "FLAGS")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expectPattern(Array(t.mirrorInts(b).prefix(size / 4)), "mirror") { Int32($0) }
+        let v2048: Int32 = try t.space.load(at: b.ptr + 2048 * 4)
+        try t.expectEqual(v2048, 2048, "ptr[2048]")
+        try t.space.unmap(base, length: 2 * size)
+        (base, b) = try hugeBuffer(t, [.read, .write], mirrorSize: 2 * size)
+        try t.fill(b.ptr, size) { Int32($0) }
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expectEqual(t.cmd(t.fd, .flags, b, Int(MirrorFlags.failAllocation.rawValue)), 0, "FLAGS")
+        try t.expectEqual(t.cmd(t.fd, .migrateToSystem, b, npages), 0, "MIGRATE_TO_SYS")
+        let again: Int32 = try t.space.load(at: b.ptr + 2048 * 4)
+        try t.expectEqual(again, 2048, "ptr[2048] after MIGRATE_TO_SYS")
+        try t.space.unmap(base, length: 2 * size)
+    }
+
+    // T37
+    static func migrateAnonHugeZeroErr(_ t: SelftestContext) throws {
+        let size = PageSize.pmd
+        let npages = size / t.page
+        var (base, b) = try hugeBuffer(t, [.read], mirrorSize: 2 * size)
+        try t.expectEqual(t.cmd(t.fd, .flags, b, Int(MirrorFlags.failAllocation.rawValue)), 0, "FLAGS")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expect(b.mirror.prefix(size).allSatisfy { $0 == 0 }, "mirror is not all zero")
+        let zero: Int32 = try t.space.load(at: b.ptr + 2048 * 4)
+        try t.expectEqual(zero, 0, "ptr[2048]")
+        let stale = b.ptr
+        try t.space.unmap(base, length: 2 * size)
+        (base, b) = try hugeBuffer(t, [.read], mirrorSize: 2 * size)
+        let v: Int32 = try t.space.load(at: stale)  // works because the new mapping lands at the same place
+        try t.expectEqual(v, 0, "huge zero page through the stale pointer")
+        try t.expectEqual(t.cmd(t.fd, .flags, b, Int(MirrorFlags.failAllocation.rawValue)), 0, "FLAGS")
+        try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
+        try t.expectPattern(t.ints(b.ptr, size), "window") { _ in 0 }
+        try t.space.unmap(base, length: 2 * size)
     }
 }
 

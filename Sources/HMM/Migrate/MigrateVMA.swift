@@ -38,6 +38,8 @@ public final class MigrateVMA: @unchecked Sendable {
     public private(set) var npages = 0
     /// Entries whose page was also mapped elsewhere (restored through the reverse map).
     var remote: [Bool]
+    /// Device THPs a split was refused for (pinned): not retried.
+    private var unsplittable: Set<PFN> = []
     private var phase = 0
 
     /// Describes a migration of `[start, end)`; nothing happens until ``setup()``.
@@ -131,8 +133,25 @@ public final class MigrateVMA: @unchecked Sendable {
                     space.waitForChange(space.pmdSlot(pmdN, a), pmd)
                     continue
                 }
-            } else {
-                collectPTEs(pmd.node, a, stepEnd, anonymousVMA)
+            } else if let head = collectPTEs(pmd.node, a, stepEnd, anonymousVMA), !unsplittable.contains(head) {
+                // A device THP whose PTEs span several tables: split it through migration entries, then
+                // collect this step again.
+                let faultRefs: Int32 = faultPage.map { machine.frames.head(of: $0) == head ? 1 : 0 } ?? 0
+                if faultRefs == 1 {
+                    if !machine.splitFolioEverywhere(head, extra: 1, keep: faultPage) { unsplittable.insert(head) }
+                } else if machine.tryGetFolio(head) {
+                    // Not the fault's folio: lock it ourselves for the split.
+                    if machine.frames.tryLock(head) {
+                        if !machine.splitFolioEverywhere(head, extra: 1) { unsplittable.insert(head) }
+                        machine.frames.unlock(head)
+                    } else {
+                        unsplittable.insert(head)
+                    }
+                    machine.putFolio(head)
+                } else {
+                    unsplittable.insert(head)
+                }
+                continue
             }
             a = stepEnd
         }
@@ -146,8 +165,9 @@ public final class MigrateVMA: @unchecked Sendable {
         }
     }
 
-    /// `migrate_vma_collect_pmd` at PTE level: one table, under its lock.
-    private func collectPTEs(_ pteN: UInt32, _ lo: UInt64, _ hi: UInt64, _ anonymousVMA: Bool) {
+    /// `migrate_vma_collect_pmd` at PTE level: one table, under its lock. Returns the head of a device THP
+    /// that could not be split from this table alone (the caller splits it and collects again).
+    private func collectPTEs(_ pteN: UInt32, _ lo: UInt64, _ hi: UInt64, _ anonymousVMA: Bool) -> PFN? {
         let lock = space.pool.lock(pteN)
         let ptes = space.pool.entries(pteN)
         let frames = machine.frames
@@ -179,7 +199,7 @@ public final class MigrateVMA: @unchecked Sendable {
                 }
                 let head = frames.head(of: e.pfn)
                 if frames.order(head) > 0 {
-                    guard space.trySplitFolio(head, inTable: pteN, extra: 0) else { continue }
+                    guard space.trySplitFolio(head, inTable: pteN, extra: 0) else { return head }
                     e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                 }
                 writable = e.isWritable
@@ -190,7 +210,7 @@ public final class MigrateVMA: @unchecked Sendable {
                     // A device THP mapped by PTEs: split it, the fault's reference and lock staying on the
                     // faulting page.
                     let faultRefs: Int32 = faultPage.map { $0 >= head && $0 < head + (1 << frames.order(head)) ? 1 : 0 } ?? 0
-                    guard space.trySplitFolio(head, inTable: pteN, extra: faultRefs, keep: faultPage) else { continue }
+                    guard space.trySplitFolio(head, inTable: pteN, extra: faultRefs, keep: faultPage) else { return head }
                     e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                 }
                 writable = e.kind == .devicePrivateWrite
@@ -212,6 +232,7 @@ public final class MigrateVMA: @unchecked Sendable {
             }
             src[i] = MigratePFN(pfn, flags: MigratePFN.migrate | (writable ? MigratePFN.write : 0))
         }
+        return nil
     }
 
     /// `migrate_device_unmap`: pages still mapped elsewhere are unmapped through the reverse map; a page
