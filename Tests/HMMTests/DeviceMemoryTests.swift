@@ -432,3 +432,168 @@ final class SilentNotifier: IntervalNotifierOperations, @unchecked Sendable {
         return true
     }
 }
+
+/// 2 MiB device pages: compound migration, PMD device-private entries, splitting, eviction.
+@Suite("Device THP", .serialized)
+struct DeviceTHPTests {
+    func withDevices(_ body: (Machine, MirrorDeviceSet, AddressSpace) throws -> Void) throws {
+        try withMachine(.init(systemMemory: 64 << 20)) { m in
+            let devices = try MirrorDeviceSet(machine: m, chunkSize: 8 << 20)
+            let s = try m.makeAddressSpace()
+            try body(m, devices, s)
+        }
+    }
+
+    /// A THP window of 2 MiB filled with `value(page)`.
+    func thp(_ s: AddressSpace, _ value: (Int) -> UInt8) throws -> (UInt64, UInt64) {
+        let base = try s.map(length: 2 * PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous])
+        let w = (base + pmdSize - 1) & ~(pmdSize - 1)
+        try s.advise(w, length: PageSize.pmd, .hugePage)
+        for p in 0..<PageSize.pagesPerPMD { try s.write([UInt8](repeating: value(p), count: Int(page)), at: w + UInt64(p) * page) }
+        return (base, w)
+    }
+
+    func pmdEntry(_ s: AddressSpace, _ a: UInt64) -> PageTableEntry {
+        s.mmapLock.withReadLock {
+            guard let n = try? s.pmdNode(a, allocate: false), n != 0 else { return .none }
+            return PageTableEntry(rawValue: s.pmdSlot(n, a).pointee.load(ordering: .acquiring))
+        }
+    }
+
+    @Test("a THP moves to the device as one 2 MiB folio (one PMD entry) and back as one")
+    func roundTrip() throws {
+        try withDevices { m, devices, s in
+            let fd = try devices.device(0).open(s)
+            let (_, w) = try thp(s) { UInt8($0 & 0xFF) }
+            #expect(pmdEntry(s, w).isLeaf)
+            #expect(try fd.migrateToDevice(w, pages: 512, into: nil).cpages == 512)
+            let e = pmdEntry(s, w)
+            #expect(e.kind == .devicePrivateWrite && e.isHuge && m.frames.order(e.pfn) == PageSize.pmdOrder)
+            #expect(try fd.migrateToSystem(w, pages: 512).cpages == 1)  // one compound entry
+            let back = pmdEntry(s, w)
+            #expect(back.isLeaf && back.isHuge && back.isWritable)
+            #expect(try s.read(count: 1, at: w + 300 * page) == [UInt8(300 & 0xFF)])
+            fd.close()
+        }
+    }
+
+    /// The race the device-THP review worried about: a CPU fault on one subpage of a device THP while
+    /// another thread splits it by unmapping part of it.
+    @Test("a CPU fault on a device THP subpage races a partial unmap that splits it; data stays intact")
+    func faultVersusSplit() throws {
+        try withDevices { m, devices, s in
+            let fd = try devices.device(0).open(s)
+            for round in 0..<6 {
+                let (base, w) = try thp(s) { UInt8(($0 + round) & 0xFF) }
+                _ = try fd.migrateToDevice(w, pages: 512, into: nil)
+                #expect(pmdEntry(s, w).isDevicePrivate)
+                let entered = Atomic<Bool>(false)
+                m.hooks.set(.deviceFaultBeforeMigrateToRAM) { entered.store(true, ordering: .releasing) }
+                let reader = TestThread {
+                    let v = (try? s.read(count: 1, at: w + 10 * page)) ?? []
+                    #expect(v == [UInt8((10 + round) & 0xFF)])
+                }
+                let unmapper = TestThread {
+                    if round % 2 == 0 { while !entered.load(ordering: .acquiring) { sched_yield() } }
+                    try? s.unmap(w + 256 * page, length: 128 * Int(page))
+                }
+                reader.join()
+                unmapper.join()
+                m.hooks.set(.deviceFaultBeforeMigrateToRAM, nil)
+                for p in [0, 10, 255, 384, 511] {
+                    #expect(try s.read(count: 1, at: w + UInt64(p) * page) == [UInt8((p + round) & 0xFF)])
+                }
+                try s.unmap(base, length: 2 * PageSize.pmd)
+            }
+            fd.close()
+        }
+    }
+
+    @Test("fork shares a device THP read-only; each side faults it back and copies on write")
+    func forkDeviceTHP() throws {
+        try withDevices { m, devices, s in
+            let fd = try devices.device(1).open(s)
+            let (_, w) = try thp(s) { UInt8($0 & 0x7F) }
+            _ = try fd.migrateToDevice(w, pages: 512, into: nil)
+            let child = try s.fork()
+            #expect(pmdEntry(s, w).kind == .devicePrivateRead && pmdEntry(child, w).kind == .devicePrivateRead)
+            try child.write([0xEE], at: w + 5 * page)
+            #expect(try s.read(count: 1, at: w + 5 * page) == [5])
+            #expect(try child.read(count: 1, at: w + 5 * page) == [0xEE])
+            child.exit()
+            try s.write([0xDD], at: w)
+            #expect(try s.read(count: 1, at: w) == [0xDD])
+            fd.close()
+        }
+    }
+
+    @Test("release evicts device THPs (split through the reverse map) and the chunks unregister")
+    func releaseEvictsTHP() throws {
+        try withDevices { m, devices, s in
+            let dev = try devices.device(0)
+            let fd = try dev.open(s)
+            let (_, w) = try thp(s) { UInt8($0 & 0xFF) }
+            _ = try fd.migrateToDevice(w, pages: 512, into: nil)
+            let child = try s.fork()
+            try dev.release()
+            #expect(dev.chunkCount == 0 && dev.pagesInUse == 0)
+            #expect(try s.read(count: 1, at: w + 77 * page) == [77])
+            #expect(try child.read(count: 1, at: w + 78 * page) == [78])
+            child.exit()
+            fd.close()
+        }
+    }
+
+    @Test("stress: huge and small migrations, faults, splits, fork and remap race; checksums hold")
+    func stress() throws {
+        try withDevices { m, devices, s in
+            let fds = try [devices.device(0).open(s), devices.device(1).open(s)]
+            let (_, w) = try thp(s) { UInt8($0 % 251) }
+            let failures = Locked<[String]>([])
+            let deadline = DispatchTime.now() + .milliseconds(1200)
+            @Sendable func check(_ bytes: [UInt8], _ p: Int, _ what: String) {
+                guard let first = bytes.first else { return }
+                if bytes.contains(where: { $0 != first }) || (first != 0 && Int(first) % 251 != p % 251 && first < 251) {
+                    failures.withLock { $0.append("\(what): page \(p) torn or wrong (\(first))") }
+                }
+            }
+            runThreads(4) { t in
+                var rng = ConcurrencyTests.XorShift(state: 0xC0FFEE &+ UInt64(t) &* 0x9E3779B97F4A7C15)
+                var mirror = [UInt8](repeating: 0, count: 8 * Int(page))
+                while DispatchTime.now() < deadline {
+                    switch t {
+                    case 0:
+                        let fd = fds[rng.below(2)]
+                        if rng.below(2) == 0 {
+                            _ = try? fd.migrateToDevice(w, pages: 512, into: nil)
+                        } else {
+                            let p = rng.below(504)
+                            _ = try? fd.migrateToDevice(w + UInt64(p) * page, pages: 8, into: &mirror)
+                        }
+                        if rng.below(3) == 0 { _ = try? fd.migrateToSystem(w, pages: 512) }
+                    case 1:
+                        let p = rng.below(512)
+                        if let bytes = try? s.read(count: Int(page), at: w + UInt64(p) * page) { check(bytes, p, "read") }
+                    case 2:
+                        if let child = try? s.fork() {
+                            let p = rng.below(512)
+                            if let bytes = try? child.read(count: Int(page), at: w + UInt64(p) * page) { check(bytes, p, "child") }
+                            child.exit()
+                        }
+                    default:
+                        let p = rng.below(500)
+                        let a = w + UInt64(p) * page
+                        if rng.below(2) == 0 {
+                            try? s.protect(a, length: 4 * Int(page), [.read])
+                            try? s.protect(a, length: 4 * Int(page), [.read, .write])
+                        } else {
+                            try? s.advise(a, length: Int(page), .dontNeed)  // splits; the page reads zero after
+                        }
+                    }
+                }
+            }
+            #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0.prefix(5) })")
+            for fd in fds { fd.close() }
+        }
+    }
+}

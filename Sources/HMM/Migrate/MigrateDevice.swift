@@ -48,7 +48,15 @@ public final class MigrateDevice: @unchecked Sendable {
         dst = Array(repeating: .empty, count: pfns.count)
         let frames = machine.frames
         for (i, p) in pfns.enumerated() {
-            // Large device folios move as a whole with the device-THP work; here only small ones.
+            // A device THP is split first (through migration entries, in every space that maps it) and
+            // its pages move one by one: eviction has no VMA to place a 2 MiB destination by.
+            if frames.head(of: p) == p, frames.order(p) > 0, machine.tryGetFolio(p) {
+                if frames.tryLock(p) {
+                    _ = machine.splitFolioEverywhere(p, extra: 1)
+                    frames.unlock(p)
+                }
+                machine.putFolio(p)
+            }
             guard frames.head(of: p) == p, frames.order(p) == 0, machine.tryGetFolio(p) else { continue }
             guard frames.tryLock(p) else {
                 machine.putFolio(p)
