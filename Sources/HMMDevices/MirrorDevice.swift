@@ -193,7 +193,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
                     let folio = machine.allocateMigrationFolio(zeroed: false)
                 {
                     m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
-                    for j in 0..<pages { try machine.copyPage(from: s + j, to: folio + j) }
+                    try machine.copyPages(from: s, to: folio, count: pages)
                 } else {
                     // No 2 MiB system folio: 512 small pages, and the core splits the device folio.
                     for j in 0..<pages {

@@ -289,8 +289,10 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
         let s = m.src[i].pfn
         if let folio = device.allocateFolio() {
             m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
-            for j in 0..<PageSize.pagesPerPMD {
-                if let s { try machine.copyPage(from: s + j, to: folio + j) } else { try machine.zeroPage(folio + j) }
+            if let s {
+                try machine.copyPages(from: s, to: folio, count: PageSize.pagesPerPMD)
+            } else {
+                for j in 0..<PageSize.pagesPerPMD { try machine.zeroPage(folio + j) }
             }
             return
         }

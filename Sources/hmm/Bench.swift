@@ -16,23 +16,29 @@ struct Bench: ParsableCommand {
     @Option(help: "Repetitions per figure; the median is reported.")
     var repetitions = 5
 
-    @Option(help: "Run one group only: core or device.")
-    var only: String?
+    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), or all of core and device (default).")
+    var group: String?
 
     func run() throws {
         let reps = quick ? 1 : max(1, repetitions)
         let scale = quick ? 16 : 1
         let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
-        print("swift-hmm core benchmarks (median of \(reps); ratios against baselines from this same run)")
-        print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")
-        if only == nil || only == "core" {
+        guard group == nil || ["core", "device", "migration"].contains(group!) else {
+            throw ValidationError("unknown benchmark group \(group!): use core, device or migration")
+        }
+        if group == "migration" { return try migrationTable(reps: quick ? 1 : 5, quick: quick) }
+        if group == nil || group == "core" || group == "device" {
+            print("swift-hmm core benchmarks (median of \(reps); ratios against baselines from this same run)")
+            print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")
+        }
+        if group == nil || group == "core" {
             try firstTouch(m, pages: 32768 / scale, reps: reps)
             try access(m, chunk: 4096, bytes: (64 << 20) / scale, reps: reps)
             try access(m, chunk: 2 << 20, bytes: (64 << 20) / scale, reps: reps)
             try forkAndWalk(m, bytes: (256 << 20) / scale, reps: reps)
             try m.checkInvariants()
         }
-        if only == nil || only == "device" { try deviceBenchmarks(reps: reps, scale: scale) }
+        if group == nil || group == "device" { try deviceBenchmarks(reps: reps, scale: scale) }
     }
 
     func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }

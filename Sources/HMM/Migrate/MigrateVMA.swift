@@ -501,6 +501,21 @@ extension Machine {
         pointer(dst).copyMemory(from: pointer(src), byteCount: PageSize.base)
     }
 
+    /// Copies `count` consecutive frames (a folio) in one go; both runs must lie in RAM or in one pagemap.
+    /// - Throws: `.invalidArgument` for a run that leaves its region.
+    public func copyPages(from src: PFN, to dst: PFN, count: Int) throws(HMMError) {
+        guard count > 0 else { return }
+        for (p, what) in [(src, "source"), (dst, "destination")] {
+            try checkFrame(p)
+            try checkFrame(p + (count - 1))
+            let sameRegion = p.rawValue < UInt64(ramFrames)
+                ? (p + (count - 1)).rawValue < UInt64(ramFrames)
+                : pagemap(of: p) === pagemap(of: p + (count - 1))
+            guard sameRegion else { throw .invalid("\(what) run \(p)+\(count) crosses a region boundary") }
+        }
+        pointer(dst).copyMemory(from: pointer(src), byteCount: count << PageSize.shift)
+    }
+
     /// Zero-fills a page the caller holds a reference on.
     /// - Throws: `.invalidArgument` for a frame that is neither RAM nor in a registered pagemap.
     public func zeroPage(_ pfn: PFN) throws(HMMError) {
