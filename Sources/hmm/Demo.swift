@@ -113,10 +113,26 @@ struct Demo: ParsableCommand {
         try gpu.release()
         say("release \(gpu): migrate_device_range evicts its \(inUse) remaining pages to RAM through the "
             + "reverse map; \(cxl) still holds \(cxl.pagesInUse)", try pageMap(parent, d, 16))
-        gpuFile.close()
-        cxlFile.close()
         try parent.unmap(d, length: 16 * Int(page))
         say("unmap the buffer: the coherent pages go back to their device (\(cxl.pagesInUse) in use)")
+
+        // 2 MiB device pages.
+        let raw2 = try parent.map(length: 4 << 20, protection: [.read, .write], flags: [.private, .anonymous])
+        let t = (raw2 + 0x1F_FFFF) & ~0x1F_FFFF
+        try parent.advise(t, length: 2 << 20, .hugePage)
+        for i in 0..<512 { try parent.store(UInt64(5000 + i), at: t + UInt64(i) * page) }
+        let huge = try gpuFile.migrateToDevice(t, pages: 512, into: nil)
+        say("a 2 MiB THP migrates as one compound entry to one 2 MiB device folio (\(huge.cpages) pages mapped by "
+            + "the device; the CPU sees a single device-private PMD entry)", try pageMap(parent, t, 16))
+        try parent.unmap(t + 4 * page, length: 4 * Int(page))
+        say("unmap 4 pages inside it: the device-private PMD splits into 512 device-private PTEs and the device "
+            + "folio is split (folioSplit); \(gpu.pagesInUse) device pages stay in use", try pageMap(parent, t, 16))
+        let v2 = try parent.load(UInt64.self, at: t + 9 * page)
+        say("the CPU reads page 9: one 4 KiB page comes back (value \(v2)); the rest stays on the device",
+            try pageMap(parent, t, 16))
+        gpuFile.close()
+        cxlFile.close()
+        try parent.unmap(raw2, length: 4 << 20)
 
         try parent.unmap(p, length: 16 * Int(page))
         child.exit()
@@ -146,8 +162,8 @@ struct Demo: ParsableCommand {
               + "pool count as used)")
         print("invariants: \(invariants)")
         print("legend: . none  z zero page  Z huge zero  a anon (exclusive)  s anon (shared)  r read-only  "
-              + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file  P device-private  C device-coherent  "
-              + "X device-exclusive")
+              + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file  P device-private  D device-private PMD  "
+              + "C device-coherent  X device-exclusive")
     }
 
     /// One character per page.
@@ -157,7 +173,7 @@ struct Demo: ParsableCommand {
             let a = start + UInt64(i) * 4096
             let e = try s.pagemap(at: a)
             guard let pfn = e.pfn else {
-                out += e.kind == .devicePrivateRead || e.kind == .devicePrivateWrite ? "P"
+                out += e.kind == .devicePrivateRead || e.kind == .devicePrivateWrite ? (e.level == .pmd ? "D" : "P")
                     : e.kind == .deviceExclusive ? "X" : "."
                 continue
             }
