@@ -544,11 +544,13 @@ struct DeviceTHPTests {
         }
     }
 
-    @Test("stress: huge and small migrations, faults, splits, fork and remap race; checksums hold")
+    @Test("stress: huge and small migrations, faults, splits, fork, mprotect and mremap race; checksums hold")
     func stress() throws {
         try withDevices { m, devices, s in
             let fds = try [devices.device(0).open(s), devices.device(1).open(s)]
             let (_, w) = try thp(s) { UInt8($0 % 251) }
+            // A parking place for the window while it is remapped away (unaligned, so the PMD splits).
+            let park = try s.map(length: 2 * PageSize.pmd, protection: [.read], flags: [.private, .anonymous]) + 3 * page
             let failures = Locked<[String]>([])
             let deadline = DispatchTime.now() + .milliseconds(1200)
             @Sendable func check(_ bytes: [UInt8], _ p: Int, _ what: String) {
@@ -583,7 +585,16 @@ struct DeviceTHPTests {
                     default:
                         let p = rng.below(500)
                         let a = w + UInt64(p) * page
-                        if rng.below(2) == 0 {
+                        if rng.below(16) == 0 {
+                            // Move the whole window away and back: its pages (on the device or not) travel.
+                            if (try? s.remap(w, length: PageSize.pmd, newLength: PageSize.pmd, flags: [.mayMove, .fixed], to: park)) != nil {
+                                do {
+                                    _ = try s.remap(park, length: PageSize.pmd, newLength: PageSize.pmd, flags: [.mayMove, .fixed], to: w)
+                                } catch {
+                                    failures.withLock { $0.append("remap back: \(error)") }
+                                }
+                            }
+                        } else if rng.below(2) == 0 {
                             try? s.protect(a, length: 4 * Int(page), [.read])
                             try? s.protect(a, length: 4 * Int(page), [.read, .write])
                         } else {
