@@ -16,6 +16,9 @@ final class Arena: @unchecked Sendable {
         }
         base = p
         self.byteCount = byteCount
+        // Ask the host for transparent huge pages behind large arenas: page copies and walks then miss the
+        // host TLB far less often. Advisory; harmless where THP is off.
+        if byteCount >= 2 << 20 { _ = madvise(p, byteCount, Int32(MADV_HUGEPAGE)) }
     }
 
     deinit { munmap(base, byteCount) }
