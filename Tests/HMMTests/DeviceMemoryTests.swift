@@ -494,7 +494,11 @@ struct DeviceTHPTests {
                     #expect(v == [UInt8((10 + round) & 0xFF)])
                 }
                 let unmapper = TestThread {
-                    if round % 2 == 0 { while !entered.load(ordering: .acquiring) { sched_yield() } }
+                    if round % 2 == 0 {
+                        // Wait (bounded) until the reader's fault holds its reference, then split under it.
+                        let until = DispatchTime.now() + .seconds(5)
+                        while !entered.load(ordering: .acquiring) && DispatchTime.now() < until { sched_yield() }
+                    }
                     try? s.unmap(w + 256 * page, length: 128 * Int(page))
                 }
                 reader.join()
