@@ -93,24 +93,13 @@ extension MigrateVMA {
         guard frames.record(head).pointee.refcount.compareExchange(
             expected: 1 + fault, desired: 0, ordering: .acquiringAndReleasing
         ).exchanged else { return false }
-        for j in 0..<PageSize.pagesPerPMD {
-            let p = head + j
-            let r = frames.record(p)
-            let old = r.pointee.flags.load(ordering: .relaxed)
-            let keep = FrameFlags(rawValue: old).intersection([.anon, .anonExclusive, .dirty, .young]).union(.locked)
-            r.pointee.flags.store(keep.rawValue | old & FrameFlags.pagemapMask, ordering: .relaxed)
-            r.pointee.refcount.store(1 + (p == faultPage ? fault : 0), ordering: .releasing)
-        }
-        if let pm = machine.pagemap(of: head), let ops = pm.ops {
-            for j in 1..<PageSize.pagesPerPMD { ops.folioSplit(head: head, tail: head + j) }
-            ops.folioSplit(head: head, tail: nil)
-        }
+        machine.splitFrozenFolio(head, order: PageSize.pmdOrder, refs: { 1 + ($0 == self.faultPage ? fault : 0) },
+                                 locked: { _ in true })
         if let pmdN = try? space.pmdNode(address(i), allocate: false), pmdN != 0 {
             space.splitHugePMD(pmdN, address(i))
         }
         let flags = src[i].rawValue & MigratePFN.write | MigratePFN.migrate
         for j in 0..<PageSize.pagesPerPMD { src[i + j] = MigratePFN(head + j, flags: flags) }
-        machine.statistics.count(.thpSplitFolio)
         return true
     }
 

@@ -5,6 +5,42 @@ import Synchronization
 /// refcount, split the metadata (telling the driver through `folioSplit`), restore the entries. No path
 /// splits a folio while anything can still reach it through a mapping.
 extension Machine {
+    /// Rewrites the metadata of a large folio whose refcount is frozen (or that nothing can reach) as
+    /// order-0 folios: each page keeps its anon, anon-exclusive, dirty and young bits and its pagemap slot,
+    /// gets `refs(page)` references and the lock where `locked(page)`; the driver of a device folio hears
+    /// of every new folio (`folioSplit`). Pages left with no reference are the caller's to free.
+    func splitFrozenFolio(_ head: PFN, order: Int, refs: (PFN) -> Int32, locked: (PFN) -> Bool) {
+        for i in 0..<(1 << order) {
+            let p = head + i
+            let r = frames.record(p)
+            let old = r.pointee.flags.load(ordering: .relaxed)
+            var keep = FrameFlags(rawValue: old).intersection([.anon, .anonExclusive, .dirty, .young])
+            if locked(p) { keep.insert(.locked) }
+            let n = refs(p)
+            r.pointee.flags.store((n > 0 ? keep.rawValue : 0) | old & FrameFlags.pagemapMask, ordering: .relaxed)
+            if n == 0 {
+                r.pointee.mapping.store(0, ordering: .relaxed)
+                r.pointee.index.store(0, ordering: .relaxed)
+            }
+            r.pointee.refcount.store(n, ordering: .releasing)
+        }
+        if let ops = pagemap(of: head)?.ops {
+            for i in 1..<(1 << order) { ops.folioSplit(head: head, tail: head + i) }
+            ops.folioSplit(head: head, tail: nil)
+        }
+        statistics.count(.thpSplitFolio)
+    }
+
+    /// Gives back an order-0 page a split left without references (device pages through `folioFree`).
+    func freeSplitPage(_ p: PFN) {
+        if let pm = pagemap(of: p) {
+            releaseDeviceFrame(p, pm)
+        } else {
+            frames.record(p).pointee.flags.store(0, ordering: .relaxed)
+            allocator.free(p, order: 0)
+        }
+    }
+
     /// Splits the large anonymous folio `head` into order-0 folios. The caller holds the folio lock and
     /// `extra` references; afterwards both sit on `keep` (default: the head), and the caller still owns
     /// and drops them. Requires no page-table lock held (it walks the reverse map). PMD mappings are split
@@ -41,37 +77,21 @@ extension Machine {
             for i in 0..<n { removeMigrationEntries(head + i, head + i) }
             return false
         }
-        // 3. Split the metadata: order-0 folios, the caller's lock and references on `holder`.
+        // 3. Split the metadata: the caller's lock and references on `holder`, and one hold on every page
+        //    while its entries come back, so none is freed half-way.
         let locked = frames.flags(head).contains(.locked)
-        for i in 0..<n {
-            let p = head + i
-            let r = frames.record(p)
-            let old = r.pointee.flags.load(ordering: .relaxed)
-            var keepFlags = FrameFlags(rawValue: old).intersection([.anon, .anonExclusive, .dirty, .young])
-            if p == holder && locked { keepFlags.insert(.locked) }
-            r.pointee.flags.store(keepFlags.rawValue | old & FrameFlags.pagemapMask, ordering: .relaxed)
-            // Hold each page while its entries come back, so none is freed half-way.
-            r.pointee.refcount.store(1 + (p == holder ? extra : 0), ordering: .releasing)
-        }
-        let pm = pagemap(of: head)
-        if let ops = pm?.ops {
-            for i in 1..<n { ops.folioSplit(head: head, tail: head + i) }
-            ops.folioSplit(head: head, tail: nil)
-        }
+        splitFrozenFolio(head, order: order, refs: { 1 + ($0 == holder ? extra : 0) }, locked: { locked && $0 == holder })
         // 4. Restore every entry as a mapping of its own small folio, then drop the holds.
         for i in 0..<n { removeMigrationEntries(head + i, head + i) }
         for i in 0..<n {
             let p = head + i
             let left = frames.record(p).pointee.refcount.wrappingSubtract(1, ordering: .acquiringAndReleasing).newValue
-            guard left == 0 else { continue }
-            frames.record(p).pointee.mapping.store(0, ordering: .relaxed)
-            frames.record(p).pointee.index.store(0, ordering: .relaxed)
-            if let pm { releaseDeviceFrame(p, pm) } else {
-                frames.record(p).pointee.flags.store(0, ordering: .relaxed)
-                allocator.free(p, order: 0)
+            if left == 0 {
+                frames.record(p).pointee.mapping.store(0, ordering: .relaxed)
+                frames.record(p).pointee.index.store(0, ordering: .relaxed)
+                freeSplitPage(p)
             }
         }
-        statistics.count(.thpSplitFolio)
         return true
     }
 }

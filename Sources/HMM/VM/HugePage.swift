@@ -187,34 +187,13 @@ extension AddressSpace {
         else { return false }
         let holder = keep.map { $0 >= head && $0 < last ? $0 : head } ?? head
         let locked = f.contains(.locked)
-        var toFree: [PFN] = []
-        for i in 0..<(1 << order) {
-            let p = head + i
-            let r = frames.record(p)
-            let mapped = r.pointee.mapcount.load(ordering: .relaxed)
-            let old = r.pointee.flags.load(ordering: .relaxed)
-            var keepFlags = FrameFlags(rawValue: old).intersection([.anon, .anonExclusive, .dirty, .young])
-            if p == holder && locked { keepFlags.insert(.locked) }
-            let refs = mapped + (p == holder ? extra : 0)
-            r.pointee.flags.store((refs > 0 ? keepFlags.rawValue : 0) | old & FrameFlags.pagemapMask, ordering: .relaxed)
-            if refs == 0 {
-                r.pointee.mapping.store(0, ordering: .relaxed)
-                r.pointee.index.store(0, ordering: .relaxed)
-                toFree.append(p)
-            }
-            r.pointee.refcount.store(refs, ordering: .releasing)
+        machine.splitFrozenFolio(head, order: order,
+                                 refs: { frames.record($0).pointee.mapcount.load(ordering: .relaxed) + ($0 == holder ? extra : 0) },
+                                 locked: { locked && $0 == holder })
+        // Split pages that nothing maps any more go back at once.
+        for i in 0..<(1 << order) where frames.record(head + i).pointee.refcount.load(ordering: .relaxed) == 0 {
+            machine.freeSplitPage(head + i)
         }
-        if let pm = machine.pagemap(of: head) {
-            if let ops = pm.ops {
-                for i in 1..<(1 << order) { ops.folioSplit(head: head, tail: head + i) }
-                ops.folioSplit(head: head, tail: nil)
-            }
-            // Split pages that nothing maps any more are free device frames now.
-            for p in toFree { machine.releaseDeviceFrame(p, pm) }
-        } else {
-            for p in toFree { machine.allocator.free(p, order: 0) }
-        }
-        machine.statistics.count(.thpSplitFolio)
         return true
     }
 
