@@ -47,20 +47,22 @@ struct Bench: ParsableCommand {
         print(pad(name, 46) + pad(value, 22) + baseline)
     }
 
-    /// memcpy of `chunk`-byte blocks over `bytes`, ns per block.
-    func memcpyBaseline(chunk: Int, bytes: Int, reps: Int) -> Double {
-        let src = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+    /// memcpy of `chunk`-byte blocks over `bytes`, nanoseconds per block. With `distinctSource` every block
+    /// comes from its own place in a second buffer of `bytes` (a cache-cold copy of the same bytes, as a
+    /// migration does); otherwise from one `chunk`-sized source (as a store of one buffer does).
+    func memcpyBaseline(chunk: Int, bytes: Int, reps: Int, distinctSource: Bool = false) -> Double {
+        let srcBytes = distinctSource ? bytes : chunk
+        let src = UnsafeMutableRawPointer.allocate(byteCount: srcBytes, alignment: 4096)
         let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
         defer { src.deallocate(); dst.deallocate() }
-        memset(src, 7, chunk)
-        for off in stride(from: 0, to: bytes, by: chunk) { (dst + off).copyMemory(from: src, byteCount: chunk) }
-        memset(dst, 0, bytes)  // also the warm-up: the host backs every destination page before timing
+        memset(src, 7, srcBytes)
+        memset(dst, 0, bytes)  // the warm-up: the host backs every page before timing
         var samples: [Double] = []
-        for _ in 0..<reps {
+        for _ in 0...reps {
             let t = now()
             var off = 0
             while off < bytes {
-                (dst + off).copyMemory(from: src, byteCount: chunk)
+                (dst + off).copyMemory(from: src + (distinctSource ? off : 0), byteCount: chunk)
                 off += chunk
             }
             blackHole(dst.load(fromByteOffset: bytes - 8, as: UInt64.self))

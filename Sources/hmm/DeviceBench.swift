@@ -54,26 +54,9 @@ extension Bench {
         }
     }
 
-    /// memcpy of the same bytes a migration moves: `bytes` from one buffer to another, 4 KiB at a time,
-    /// both pre-touched (a cache-cold copy, like the migration's). Nanoseconds for the whole copy.
+    /// memcpy of the same bytes a migration moves, cache-cold, 4 KiB at a time: nanoseconds for all of it.
     func bulkCopyBaseline(bytes: Int, reps: Int) -> Double {
-        let src = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
-        defer { src.deallocate(); dst.deallocate() }
-        memset(src, 7, bytes)
-        memset(dst, 0, bytes)
-        var samples: [Double] = []
-        for _ in 0...reps {
-            let t = now()
-            var off = 0
-            while off < bytes {
-                (dst + off).copyMemory(from: src + off, byteCount: 4096)
-                off += 4096
-            }
-            blackHole(dst.load(fromByteOffset: bytes - 8, as: UInt64.self))
-            samples.append(Double(now() - t))
-        }
-        return median(samples)
+        memcpyBaseline(chunk: 4096, bytes: bytes, reps: reps, distinctSource: true) * Double(bytes / 4096)
     }
 
     func faultBack(_ m: Machine, pages: Int, reps: Int) throws {

@@ -16,7 +16,7 @@ struct SelftestTests {
             break
         case .skipped(let reason):
             // A kernel SKIP (e.g. no hugetlb page): visible, not a failure.
-            withKnownIssue("\(name) [\(variant.name(test.fixture))] skipped: \(reason)") {
+            withKnownIssue("\(name) [\(variant.name(test.fixture))] skipped as the kernel skips it (issue 3): \(reason)") {
                 Issue.record("skipped: \(reason)")
             }
         case .failed(let message):
@@ -26,7 +26,7 @@ struct SelftestTests {
 
     /// T38 (`benchmark_thp_migration`) is a benchmark in the kernel too: it stays listed, skipped here;
     /// its table is `hmm bench migration`.
-    @Test("kernel selftest (benchmark, see `hmm bench migration`)", .disabled("a benchmark, not a test: run `hmm bench migration`"),
+    @Test("kernel selftest (benchmark, see `hmm bench migration`)", .disabled("a benchmark, not a test (issue 4): run `hmm bench migration`"),
           arguments: pending, SelftestVariant.allCases)
     func pendingSelftest(_ name: String, _ variant: SelftestVariant) throws {
         let test = try #require(Selftests.all.first { $0.name == name })
