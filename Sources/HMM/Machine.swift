@@ -13,11 +13,16 @@ public final class Machine: @unchecked Sendable {
         public var hugetlbPages: Int
         /// Page-table nodes (4 KiB each) the machine can hand out. Default 262,144 (1 GiB, reserved lazily).
         public var pageTableNodes: Int
+        /// What closing a P2PDMA mapping does with its retired frames. Default `.deferred`;
+        /// `.synchronousPerClose` exists to measure what the alternative costs.
+        public var retirePolicy: Epoch.RetirePolicy
 
-        public init(systemMemory: Int = 512 << 20, hugetlbPages: Int = 0, pageTableNodes: Int = 1 << 18) {
+        public init(systemMemory: Int = 512 << 20, hugetlbPages: Int = 0, pageTableNodes: Int = 1 << 18,
+                    retirePolicy: Epoch.RetirePolicy = .deferred) {
             self.systemMemory = systemMemory
             self.hugetlbPages = hugetlbPages
             self.pageTableNodes = pageTableNodes
+            self.retirePolicy = retirePolicy
         }
     }
 
@@ -26,6 +31,8 @@ public final class Machine: @unchecked Sendable {
     public let statistics = Statistics()
     /// Test hook points (fire in debug builds only).
     public let hooks = Hooks()
+    /// Deferred reclamation for lockless walkers (GUP-fast): retired page-table nodes and P2PDMA frames.
+    public let epoch: Epoch
 
     let frames: FrameTable
     let ram: Arena
@@ -78,7 +85,8 @@ public final class Machine: @unchecked Sendable {
         for i in 0..<256 { (pagemapBias + i).initialize(to: Atomic(0)) }
         pagemapKinds = .allocate(capacity: 256)
         for i in 0..<256 { (pagemapKinds + i).initialize(to: Atomic(0)) }
-        pageTables = try PageTablePool(capacity: c.pageTableNodes)
+        epoch = Epoch(policy: c.retirePolicy)
+        pageTables = try PageTablePool(capacity: c.pageTableNodes, epoch: epoch)
         allocator = FrameAllocator(table: frames, first: 0, count: ramFrames)
 
         // The zero pages are ordinary frames marked reserved; their contents are zero forever.
@@ -99,6 +107,7 @@ public final class Machine: @unchecked Sendable {
         pointer(zero).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.base)
         pointer(hugeZero).initializeMemory(as: UInt8.self, repeating: 0, count: PageSize.pmd)
         for p in pool { prepareFolio(p, order: PageSize.pmdOrder, flags: .hugetlb, refcount: 0) }
+        epoch.reclaimer = self
     }
 
     deinit {
@@ -166,6 +175,17 @@ public final class Machine: @unchecked Sendable {
             throw .invalid("\(pfn) is not a RAM frame or the buffer is short")
         }
         buffer.baseAddress!.copyMemory(from: pointer(pfn), byteCount: PageSize.base)
+    }
+}
+
+extension Machine: EpochReclaimer {
+    func reclaim(_ item: RetiredItem) {
+        switch item {
+        case .pageTableNode(let node):
+            pageTables.reclaim(node)
+        case .deviceFrame(let pfn):
+            (pagemap(of: pfn)?.ops as? P2PProvider)?.reclaimFrame(pfn)
+        }
     }
 }
 

@@ -10,6 +10,9 @@ public enum HookPoint: Int, CaseIterable, Sendable {
     case migrateAfterSetup
     /// `RangeFault` finished its walk; the driver has not taken its lock to check the sequence yet.
     case rangeFaultAfterWalk
+    /// Lockless GUP-fast read a leaf entry and has taken no reference yet; it is inside its epoch
+    /// critical section, so the action must not wait for anything that waits for a grace period.
+    case gupFastAfterReadEntry
 }
 
 /// Test hook table of a ``Machine``.

@@ -9,6 +9,7 @@ public final class Statistics: @unchecked Sendable {
         case thpSplitPMD, thpSplitFolio, thpCollapse, forkPinnedCopy, forks, exits
         case faultDevicePrivate, faultDevicePrivateWait, faultDeviceExclusive
         case migrateSuccess, migrateFail, migrateDeviceEvicted
+        case gupFastPages, gupFastFallback, p2pPagesMapped, p2pMappingsRevoked
 
         public var description: String {
             switch self {
@@ -35,6 +36,10 @@ public final class Statistics: @unchecked Sendable {
             case .migrateSuccess: return "migrate.success"
             case .migrateFail: return "migrate.fail"
             case .migrateDeviceEvicted: return "migrate_device.evicted"
+            case .gupFastPages: return "gup.fast.pages"
+            case .gupFastFallback: return "gup.fast.fallback"
+            case .p2pPagesMapped: return "p2pdma.pages_mapped"
+            case .p2pMappingsRevoked: return "p2pdma.mappings_revoked"
             }
         }
     }

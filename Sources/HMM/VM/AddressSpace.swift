@@ -25,6 +25,9 @@ public final class AddressSpace: @unchecked Sendable {
     var vmas: [VMA] = []
     /// The PGD node; 0 after exit.
     var root: UInt32 = 0
+    /// The PGD node as allocated, for the lockless walker (which checks ``hasExited`` inside its epoch
+    /// critical section before using it, so the node cannot have been reused).
+    let pgdNode: UInt32
     private let exited = Atomic<Bool>(false)
 
     static let mmapTop: UInt64 = 0x7F00_0000_0000
@@ -34,6 +37,7 @@ public final class AddressSpace: @unchecked Sendable {
         self.machine = machine
         self.id = id
         root = try machine.pageTables.allocate()
+        pgdNode = root
     }
 
     deinit {
@@ -42,6 +46,9 @@ public final class AddressSpace: @unchecked Sendable {
 
     /// Whether ``exit()`` has run.
     public var hasExited: Bool { exited.load(ordering: .acquiring) }
+
+    /// ``hasExited`` as a lockless walker must read it: sequentially consistent with the epoch slots.
+    var hasExitedForWalker: Bool { exited.load(ordering: .sequentiallyConsistent) }
 
     var pool: PageTablePool { machine.pageTables }
     var frames: FrameTable { machine.frames }
@@ -75,16 +82,19 @@ public final class AddressSpace: @unchecked Sendable {
     private func teardown() {
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
-        if exited.exchange(true, ordering: .acquiringAndReleasing) { return }
+        if exited.exchange(true, ordering: .sequentiallyConsistent) { return }
         invalidating(0, UInt64.max, .release) { rmapLock.withWriteLock {
             for i in vmas.indices.reversed() {
                 let v = vmas[i]
                 zapVMA(v, v.start, v.end)
                 releaseReservations(v, v.start, v.end)
+                closeVMA(v)
             }
             vmas.removeAll()
             if root != 0 {
-                freeTables(root, level: 0)
+                var unlinked: [UInt32] = []
+                freeTables(root, level: 0, into: &unlinked)
+                pool.retire(unlinked)
                 root = 0
             }
         } }
@@ -131,7 +141,7 @@ public final class AddressSpace: @unchecked Sendable {
             let a = vmas[i]
             let b = vmas[i + 1]
             if a.end == b.start, a.protection == b.protection, a.flags == b.flags, a.file === b.file,
-                a.anonVMA === b.anonVMA, a.reservation === b.reservation,
+                a.anonVMA === b.anonVMA, a.reservation === b.reservation, a.deviceFile === b.deviceFile,
                 a.pgoff + a.length >> UInt64(PageSize.shift) == b.pgoff
             {
                 vmas[i].end = b.end
@@ -148,6 +158,7 @@ public final class AddressSpace: @unchecked Sendable {
         vmas.insert(v, at: i)
         v.anonVMA?.addMember(self)
         v.file?.addMapper(self)
+        v.deviceFile?.addMapper(self)
     }
 
     /// Lowest-fit search from the top of the mmap area down (`get_unmapped_area`, top-down layout).
@@ -258,39 +269,44 @@ public final class AddressSpace: @unchecked Sendable {
         }
     }
 
-    /// Frees every table below `node` (whose entries must all be none by now) and `node` itself.
-    func freeTables(_ node: UInt32, level: Int) {
+    /// Unlinks every table below `node` (whose leaf entries must all be none by now) and collects them
+    /// and `node` itself in `unlinked`, for the caller to retire.
+    func freeTables(_ node: UInt32, level: Int, into unlinked: inout [UInt32]) {
         let e = pool.entries(node)
         if level < 3 {
             for i in 0..<512 {
                 let entry = PageTableEntry(rawValue: e[i].load(ordering: .relaxed))
                 if entry.isTable {
-                    freeTables(entry.node, level: level + 1)
-                    e[i].store(0, ordering: .relaxed)
+                    e[i].store(0, ordering: .releasing)
+                    freeTables(entry.node, level: level + 1, into: &unlinked)
                 }
             }
         }
-        pool.free(node)
+        unlinked.append(node)
     }
 
     /// Frees PTE tables (and PMD/PUD tables) left entirely empty in `[lo, hi)` (`free_pgtables`).
     /// Requires `mmapLock` held for writing.
     func freeEmptyTables(_ lo: UInt64, _ hi: UInt64) {
         guard root != 0 else { return }
+        var unlinked: [UInt32] = []
         var a = lo & ~UInt64((1 << 39) - 1)
         while a < hi {
             let pgdSlot = pool.entries(root) + PageTableIndex.pgd(a)
             let pgdE = PageTableEntry(rawValue: pgdSlot.pointee.load(ordering: .relaxed))
-            if pgdE.isTable, pruneEmpty(pgdE.node, level: 1, base: a, lo: lo, hi: hi) {
+            if pgdE.isTable, pruneEmpty(pgdE.node, level: 1, base: a, lo: lo, hi: hi, into: &unlinked) {
                 pgdSlot.pointee.store(0, ordering: .releasing)
-                pool.free(pgdE.node)
+                unlinked.append(pgdE.node)
             }
             a += 1 << 39
         }
+        pool.retire(unlinked)
     }
 
     /// Recursively frees empty child tables of `node` inside `[lo, hi)`; true if `node` is now empty.
-    private func pruneEmpty(_ node: UInt32, level: Int, base: UInt64, lo: UInt64, hi: UInt64) -> Bool {
+    private func pruneEmpty(
+        _ node: UInt32, level: Int, base: UInt64, lo: UInt64, hi: UInt64, into unlinked: inout [UInt32]
+    ) -> Bool {
         let shift = UInt64(39 - 9 * level)
         let e = pool.entries(node)
         var empty = true
@@ -300,9 +316,9 @@ public final class AddressSpace: @unchecked Sendable {
             let entry = PageTableEntry(rawValue: e[i].load(ordering: .relaxed))
             if entry.isNone { continue }
             if entry.isTable, end > lo, start < hi, level < 3 {
-                if pruneEmpty(entry.node, level: level + 1, base: start, lo: lo, hi: hi) {
+                if pruneEmpty(entry.node, level: level + 1, base: start, lo: lo, hi: hi, into: &unlinked) {
                     e[i].store(0, ordering: .releasing)
-                    pool.free(entry.node)
+                    unlinked.append(entry.node)
                     continue
                 }
             }

@@ -10,7 +10,11 @@ public struct GUPFlags: OptionSet, Hashable, Sendable {
     public static let pin = GUPFlags(rawValue: 0x40000)
     /// `FOLL_LONGTERM`: the pin may last indefinitely (requires `.pin`).
     public static let longTerm = GUPFlags(rawValue: 0x100)
-    /// `get_user_pages_fast`: try a walk that never faults first; fall back to the slow path.
+    /// `FOLL_PCI_P2PDMA`: the caller can handle PCI peer-to-peer memory; without it such pages fail
+    /// with `.remoteIO`.
+    public static let pciP2PDMA = GUPFlags(rawValue: 0x10_0000)
+    /// `get_user_pages_fast`: first a lockless walk that never faults and takes no `mmapLock`; the
+    /// pages it cannot take go through the slow path.
     public static let fast = GUPFlags(rawValue: 0x8000_0000)
 }
 
@@ -74,27 +78,39 @@ extension AddressSpace {
     ///
     /// Device-private pages are faulted back to RAM (the driver's `migrateToRAM`); a long-term pin of a
     /// device-coherent page first moves it to a system page (`migrate_device_coherent_folio`). Long-term
-    /// pins of system RAM need no migration (the machine has no movable zone or CMA).
-    /// `.fast` currently walks under `mmapLock` like the slow path; the lockless walk arrives with the
-    /// epoch-based reclamation of the P2PDMA work.
+    /// pins of system RAM need no migration (the machine has no movable zone or CMA). PCI P2PDMA pages
+    /// need `.pciP2PDMA`; with it they may be pinned long-term too (the current kernel's rule — such a
+    /// pin delays the provider's unbind until it is released).
+    ///
+    /// `.fast` first walks the page tables without `mmapLock`, inside an ``Epoch`` critical section
+    /// (`gup_fast`): it takes a speculative reference, re-checks the entry, and stops at the first page
+    /// it cannot take (not present, special, a P2PDMA page without the flag, a pin that must unshare);
+    /// the rest goes through the slow path.
     /// - Throws: `.invalidArgument` (unaligned, zero or overflowing count, `.longTerm` without `.pin`),
-    ///   `.fault` (no mapping, no permission, `PROT_NONE`, a driver mapping), `.outOfMemory`,
-    ///   `.busy` (a coherent page could not be moved for a long-term pin), `.noProcess`.
-    /// Takes `mmapLock` for reading.
+    ///   `.fault` (no mapping, no permission, `PROT_NONE`, a driver mapping with no page there),
+    ///   `.remoteIO` (a P2PDMA page without `.pciP2PDMA`), `.outOfMemory`, `.busy` (a coherent page
+    ///   could not be moved for a long-term pin), `.noProcess`.
+    /// The slow path takes `mmapLock` for reading.
     public func getUserPages(_ address: UInt64, count: Int, flags: GUPFlags) throws(HMMError) -> PinnedPages {
         guard address & PageSize.baseMask == 0 else { throw .invalid("GUP address \(hex(address)) is unaligned") }
         guard count > 0, count <= 1 << 27 else { throw .invalid("GUP count \(count) out of range") }
         guard !flags.contains(.longTerm) || flags.contains(.pin) else { throw .invalid("FOLL_LONGTERM needs FOLL_PIN") }
         let end = address &+ UInt64(count) << UInt64(PageSize.shift)
         guard end > address, end <= PageTableIndex.userTop else { throw .invalid("GUP range overflows") }
-        mmapLock.readLock()
-        defer { mmapLock.unlock() }
-        try checkAlive()
         var pfns: [PFN] = []
         pfns.reserveCapacity(count)
+        if flags.contains(.fast) {
+            gupFast(address, count: count, flags: flags, into: &pfns)
+            machine.statistics.count(.gupFastPages, pfns.count)
+            if pfns.count == count { return PinnedPages(machine: machine, pfns: pfns, flags: flags) }
+            machine.statistics.count(.gupFastFallback)
+        }
+        mmapLock.readLock()
+        defer { mmapLock.unlock() }
         let pin = flags.contains(.pin)
         do throws(HMMError) {
-            for i in 0..<count {
+            try checkAlive()
+            for i in pfns.count..<count {
                 let a = address + UInt64(i) << UInt64(PageSize.shift)
                 guard let vi = vmaIndex(containing: a) else { throw HMMError(.fault, "GUP: no mapping at \(hex(a))") }
                 let vma = vmas[vi]
@@ -102,7 +118,7 @@ extension AddressSpace {
                     throw HMMError(.fault, "GUP: \(hex(a)) does not allow \(flags.contains(.write) ? "write" : "read")")
                 }
                 while true {
-                    if let pfn = followPage(a, write: flags.contains(.write), pin: pin) {
+                    if let pfn = try followPage(a, flags: flags) {
                         if flags.contains(.longTerm), machine.deviceKind(pfn) == .deviceCoherent {
                             // Coherent memory must stay evictable: move it to RAM, then pin that page.
                             let head = frames.head(of: pfn)
@@ -132,7 +148,10 @@ extension AddressSpace {
 
     /// `follow_page_mask` + `try_grab_folio`: the page at `a` with a reference taken under the
     /// page-table lock, or nil if a fault is needed first.
-    private func followPage(_ a: UInt64, write: Bool, pin: Bool) -> PFN? {
+    /// - Throws: `.remoteIO` for a P2PDMA page without `.pciP2PDMA`.
+    private func followPage(_ a: UInt64, flags: GUPFlags) throws(HMMError) -> PFN? {
+        let write = flags.contains(.write)
+        let pin = flags.contains(.pin)
         guard let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return nil }
         let pSlot = pmdSlot(pmdN, a)
         let pmd = PageTableEntry(rawValue: pSlot.pointee.load(ordering: .acquiring))
@@ -155,6 +174,9 @@ extension AddressSpace {
         guard e.isLeaf, e.isUser, !write || e.isWritable else { return nil }
         if pmd.isLeaf != e.isHuge { return nil }
         let pfn = e.pfn + sub
+        if !flags.contains(.pciP2PDMA), machine.deviceKind(pfn) == .pciP2PDMA {
+            throw HMMError(.remoteIO, "GUP: \(hex(a)) is PCI peer-to-peer memory and FOLL_PCI_P2PDMA is not set")
+        }
         if pin && !e.isSpecial {
             // `gup_must_unshare`: a pin of an anonymous page that others may share would go stale.
             let head = frames.head(of: pfn)

@@ -259,7 +259,7 @@ extension AddressSpace {
         slot.pointee.store(
             PageTableEntry.present(folio, writable: vma.writable, dirty: true, huge: true).rawValue, ordering: .releasing)
         lock.unlock()
-        if pteNode != 0 { pool.free(pteNode) }
+        if pteNode != 0 { pool.retire([pteNode]) }
         machine.statistics.count(.thpCollapse)
     }
 }

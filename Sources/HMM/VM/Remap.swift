@@ -145,8 +145,8 @@ extension AddressSpace {
                     let dSlot = pmdSlot(dstPMD, dst)
                     if PageTableEntry(rawValue: dSlot.pointee.load(ordering: .relaxed)).isTable {
                         // An empty table preallocated earlier: drop it for the huge entry.
-                        let node = PageTableEntry(rawValue: dSlot.pointee.exchange(0, ordering: .relaxed)).node
-                        pool.free(node)
+                        let node = PageTableEntry(rawValue: dSlot.pointee.exchange(0, ordering: .releasing)).node
+                        pool.retire([node])
                     }
                     dSlot.pointee.store(sSlot.pointee.exchange(0, ordering: .acquiringAndReleasing), ordering: .releasing)
                     off += UInt64(PageSize.pmd)

@@ -46,6 +46,7 @@ extension AddressSpace {
             let v = vmas[i]
             zapVMA(v, v.start, v.end)
             releaseReservations(v, v.start, v.end)
+            closeVMA(v)
             vmas.remove(at: i)
         }
         freeEmptyTables(lo, hi)

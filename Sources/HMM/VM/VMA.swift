@@ -71,6 +71,8 @@ struct VMA {
     /// Owner of the mapping's anonymous pages (private mappings only).
     var anonVMA: AnonVMA?
     var reservation: HugetlbReservation?
+    /// The device file a driver mapping came from (P2PDMA's `allocate`), so the device can revoke it.
+    var deviceFile: DeviceFile? = nil
 
     var length: UInt64 { end - start }
     var isAnonymous: Bool { file == nil }

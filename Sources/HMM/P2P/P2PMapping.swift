@@ -1,0 +1,73 @@
+/// User mappings of P2PDMA memory (`p2pmem_alloc_mmap`, the `mmap` of sysfs `p2pmem/allocate`).
+extension AddressSpace {
+    /// Maps `length` bytes of `provider`'s peer memory (`mmap` of its `allocate` file). The whole length
+    /// is allocated contiguously from the pool now and every page inserted (`vm_insert_page` into a
+    /// `VM_SHARED | VM_MIXEDMAP` VMA); the page-table entry holds each page's only reference. Fork
+    /// shares the pages; unmap retires each page when its last reference drops; the provider's unbind
+    /// revokes the mapping (a later touch gets `SIGBUS`).
+    /// - Parameters:
+    ///   - flags: must contain `.shared` (peer memory is never copied on write); `.populate` is accepted
+    ///     and changes nothing (every page is inserted anyway).
+    ///   - offset: must be 0: every mapping is a fresh allocation.
+    /// - Returns: the start address.
+    /// - Throws: `.invalidArgument` (zero length, a private mapping, a nonzero offset, other flags or
+    ///   protection bits), `.noDevice` (the provider is unbinding or removed), `.outOfMemory` (no
+    ///   contiguous room in the pool, no address range, no page-table node — the pages not yet inserted
+    ///   go back to the pool and nothing stays mapped, kernel-spec bug #16), `.noProcess`.
+    /// Takes `mmapLock` for writing, then the provider's state lock.
+    public func mapP2PMemory(
+        _ provider: P2PProvider, length: Int, protection: Protection = [.read, .write], flags: MapFlags = .shared,
+        offset: Int = 0
+    ) throws(HMMError) -> UInt64 {
+        guard length > 0, length <= 1 << 40 else { throw .invalid("p2pmem mmap length \(length) out of range") }
+        guard !flags.contains(.private) else { throw .invalid("p2pmem: attempted private mapping") }
+        guard flags.contains(.shared), flags.isSubset(of: [.shared, .populate]) else {
+            throw .invalid("p2pmem mmap needs MAP_SHARED and no other flags except MAP_POPULATE")
+        }
+        guard offset == 0 else { throw .invalid("p2pmem mmap offset \(offset) must be 0") }
+        guard protection.rawValue & ~7 == 0 else { throw .invalid("unknown protection bits \(protection.rawValue)") }
+        guard provider.machine === machine else { throw .invalid("\(provider) belongs to another machine") }
+        let pages = (length + PageSize.base - 1) >> PageSize.shift
+        let len = UInt64(pages) << UInt64(PageSize.shift)
+        mmapLock.writeLock()
+        defer { mmapLock.unlock() }
+        try checkAlive()
+        // Join the file's mappers before allocating, so an unbind that starts after the allocation
+        // succeeded is sure to find (and, once this lock is dropped, revoke) this mapping.
+        provider.file.addMapper(self)
+        guard let start = findFreeRange(length: len, alignment: UInt64(PageSize.base)) else {
+            throw HMMError(.outOfMemory, "no free range of \(len) bytes")
+        }
+        let first = try provider.takePages(pages, forKernel: false)
+        guard let pm = machine.pagemap(of: first) else { preconditionFailure("pool page \(first) without a pagemap") }
+        var vma = VMA(start: start, end: start + len, protection: protection, flags: [.shared, .mixedMap], file: nil,
+                      pgoff: 0, anonVMA: nil, reservation: nil)
+        vma.deviceFile = provider.file
+        rmapLock.withWriteLock { insertVMA(vma) }
+        var inserted = 0
+        do throws(HMMError) {
+            while inserted < pages {
+                let a = start + UInt64(inserted) << UInt64(PageSize.shift)
+                let pfn = first + inserted
+                // Tables first: a failure leaves this page untouched (refcount 0, no pagemap reference).
+                let pmdN = try pmdNode(a, allocate: true)
+                guard let pteN = try pteNode(pmdN, a, allocate: true), pteN != 0 else {
+                    preconditionFailure("fresh p2pmem mapping has a huge PMD")
+                }
+                do { try pm.initFolio(pfn, order: 0) } catch { preconditionFailure("pool page \(pfn) in use: \(error)") }
+                frames.unlock(pfn)
+                machine.addPageMapcount(pfn, 1)
+                let e = PageTableEntry.present(pfn, writable: protection.contains(.write), user: protection != .none,
+                                               dirty: false)
+                pteSlot(pteN, a).pointee.store(e.rawValue, ordering: .releasing)
+                inserted += 1
+            }
+        } catch {
+            provider.returnPages(first + inserted, pages - inserted)
+            rmapLock.withWriteLock { unmapLocked(start, start + len) }
+            throw error
+        }
+        machine.statistics.count(.p2pPagesMapped, pages)
+        return start
+    }
+}
