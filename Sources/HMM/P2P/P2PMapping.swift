@@ -1,7 +1,7 @@
 /// User mappings of P2PDMA memory (`p2pmem_alloc_mmap`, the `mmap` of sysfs `p2pmem/allocate`).
 extension AddressSpace {
     /// Maps `length` bytes of `provider`'s peer memory (`mmap` of its `allocate` file). The whole length
-    /// is allocated contiguously from the pool now and every page inserted (`vm_insert_page` into a
+    /// is allocated contiguously from the pool now, zeroed, and every page inserted (`vm_insert_page` into a
     /// `VM_SHARED | VM_MIXEDMAP` VMA); the page-table entry holds each page's only reference. Fork
     /// shares the pages; unmap retires each page when its last reference drops; the provider's unbind
     /// revokes the mapping (a later touch gets `SIGBUS`).
@@ -40,6 +40,9 @@ extension AddressSpace {
         }
         let first = try provider.takePages(pages, forKernel: false)
         guard let pm = machine.pagemap(of: first) else { preconditionFailure("pool page \(first) without a pagemap") }
+        // Like every frame handed to a user mapping, the pages start zeroed: nothing an earlier user
+        // (another process, a driver) left in the BAR can leak. One chunk, so the bytes are contiguous.
+        machine.pointer(first).initializeMemory(as: UInt8.self, repeating: 0, count: pages << PageSize.shift)
         var vma = VMA(start: start, end: start + len, protection: protection, flags: [.shared, .mixedMap], file: nil,
                       pgoff: 0, anonVMA: nil, reservation: nil)
         vma.deviceFile = provider.file
