@@ -462,4 +462,82 @@ struct P2PDMATests {
             try p2p.unbind()
         }
     }
+    @Test("stress: GUP-fast against unmap, remap, fork, exit and pool reuse never returns another space's page")
+    func gupFastStress() throws {
+        let rig = try SwitchRig()
+        try withMachine { m in
+            let p2p = try rig.addMemory(m, size: 2 << 20)
+            let a = try m.makeAddressSpace()
+            let anonBase: UInt64 = 0x5000_0000_0000
+            let current = Atomic<UInt64>(0)
+            let stop = Atomic<Bool>(false)
+            let taken = Atomic<Int>(0)
+            let tagA: UInt64 = 0xA000_0000_0000_0000
+            let tagB: UInt64 = 0xB000_0000_0000_0000
+            let deadline = ContinuousClock.now + .milliseconds(1200)
+            runThreads(5) { t in
+                do {
+                    switch t {
+                    case 0:
+                        // A's peer mapping comes and goes; every page carries A's tag.
+                        while ContinuousClock.now < deadline {
+                            guard let va = try? a.mapP2PMemory(p2p, length: 16 * Int(page)) else { continue }
+                            for i in 0..<16 { try a.store(tagA | UInt64(i), at: va + UInt64(i) * page) }
+                            current.store(va, ordering: .releasing)
+                            usleep(50)
+                            current.store(0, ordering: .releasing)
+                            try a.unmap(va, length: 16 * Int(page))
+                        }
+                        stop.store(true, ordering: .releasing)
+                    case 1:
+                        // Other processes take the pool (and RAM) as soon as it is free, fork and exit.
+                        while !stop.load(ordering: .acquiring) {
+                            let b = try m.makeAddressSpace()
+                            if let vb = try? b.mapP2PMemory(p2p, length: 64 * Int(page)) {
+                                for i in 0..<64 { try b.store(tagB | UInt64(i), at: vb + UInt64(i) * page) }
+                            }
+                            let anon = try b.map(length: 64 * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
+                            for i in 0..<64 { try b.store(tagB | UInt64(i), at: anon + UInt64(i) * page) }
+                            let child = try b.fork()
+                            b.exit()
+                            child.exit()
+                        }
+                    case 2:
+                        // A's anonymous memory at a fixed place: mapped, written, unmapped (tables freed).
+                        while !stop.load(ordering: .acquiring) {
+                            try a.map(at: anonBase, length: 32 * Int(page), protection: [.read, .write], flags: [.private, .anonymous, .fixed])
+                            for i in 0..<32 { try a.store(tagA | UInt64(i), at: anonBase + UInt64(i) * page) }
+                            try a.unmap(anonBase, length: 32 * Int(page))
+                        }
+                    default:
+                        // Lockless walkers: whatever they get must be A's (or still zero), never B's.
+                        var i = UInt64(t)
+                        while !stop.load(ordering: .acquiring) {
+                            i &+= 1
+                            let va = current.load(ordering: .acquiring)
+                            let addr = (i & 1 == 0 || va == 0) ? anonBase + (i % 28) * page : va + (i % 12) * page
+                            let flags: GUPFlags = i % 3 == 0 ? [.fast, .pin, .pciP2PDMA] : [.fast, .pciP2PDMA]
+                            guard let got = try? a.getUserPages(addr, count: 4, flags: flags) else { continue }
+                            for k in 0..<4 {
+                                let v = try got.withBytes(ofPage: k) { $0.load(as: UInt64.self) }
+                                if v != 0 && v & 0xF000_0000_0000_0000 != tagA {
+                                    Issue.record("walker got a page holding \(hex(v)) at \(hex(addr)) + \(k)")
+                                }
+                            }
+                            got.release()
+                            taken.wrappingAdd(1, ordering: .relaxed)
+                        }
+                    }
+                } catch {
+                    Issue.record("thread \(t): \(error)")
+                    stop.store(true, ordering: .releasing)
+                }
+            }
+            #expect(taken.load(ordering: .relaxed) > 0)
+            a.exit()
+            m.epoch.collect()
+            #expect(p2p.available == 2 << 20)
+            try p2p.unbind(timeout: .seconds(5))
+        }
+    }
 }
