@@ -328,7 +328,7 @@ enum SelftestCatalogue {
             let half = UInt64(b.size / 2)
             let ptr = b.ptr
             let delay = UInt32.random(in: 0..<32)
-            let unmapper = Thread {
+            let unmapper = HostThread {
                 usleep(delay)
                 try? space.unmap(ptr + half, length: Int(half))
             }
@@ -648,23 +648,4 @@ extension SelftestCatalogue {
         try t.expectPattern(t.ints(b.ptr, size), "window") { _ in 0 }
         try t.space.unmap(base, length: 2 * size)
     }
-}
-
-/// A joinable pthread, for the cases that race a second thread.
-final class Thread: @unchecked Sendable {
-    private var handle = pthread_t()
-    private let body: () -> Void
-
-    init(_ body: @escaping @Sendable () -> Void) {
-        self.body = body
-        let box = Unmanaged.passRetained(self)
-        let rc = pthread_create(&handle, nil, { arg in
-            let me = Unmanaged<Thread>.fromOpaque(arg!).takeRetainedValue()
-            me.body()
-            return nil
-        }, box.toOpaque())
-        precondition(rc == 0, "pthread_create failed")
-    }
-
-    func join() { pthread_join(handle, nil) }
 }

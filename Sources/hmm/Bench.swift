@@ -16,17 +16,18 @@ struct Bench: ParsableCommand {
     @Option(help: "Repetitions per figure; the median is reported.")
     var repetitions = 5
 
-    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), or all of core and device (default).")
+    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), or all of core and device (default).")
     var group: String?
 
     func run() throws {
         let reps = quick ? 1 : max(1, repetitions)
         let scale = quick ? 16 : 1
         let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
-        guard group == nil || ["core", "device", "migration"].contains(group!) else {
-            throw ValidationError("unknown benchmark group \(group!): use core, device or migration")
+        guard group == nil || ["core", "device", "migration", "p2p"].contains(group!) else {
+            throw ValidationError("unknown benchmark group \(group!): use core, device, migration or p2p")
         }
         if group == "migration" { return try migrationTable(reps: quick ? 1 : 5, quick: quick) }
+        if group == "p2p" { return try p2pBenchmarks(reps: reps, scale: scale) }
         if group == nil || group == "core" || group == "device" {
             print("swift-hmm core benchmarks (median of \(reps); ratios against baselines from this same run)")
             print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")

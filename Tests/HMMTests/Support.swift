@@ -32,25 +32,8 @@ let pmdSize = UInt64(PageSize.pmd)
 import Glibc
 #endif
 
-/// A started pthread (GCD's pool can run blocked work items one after another on a small machine, which
-/// would serialize the races these tests force).
-final class TestThread: @unchecked Sendable {
-    private var handle = pthread_t()
-    private let body: @Sendable () -> Void
-
-    init(_ body: @escaping @Sendable () -> Void) {
-        self.body = body
-        let box = Unmanaged.passRetained(self)
-        let rc = pthread_create(&handle, nil, { arg in
-            let me = Unmanaged<TestThread>.fromOpaque(arg!).takeRetainedValue()
-            me.body()
-            return nil
-        }, box.toOpaque())
-        precondition(rc == 0, "pthread_create failed")
-    }
-
-    func join() { pthread_join(handle, nil) }
-}
+/// Tests name the library's host thread after what they use it for.
+typealias TestThread = HostThread
 
 /// Runs `body(t)` on `n` threads at once and waits for all.
 func runThreads(_ n: Int, _ body: @escaping @Sendable (Int) -> Void) {
