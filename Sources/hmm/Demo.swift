@@ -6,7 +6,7 @@ import HMMDevices
 /// `hmm demo`: a short narrated scenario on the default machine.
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Narrate a scenario: map, touch, fork + COW, mprotect, THP fault and split, device migration, fault-back, coherent access, eviction, unmap, exit.")
+        abstract: "Narrate a scenario: map, touch, fork + COW, mprotect, THP fault and split, device migration, fault-back, coherent access, eviction, P2PDMA map/pin/unbind, unmap, exit.")
 
     @Flag(help: "Print the same report as JSON.")
     var json = false
@@ -134,6 +134,8 @@ struct Demo: ParsableCommand {
         cxlFile.close()
         try parent.unmap(raw2, length: 4 << 20)
 
+        try p2pAct(m, parent, say)
+
         try parent.unmap(p, length: 16 * Int(page))
         child.exit()
         say("unmap the small region in the parent, exit the child")
@@ -163,7 +165,7 @@ struct Demo: ParsableCommand {
         print("invariants: \(invariants)")
         print("legend: . none  z zero page  Z huge zero  a anon (exclusive)  s anon (shared)  r read-only  "
               + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file  P device-private  D device-private PMD  "
-              + "C device-coherent  X device-exclusive")
+              + "C device-coherent  X device-exclusive  p PCI P2PDMA")
     }
 
     /// One character per page.
@@ -178,7 +180,9 @@ struct Demo: ParsableCommand {
                 continue
             }
             let info = s.mappings.first { $0.start <= a && a < $0.end }
-            if s.machine.pagemap(of: pfn)?.kind == .deviceCoherent { out += "C" }
+            let kind = s.machine.pagemap(of: pfn)?.kind
+            if kind == .deviceCoherent { out += "C" }
+            else if kind == .pciP2PDMA { out += "p" }
             else if pfn == s.machine.zeroPFN { out += "z" }
             else if e.level == .pmd && pfn.rawValue - UInt64(i) == s.machine.hugeZeroPFN.rawValue { out += "Z" }
             else if info?.hugetlb == true { out += "T" }
