@@ -47,6 +47,44 @@ func waitUntil(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
     return true
 }
 
+/// A GUP-fast call on its own thread, parked by the `gupFastAfterReadEntry` hook right after it read
+/// the entry (inside its epoch critical section, holding no reference) until ``resume()``.
+final class ParkedGUPFast: @unchecked Sendable {
+    private let arrived = Atomic<Int>(0)
+    private let go = Atomic<Bool>(false)
+    private let result = Locked<String>("")
+    private var thread: TestThread?
+
+    /// Starts `space.getUserPages(address, 1, flags)` and waits until it is parked; false on timeout.
+    init(_ m: Machine, _ space: AddressSpace, _ address: UInt64, flags: GUPFlags) {
+        m.hooks.set(.gupFastAfterReadEntry) { [self] in
+            arrived.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            while !go.load(ordering: .acquiring) { usleep(100) }
+        }
+        thread = TestThread { [self] in
+            do throws(HMMError) {
+                let got = try space.getUserPages(address, count: 1, flags: flags)
+                result.withLock { $0 = "got \(got.pfns[0])" }
+                got.release()
+            } catch {
+                result.withLock { $0 = "\(error.code)" }
+            }
+        }
+        parked = waitUntil { arrived.load(ordering: .acquiring) == 1 }
+        m.hooks.set(.gupFastAfterReadEntry, nil)
+    }
+
+    /// Whether the walker reached the hook.
+    private(set) var parked = false
+
+    /// Lets the walker go on and waits for it; returns what it got ("got pfn …" or an error code).
+    func resume() -> String {
+        go.store(true, ordering: .releasing)
+        thread?.join()
+        return result.withLock { $0 }
+    }
+}
+
 @Suite("P2PDMA")
 struct P2PDMATests {
     @Test("distance and map type follow calc_map_type_and_dist for a handful of topologies")
@@ -324,25 +362,8 @@ struct P2PDMATests {
             try a.store(UInt64(0xAAAA), at: va)
             let victim = try mappedPFN(a, va)
 
-            let arrived = Atomic<Int>(0)
-            let go = Atomic<Bool>(false)
-            m.hooks.set(.gupFastAfterReadEntry) {
-                arrived.wrappingAdd(1, ordering: .acquiringAndReleasing)
-                while !go.load(ordering: .acquiring) { usleep(100) }
-            }
-            let outcome = Locked<String>("")
-            let walker = TestThread {
-                do throws(HMMError) {
-                    let got = try a.getUserPages(va, count: 1, flags: [.fast, .pciP2PDMA])
-                    outcome.withLock { $0 = "got \(got.pfns[0])" }
-                    got.release()
-                } catch {
-                    outcome.withLock { $0 = "\(error.code)" }
-                }
-            }
-            let walkerArrived = waitUntil { arrived.load(ordering: .acquiring) == 1 }
-            #expect(walkerArrived)
-            m.hooks.set(.gupFastAfterReadEntry, nil)
+            let walker = ParkedGUPFast(m, a, va, flags: [.fast, .pciP2PDMA])
+            #expect(walker.parked)
             // The walker holds the old entry and no reference. Unmap and hand the pool to B.
             try a.unmap(va, length: Int(page))
             m.epoch.collect()
@@ -352,9 +373,7 @@ struct P2PDMATests {
             expectError(.outOfMemory) { try b.mapP2PMemory(p2p, length: Int(page)) }
             for i in 0..<511 { #expect(try mappedPFN(b, vb + UInt64(i) * page) != victim) }
             try b.store(UInt64(0xBBBB), at: vb)
-            go.store(true, ordering: .releasing)
-            walker.join()
-            #expect(outcome.withLock { $0 } == "fault", "the walker must fall back and find nothing")
+            #expect(walker.resume() == "fault", "the walker must fall back and find nothing")
             m.epoch.collect()
             #expect(p2p.isFree(victim))
             let vb2 = try b.mapP2PMemory(p2p, length: Int(page))
@@ -373,25 +392,8 @@ struct P2PDMATests {
             let p2p = try rig.addMemory(m, size: 2 << 20)
             let a = try m.makeAddressSpace()
             let va = try a.mapP2PMemory(p2p, length: 16 * Int(page))
-            let arrived = Atomic<Int>(0)
-            let go = Atomic<Bool>(false)
-            m.hooks.set(.gupFastAfterReadEntry) {
-                arrived.wrappingAdd(1, ordering: .acquiringAndReleasing)
-                while !go.load(ordering: .acquiring) { usleep(100) }
-            }
-            let outcome = Locked<String>("")
-            let walker = TestThread {
-                do throws(HMMError) {
-                    let got = try a.getUserPages(va + 3 * page, count: 1, flags: [.fast, .pciP2PDMA])
-                    outcome.withLock { $0 = "got \(got.pfns[0])" }
-                    got.release()
-                } catch {
-                    outcome.withLock { $0 = "\(error.code)" }
-                }
-            }
-            let walkerArrived = waitUntil { arrived.load(ordering: .acquiring) == 1 }
-            #expect(walkerArrived)
-            m.hooks.set(.gupFastAfterReadEntry, nil)
+            let walker = ParkedGUPFast(m, a, va + 3 * page, flags: [.fast, .pciP2PDMA])
+            #expect(walker.parked)
             let progress = Locked<[Int]>([])
             let finished = Atomic<Bool>(false)
             let unbinder = TestThread {
@@ -405,12 +407,11 @@ struct P2PDMATests {
             let stillRunning = !finished.load(ordering: .acquiring)
             #expect(stillRunning, "the walker is still inside its epoch")
             #expect(progress.withLock { $0.allSatisfy { $0 > 0 } })
-            go.store(true, ordering: .releasing)
-            walker.join()
+            let outcome = walker.resume()
             unbinder.join()
             let finishedNow = finished.load(ordering: .acquiring)
             #expect(finishedNow && p2p.isRemoved)
-            #expect(outcome.withLock { $0 } == "fault")
+            #expect(outcome == "fault")
             // The BAR is re-added and handed to another space; the old mapping still sees nothing.
             let again = try rig.addMemory(m, size: 2 << 20)
             let b = try m.makeAddressSpace()
@@ -436,25 +437,14 @@ struct P2PDMATests {
             let om = try other.map(length: Int(page), protection: [.read, .write], flags: [.private, .anonymous])
             try other.store(UInt8(1), at: om)
             // A walker parks inside its critical section (on another space's page).
-            let arrived = Atomic<Int>(0)
-            let go = Atomic<Bool>(false)
-            m.hooks.set(.gupFastAfterReadEntry) {
-                arrived.wrappingAdd(1, ordering: .acquiringAndReleasing)
-                while !go.load(ordering: .acquiring) { usleep(100) }
-            }
-            let walker = TestThread {
-                do { try other.getUserPages(om, count: 1, flags: [.fast]).release() } catch { Issue.record("\(error)") }
-            }
-            let walkerArrived = waitUntil { arrived.load(ordering: .acquiring) == 1 }
-            #expect(walkerArrived)
-            m.hooks.set(.gupFastAfterReadEntry, nil)
+            let walker = ParkedGUPFast(m, other, om, flags: [.fast])
+            #expect(walker.parked)
             let t0 = ContinuousClock.now
             a.exit()
             #expect(ContinuousClock.now - t0 < .seconds(1), "exit returned while the walker is inside")
             m.epoch.collect()
             #expect(p2p.available == 2 << 20 - 32 * Int(page), "32 pages retired, not yet reusable")
-            go.store(true, ordering: .releasing)
-            walker.join()
+            #expect(walker.resume().hasPrefix("got"))
             m.epoch.collect()
             #expect(p2p.available == 2 << 20)
             #expect(m.epoch.pendingItems == 0)

@@ -181,6 +181,33 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
         state.withLock { $0.pool.free(pfn, 1) }
     }
 
+    /// The pool's books against the frames (for the invariant checker): every allocated page is mapped
+    /// or pinned (refcount above 0), retiring, or held by a driver allocation; every free page is at
+    /// refcount 0.
+    func accountingProblems() -> [String] {
+        state.withLock { s in
+            var problems: [String] = []
+            var referenced = 0
+            var retiring = 0
+            for chunk in s.pool.chunks {
+                let pm = chunk.pagemap
+                retiring += machine.epoch.pendingFrames(in: pm.firstPFN..<pm.endPFN)
+                for i in 0..<pm.count {
+                    let pfn = pm.firstPFN + i
+                    let busy = chunk.used[i >> 6] & (1 << UInt64(i & 63)) != 0
+                    let rc = machine.refcount(pfn)
+                    if rc > 0 { referenced += 1 }
+                    if rc > 0 && !busy { problems.append("\(self): \(pfn) is referenced but free in the pool") }
+                }
+            }
+            let used = s.pool.totalPages - s.pool.freePages
+            if used != referenced + retiring + s.kernelPages {
+                problems.append("\(self): \(used) pages taken from the pool, \(referenced) referenced + \(retiring) retiring + \(s.kernelPages) in driver allocations")
+            }
+            return problems
+        }
+    }
+
     // MARK: unbind
 
     /// Removes the provider (device unbind): stops new mappings and allocations, revokes every user

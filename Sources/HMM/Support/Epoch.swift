@@ -71,6 +71,16 @@ public final class Epoch: @unchecked Sendable {
     /// Items waiting for walkers to leave.
     public var pendingItems: Int { pendingCount.load(ordering: .relaxed) }
 
+    /// Queued device frames in `range` (for the invariant checker).
+    func pendingFrames(in range: Range<PFN>) -> Int {
+        pending.withLock { p in
+            p.reduce(0) { n, e in
+                if case .deviceFrame(let pfn) = e.item, range.contains(pfn) { return n + 1 }
+                return n
+            }
+        }
+    }
+
     /// Items reclaimed so far.
     public var reclaimedItems: Int { reclaimedCount.load(ordering: .relaxed) }
 

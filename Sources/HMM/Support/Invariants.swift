@@ -231,6 +231,12 @@ extension Machine {
                 problem("\(pm): \(inUse[pm.slot]) frames referenced, pagemap counts \(pm.framesInUse)")
             }
         }
+        // P2PDMA pools: the pool's books agree with the frames and the epoch's queue.
+        var providers: [ObjectIdentifier: P2PProvider] = [:]
+        for pm in pagemaps where pm.kind == .pciP2PDMA {
+            if let p = pm.ops as? P2PProvider { providers[ObjectIdentifier(p)] = p }
+        }
+        for p in providers.values { for message in p.accountingProblems() { problem(message) } }
         let external = externalReferences.load(ordering: .relaxed)
         if surplus != external { problem("references beyond mappings total \(surplus), GUP holds \(external)") }
         if nodes != pageTables.nodesInUse { problem("\(nodes) page-table nodes reachable, \(pageTables.nodesInUse) in use") }
