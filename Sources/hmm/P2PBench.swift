@@ -110,17 +110,25 @@ extension Bench {
             let stop = Atomic<Bool>(false)
             let walks = Atomic<Int>(0)
             let walkTime = Atomic<Int>(0)
+            let started = Atomic<Int>(0)
             let walkers = (0..<walkerCount).map { _ in
                 HostThread {
+                    var first = true
                     while !stop.load(ordering: .relaxed) {
                         let t = now()
                         guard let got = try? busy.getUserPages(buf, count: walkPages, flags: .fast) else { continue }
                         walkTime.wrappingAdd(Int(now() - t), ordering: .relaxed)
                         walks.wrappingAdd(1, ordering: .relaxed)
                         got.release()
+                        if first { started.wrappingAdd(1, ordering: .relaxed) }
+                        first = false
                     }
                 }
             }
+            // The load is on once every walker has been scheduled and finished a walk (the scheduler
+            // may take a few time slices to get to all of them).
+            let deadline = now() + 2_000_000_000
+            while started.load(ordering: .relaxed) < walkerCount && now() < deadline { usleep(1000) }
             var samples: [Double] = []
             for r in 0...reps {
                 let s = try m.makeAddressSpace()

@@ -98,6 +98,7 @@ public final class AddressSpace: @unchecked Sendable {
                 root = 0
             }
         } }
+        machine.epoch.collect()
         machine.statistics.count(.exits)
     }
 

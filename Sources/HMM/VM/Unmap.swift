@@ -13,6 +13,8 @@ extension AddressSpace {
         try checkAlive()
         try checkHugetlbBoundaries(lo, hi)
         rmapLock.withWriteLock { unmapLocked(lo, hi) }
+        // What this retired comes back now unless a lockless walker is inside (then a later collect).
+        machine.epoch.collect()
     }
 
     /// Checks alignment and overflow of a user range; returns `[lo, hi)` with `hi` page-rounded.
