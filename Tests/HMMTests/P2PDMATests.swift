@@ -293,6 +293,27 @@ struct P2PDMATests {
         }
     }
 
+    @Test("two unbinds at once: one removes the provider, the other is told it is gone")
+    func concurrentUnbind() throws {
+        let rig = try SwitchRig()
+        try withMachine { m in
+            let p2p = try rig.addMemory(m)
+            let s = try m.makeAddressSpace()
+            for _ in 0..<16 { _ = try s.mapP2PMemory(p2p, length: 4 * Int(page)) }
+            let outcomes = Locked<[String]>([])
+            runThreads(2) { _ in
+                do throws(HMMError) {
+                    let r = try p2p.unbind()
+                    outcomes.withLock { $0.append("removed \(r.mappingsRevoked)") }
+                } catch {
+                    outcomes.withLock { $0.append("\(error.code)") }
+                }
+            }
+            #expect(outcomes.withLock { $0.sorted() } == ["noDevice", "removed 16"])
+            #expect(p2p.isRemoved && rig.provider.p2pProvider == nil)
+        }
+    }
+
     @Test("unbind with an outstanding pin waits, reports progress, times out, and completes after unpin")
     func unbindWaitsForPin() throws {
         let rig = try SwitchRig()

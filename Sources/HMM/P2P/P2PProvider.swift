@@ -35,6 +35,8 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
         var mapTypes: [Int: (P2PDMAMapType, Int)] = [:]
     }
     private let state = Locked(State())
+    /// Serializes unbinds (a second caller waits for the first, then finds the provider removed).
+    private let unbindLock = Locked(())
 
     init(function: PCIFunction, machine: Machine) {
         self.function = function
@@ -220,11 +222,19 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
     /// resumes the wait.
     /// - Returns: the final progress report.
     /// - Throws: `.busy` (the timeout passed with pages still referenced), `.noDevice` (already removed).
-    /// Takes each mapper's `mmapLock` for writing; call it with no locks held and no pin of its pages
-    /// held by the calling thread's own work.
+    /// Takes the provider's unbind lock, then each mapper's `mmapLock` for writing; call it with no
+    /// locks held and no pin of its pages held by the calling thread's own work.
     @discardableResult
     public func unbind(
         timeout: Duration = .seconds(10), progress: ((P2PUnbindProgress) -> Void)? = nil
+    ) throws(HMMError) -> P2PUnbindProgress {
+        try unbindLock.withLock { (_: inout Void) throws(HMMError) -> P2PUnbindProgress in
+            try unbindLocked(timeout: timeout, progress: progress)
+        }
+    }
+
+    private func unbindLocked(
+        timeout: Duration, progress: ((P2PUnbindProgress) -> Void)?
     ) throws(HMMError) -> P2PUnbindProgress {
         let start = ContinuousClock.now
         let first = try state.withLock { (s: inout State) throws(HMMError) -> Bool in
