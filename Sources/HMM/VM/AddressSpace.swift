@@ -11,6 +11,8 @@ import Synchronization
 ///    changes, read by reverse-map walkers that hold no `mmapLock`.
 /// 4. the PMD lock (one per PMD table), then 5. the PTE lock (one per PTE table).
 /// Under a page-table lock a folio lock may only be try-locked.
+/// GUP-fast (`getUserPages(…, .fast)`) takes none of these: it walks inside an ``Epoch`` critical section,
+/// which is why every page-table node that was reachable is retired through the epoch, never freed.
 ///
 /// Every public method takes the locks it needs itself; none may be called with them already held.
 public final class AddressSpace: @unchecked Sendable {
@@ -93,7 +95,7 @@ public final class AddressSpace: @unchecked Sendable {
             vmas.removeAll()
             if root != 0 {
                 var unlinked: [UInt32] = []
-                freeTables(root, level: 0, into: &unlinked)
+                unlinkTables(root, level: 0, into: &unlinked)
                 pool.retire(unlinked)
                 root = 0
             }
@@ -272,22 +274,22 @@ public final class AddressSpace: @unchecked Sendable {
 
     /// Unlinks every table below `node` (whose leaf entries must all be none by now) and collects them
     /// and `node` itself in `unlinked`, for the caller to retire.
-    func freeTables(_ node: UInt32, level: Int, into unlinked: inout [UInt32]) {
+    func unlinkTables(_ node: UInt32, level: Int, into unlinked: inout [UInt32]) {
         let e = pool.entries(node)
         if level < 3 {
             for i in 0..<512 {
                 let entry = PageTableEntry(rawValue: e[i].load(ordering: .relaxed))
                 if entry.isTable {
                     e[i].store(0, ordering: .releasing)
-                    freeTables(entry.node, level: level + 1, into: &unlinked)
+                    unlinkTables(entry.node, level: level + 1, into: &unlinked)
                 }
             }
         }
         unlinked.append(node)
     }
 
-    /// Frees PTE tables (and PMD/PUD tables) left entirely empty in `[lo, hi)` (`free_pgtables`).
-    /// Requires `mmapLock` held for writing.
+    /// Unlinks and retires PTE tables (and PMD/PUD tables) left entirely empty in `[lo, hi)`
+    /// (`free_pgtables`). Requires `mmapLock` held for writing.
     func freeEmptyTables(_ lo: UInt64, _ hi: UInt64) {
         guard root != 0 else { return }
         var unlinked: [UInt32] = []
@@ -304,7 +306,8 @@ public final class AddressSpace: @unchecked Sendable {
         pool.retire(unlinked)
     }
 
-    /// Recursively frees empty child tables of `node` inside `[lo, hi)`; true if `node` is now empty.
+    /// Recursively unlinks empty child tables of `node` inside `[lo, hi)` into `unlinked`; true if `node`
+    /// is now empty.
     private func pruneEmpty(
         _ node: UInt32, level: Int, base: UInt64, lo: UInt64, hi: UInt64, into unlinked: inout [UInt32]
     ) -> Bool {
