@@ -44,10 +44,12 @@ public enum MirrorProtection {
 ///
 /// Locking: `table` is the driver lock of the notifier protocol; it is never held while calling the
 /// core (faults, migration) — only to program or read the device page table.
-public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
+public final class MirrorFile: @unchecked Sendable {
     public let device: MirrorDevice
     public let space: AddressSpace
-    private var notifier: IntervalNotifier?
+    /// Set once in `init`; the notifier calls back through a ``WeakForwarder`` so that the file is
+    /// released (and closed) when its user drops it, and the space with it.
+    private var notifier: IntervalNotifier!
 
     private struct State {
         /// Device page table: virtual page number → `pfn << 2 | tag`.
@@ -70,7 +72,9 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
     init(device: MirrorDevice, space: AddressSpace) throws(HMMError) {
         self.device = device
         self.space = space
-        notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, self)
+        let forwarder = WeakForwarder()
+        forwarder.file = self
+        notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, forwarder)
     }
 
     deinit { notifier?.remove() }
@@ -78,18 +82,21 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
     /// Closes the file: the notifier is removed and the device page table dropped. Idempotent.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        notifier?.remove()
+        notifier.remove()
         state.withLock { $0.table.removeAll() }
     }
 
     // MARK: notifier
 
-    /// `dmirror_interval_invalidate`: ignore our own device's migration; otherwise drop every device
-    /// mapping in the range (the end page inclusive, as the driver does).
-    public func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
-        if range.isMigration(by: device) { return true }
+    /// `dmirror_interval_invalidate`: drop every device mapping in the range (the end page inclusive, as
+    /// the driver does) — except for our own device's migration, whose pages the migration commands
+    /// update themselves. The sequence is set either way, so a device fault that walked the range
+    /// before the invalidation retries instead of mapping a frame that may be freed and reused
+    /// (`lib/test_hmm.c` returns early for its own migration without setting it).
+    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
         state.withLock { s in
             notifier.setSequence(sequence)
+            if range.isMigration(by: device) { return }
             s.table.removeAll(from: range.start >> UInt64(PageSize.shift), through: range.end >> UInt64(PageSize.shift))
         }
         return true
@@ -193,7 +200,6 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
 
     /// `dmirror_fault`: mirror `[start, end)` with faults, 32 pages per `hmm_range_fault`.
     private func fault(_ start: UInt64, _ end: UInt64, write: Bool) throws(HMMError) {
-        guard let notifier else { throw HMMError(.badDescriptor, "closed") }
         var a = start
         while a < end {
             let next = min(end, a + UInt64(Self.faultChunk) << UInt64(PageSize.shift))
@@ -476,6 +482,19 @@ public final class MirrorFile: IntervalNotifierOperations, @unchecked Sendable {
 
     /// Pages the device page table maps (for tests and the demo).
     public var mappedPages: Int { state.withLock { $0.table.count } }
+}
+
+/// The file's notifier operations: they refer to the file weakly, so the notifier (which the file owns)
+/// does not keep the file alive.
+final class WeakForwarder: IntervalNotifierOperations, @unchecked Sendable {
+    weak var file: MirrorFile?
+    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
+        guard let file else {
+            notifier.setSequence(sequence)
+            return true
+        }
+        return file.invalidate(notifier, range: range, sequence: sequence)
+    }
 }
 
 /// The snapshot's temporary notifier: it only records the sequence.

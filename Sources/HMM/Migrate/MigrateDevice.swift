@@ -97,7 +97,9 @@ public final class MigrateDevice: @unchecked Sendable {
 
     /// `migrate_device_finalize`: every migration entry of a source becomes a mapping of its destination
     /// (or of the source again); locks and the migration's references are dropped, freeing each source
-    /// that moved. Idempotent; calling it before ``pages()`` abandons the migration.
+    /// that moved. Idempotent. Calling it before ``pages()`` — or after a ``pages()`` that threw —
+    /// abandons the migration: every source is restored where it was and the valid destinations are
+    /// released.
     public func finalize() {
         guard phase != 3 else { return }
         let accepted = phase == 2
@@ -112,7 +114,7 @@ public final class MigrateDevice: @unchecked Sendable {
                 }
                 continue
             }
-            let new = src[i].isMigrating && d != nil ? d! : s
+            let new = accepted && src[i].isMigrating && d != nil ? d! : s
             if let d, d != new {
                 frames.unlock(d)
                 machine.putFolio(d)

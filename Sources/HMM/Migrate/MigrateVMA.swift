@@ -41,9 +41,16 @@ public final class MigrateVMA: @unchecked Sendable {
     /// Device THPs a split was refused for (pinned): not retried.
     private var unsplittable: Set<PFN> = []
     private var phase = 0
+    /// The VMA as ``setup()`` found it (stable while the caller holds `mmapLock`).
+    var vma = VMA(start: 0, end: 0, protection: .none, flags: [], file: nil, pgoff: 0, anonVMA: nil, reservation: nil)
+
+    /// The most pages one migration may cover: its `src`/`dst` arrays take 17 bytes a page, so larger
+    /// ranges go in pieces (drivers migrate 512 pages at a time).
+    public static let maximumPages = 1 << 20
 
     /// Describes a migration of `[start, end)`; nothing happens until ``setup()``.
-    /// - Throws: `.invalidArgument` for an empty or overflowing range.
+    /// - Throws: `.invalidArgument` for an empty or overflowing range, one outside user space, or one
+    ///   longer than ``maximumPages``.
     public init(
         space: AddressSpace, start: UInt64, end: UInt64, select: MigrateSelect,
         owner: (any AnyObject & Sendable)?, faultPage: PFN? = nil
@@ -52,6 +59,9 @@ public final class MigrateVMA: @unchecked Sendable {
         let hi = end & ~PageSize.baseMask
         guard hi > lo, hi <= PageTableIndex.userTop else {
             throw .invalid("migrate_vma range \(hex(start))..<\(hex(end)) is empty or outside user space")
+        }
+        guard (hi - lo) >> UInt64(PageSize.shift) <= UInt64(Self.maximumPages) else {
+            throw .invalid("migrate_vma range \(hex(start))..<\(hex(end)) is longer than \(Self.maximumPages) pages")
         }
         self.space = space
         self.start = lo
@@ -74,11 +84,18 @@ public final class MigrateVMA: @unchecked Sendable {
     /// `migrate_vma_setup`: validates, collects every page of the range into ``src`` (locking it and
     /// replacing its mapping by a migration entry) and unmaps it from other spaces.
     /// - Throws: `.invalidArgument` (no VMA at `start`, range past the VMA, hugetlb or driver VMA, a fault
-    ///   page that is not a locked device-private page, called twice), `.noProcess` after exit. Nothing is
+    ///   page that is not a locked device-private page, device memory selected without an `owner`,
+    ///   `mmapLock` not held, called twice), `.noProcess` after exit. Nothing is
     ///   collected on error.
     public func setup() throws(HMMError) {
         guard phase == 0 else { throw .invalid("migrate_vma_setup called twice") }
+        try checkMmapLockHeld("migrate_vma_setup")
         try space.checkAlive()
+        // Owners are identities compared with `===`, as the kernel compares `pgmap_owner` pointers: any
+        // code in the process can name any driver, so the check catches mistakes, not impostors.
+        if !select.isDisjoint(with: [.devicePrivate, .deviceCoherent]) && owner == nil {
+            throw .invalid("migrate_vma: selecting device memory needs the owner its pagemaps were registered with")
+        }
         guard let vi = space.vmaIndex(containing: start) else { throw .invalid("migrate_vma: no VMA at \(hex(start))") }
         let vma = space.vmas[vi]
         guard end <= vma.end else { throw .invalid("migrate_vma: \(hex(end)) is past the VMA end \(hex(vma.end))") }
@@ -91,6 +108,7 @@ public final class MigrateVMA: @unchecked Sendable {
             }
         }
         phase = 1
+        self.vma = vma
         space.invalidating(start, end, .migrate, owner: owner) { collect(vma) }
         npages = src.count
         cpages = unmapAndCheck()
@@ -280,7 +298,7 @@ public final class MigrateVMA: @unchecked Sendable {
         }
         space.withLockedPTE(address(i)) { slot, e in
             guard e.isMigration, e.pfn == old else { return }
-            slot.pointee.store(machine.entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+            slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
         }
         if remote[i] { machine.removeMigrationEntries(old, new) }
     }
@@ -291,15 +309,16 @@ public final class MigrateVMA: @unchecked Sendable {
     /// the destination (or, for a hole, maps the destination now). Entries that cannot move (no
     /// destination, an extra reference appeared, a non-anonymous page bound for device memory, a hole
     /// a concurrent fault filled) lose `migrate`.
-    /// - Throws: `.invalidArgument` if called out of order, or for a destination that is not a locked
-    ///   folio with exactly the driver's reference. Nothing changes on error.
+    /// - Throws: `.invalidArgument` if called out of order, without `mmapLock` held, or for a destination
+    ///   that is not a locked folio with exactly the driver's reference. Nothing changes on error; a
+    ///   ``finalize()`` afterwards restores every source.
     public func pages() throws(HMMError) {
         guard phase == 1 else { throw .invalid("migrate_vma_pages called out of order") }
+        try checkMmapLockHeld("migrate_vma_pages")
         try validateDestinations()
         phase = 2
         var started = false
         defer { space.notifiers.end(started) }
-        let vma = space.vmas[space.vmaIndex(containing: start)!]
         for i in 0..<src.count where src[i].isMigrating {
             guard let d = dst[i].pfn else {
                 src[i].clearMigrate()
@@ -339,6 +358,16 @@ public final class MigrateVMA: @unchecked Sendable {
                 continue
             }
             for j in 0..<(dstCompound ? PageSize.pagesPerPMD : 1) { machine.migrateMetadata(from: s + j, to: d + j) }
+        }
+    }
+
+    /// The migration protocol runs under the caller's `mmapLock` (read is enough): a phase called
+    /// without it throws instead of racing `munmap`. (Whether *this* thread is the holder cannot be told
+    /// from a pthread rwlock; a lock nobody holds can.)
+    private func checkMmapLockHeld(_ what: String) throws(HMMError) {
+        if space.mmapLock.tryWriteLock() {
+            space.mmapLock.unlock()
+            throw .invalid("\(what) needs the space's mmapLock held (withMmapReadLock)")
         }
     }
 
@@ -386,11 +415,15 @@ public final class MigrateVMA: @unchecked Sendable {
     /// `migrate_vma_finalize`: every migration entry becomes a mapping of the destination (or of the
     /// source again where migration failed); sources and destinations are unlocked and the migration's
     /// references dropped, which frees each source that moved (device pages through `folioFree`).
-    /// Calling it before ``pages()`` abandons the migration (everything is restored). Idempotent.
+    /// Calling it before ``pages()`` — or after a ``pages()`` that threw — abandons the migration: every
+    /// source is restored, and the valid destinations are unlocked and released. Idempotent. Should the
+    /// caller not hold `mmapLock` (a broken contract), finalize takes it for writing itself.
     public func finalize() {
         guard phase == 1 || phase == 2 else { return }
+        let tookLock = space.mmapLock.tryWriteLock()
+        defer { if tookLock { space.mmapLock.unlock() } }
         // Destinations were checked by `pages()`; if it never ran (or refused them) a destination the
-        // driver got wrong is not ours to release.
+        // driver got wrong is not ours to release, and no source moved: each is restored in place.
         let accepted = phase == 2
         phase = 3
         var target = [PFN?](repeating: nil, count: src.count)
@@ -400,7 +433,7 @@ public final class MigrateVMA: @unchecked Sendable {
                 if let d { release(d) }
                 continue
             }
-            let new = src[i].isMigrating && d != nil ? d! : s
+            let new = accepted && src[i].isMigrating && d != nil ? d! : s
             machine.statistics.count(new == s ? .migrateFail : .migrateSuccess)
             if let d, d != new { release(d) }
             target[i] = new
@@ -440,7 +473,7 @@ public final class MigrateVMA: @unchecked Sendable {
                     let slot = ptes + PageTableIndex.pte(b)
                     let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                     if e.isMigration && e.pfn == old {
-                        slot.pointee.store(machine.entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+                        slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
                     }
                 }
                 b += UInt64(PageSize.base)
@@ -490,6 +523,20 @@ extension Machine {
         guard let p = allocateFolio(order: 0, zeroed: zeroed) else { return nil }
         frames.setFlags(p, .locked)
         return p
+    }
+
+    /// Gives back a page from ``allocateMigrationPage(zeroed:)`` or ``allocateMigrationFolio(zeroed:)``
+    /// that the driver did not use (unlock and put: the counterpart of the allocation).
+    /// - Throws: `.invalidArgument` if `pfn` is not such a page: a locked RAM folio head holding exactly
+    ///   the allocation's reference, unmapped and not yet handed to a migration. Nothing changes then.
+    public func releaseMigrationPage(_ pfn: PFN) throws(HMMError) {
+        guard pfn.rawValue < UInt64(ramFrames),
+            isMigrationDestination(pfn, compound: frames.order(pfn) == PageSize.pmdOrder),
+            totalMapcount(pfn) == 0, frames.record(pfn).pointee.mapping.load(ordering: .acquiring) == 0,
+            frames.flags(pfn).isDisjoint(with: [.reserved, .hugetlb, .pageCache])
+        else { throw .invalid("\(pfn) is not an unused migration page (locked, one reference, unmapped)") }
+        frames.unlock(pfn)
+        putFolio(pfn)
     }
 
     /// Copies one page's bytes (RAM or any pagemap, CPU-addressable or not: this is the device's copy

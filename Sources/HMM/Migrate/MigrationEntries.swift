@@ -31,41 +31,52 @@ extension Machine {
         return true
     }
 
-    /// The entry that replaces migration entry `m` once the page lives at `new` (which may be the old
-    /// page, when migration failed), with the accounting of a new mapping: mapcount, reference and
-    /// anon-exclusivity (restored from the entry's kind).
-    func entryAfterMigration(_ m: PageTableEntry, to new: PFN) -> PageTableEntry {
-        let write = m.kind == .migrationWrite
-        if write || m.kind == .migrationReadExclusive { frames.setFlags(new, .anonExclusive) }
+    /// The entry that replaces migration entry `m` in `vma` once the page lives at `new` (which may be the
+    /// old page, when migration failed), with the accounting of a new mapping: mapcount, reference and
+    /// anon-exclusivity (restored from the entry's kind). Like `remove_migration_pte`, the protection
+    /// comes from the VMA as it is now (`vm_page_prot`): a `PROT_NONE` VMA gets an inaccessible entry, a
+    /// read-only one a read-only entry, whatever the page's mapping was when it was collected.
+    func entryAfterMigration(_ m: PageTableEntry, to new: PFN, in vma: VMA) -> PageTableEntry {
+        let exclusive = m.kind == .migrationWrite || m.kind == .migrationReadExclusive
+        let write = m.kind == .migrationWrite && vma.writable
+        if exclusive { frames.setFlags(new, .anonExclusive) }
         addPageMapcount(new, 1)
         getFolio(frames.head(of: new))
         if isDevicePrivate(new) {
             return .nonPresent(write ? .devicePrivateWrite : .devicePrivateRead, new)
         }
-        return .present(new, writable: write, young: m.isYoung, dirty: m.isDirty)
+        let user = vma.protection != .none
+        return .present(new, writable: write && user, user: user, young: m.isYoung, dirty: m.isDirty)
     }
 
     /// `try_to_migrate`: turns every remaining mapping of the small folio `pfn`, in every space, into a
     /// migration entry. Requires the folio locked and referenced by the caller.
     /// - Returns: whether no mapping is left.
+    ///
+    /// Like `try_to_migrate_one`, each space's interval notifiers hear a `clear` invalidation of the page
+    /// before its entry changes: a device mirroring the page in another space (a fork child) must drop it
+    /// before the frame can be freed and reused.
     func tryToMigrate(_ pfn: PFN) -> Bool {
-        forEachCandidate(of: pfn) { space, a in
-            space.withLockedPTE(a) { slot, e in
-                let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
-                guard mapping, e.pfn == pfn else { return }
-                _ = unmapForMigration(slot, e, pfn)
+        forEachCandidate(of: pfn) { space, _, a in
+            space.invalidating(a, a + UInt64(PageSize.base), .clear) {
+                space.withLockedPTE(a) { slot, e in
+                    let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
+                    guard mapping, e.pfn == pfn else { return }
+                    _ = unmapForMigration(slot, e, pfn)
+                }
             }
         }
         return pageMapcount(pfn) == 0
     }
 
     /// `remove_migration_ptes(src, new)` through the reverse map: every migration entry naming `src`
-    /// becomes a mapping of `new`. `new` must carry the rmap identity of `src` already.
+    /// becomes a mapping of `new`, with the protection of the VMA it is in. `new` must carry the rmap
+    /// identity of `src` already.
     func removeMigrationEntries(_ src: PFN, _ new: PFN) {
-        forEachCandidate(of: new) { space, a in
+        forEachCandidate(of: new) { space, vma, a in
             space.withLockedPTE(a) { slot, e in
                 guard e.isMigration, e.pfn == src else { return }
-                slot.pointee.store(entryAfterMigration(e, to: new).rawValue, ordering: .releasing)
+                slot.pointee.store(entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
             }
         }
     }

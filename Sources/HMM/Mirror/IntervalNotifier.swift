@@ -36,8 +36,12 @@ public struct NotifierRange: Sendable {
     /// `MMU_NOTIFIER_RANGE_BLOCKABLE`: the callback may sleep (always true here).
     public let blockable: Bool
 
-    /// Whether this is the migrate event of `owner` itself (which a driver may ignore: the migration
-    /// protocol tells it what moves).
+    /// Whether this is the migrate event of `owner` itself. A driver may keep its device mappings then
+    /// (the migration protocol tells it what moves), but it must still call
+    /// ``IntervalNotifier/setSequence(_:)``: a device fault that walked the range before the migration
+    /// began must see the retry, or it may map a frame the migration is about to free — and read
+    /// another page's bytes once that frame is reused. (`lib/test_hmm.c` returns early here without
+    /// setting the sequence; swift-hmm's `MirrorFile` does not.)
     public func isMigration(by owner: any AnyObject & Sendable) -> Bool { event == .migrate && self.owner === owner }
 }
 
@@ -58,6 +62,13 @@ public protocol IntervalNotifierOperations: AnyObject, Sendable {
 /// … walk (RangeFault) under mmapLock …
 /// driverLock { if notifier.readRetry(seq) { retry } else { program the device } }
 /// ```
+///
+/// Lifetime: the subscription lasts until ``remove()`` or until the notifier is released, whichever
+/// comes first — the space holds its notifiers weakly, so a driver keeps the notifier it was given (as a
+/// Swift subscription token is kept). The notifier keeps its `operations` and its space alive. A driver
+/// object that owns its notifier and is also its `operations` forms a cycle: break it with
+/// ``remove()`` on close, or pass an operations object that refers back to the driver weakly (as
+/// `MirrorFile` does), so that dropping the driver — and then the space — returns the space's memory.
 public final class IntervalNotifier: @unchecked Sendable {
     public let space: AddressSpace
     public let start: UInt64
@@ -72,6 +83,12 @@ public final class IntervalNotifier: @unchecked Sendable {
         self.start = start
         self.end = end
         self.operations = operations
+    }
+
+    deinit {
+        // Nothing can be running a callback on us (an invalidation holds a strong reference while it
+        // does); forget the dead entry.
+        if !removed.load(ordering: .acquiring) { space.notifiers.pruneReleased() }
     }
 
     /// `mmu_interval_read_begin`: the sequence to validate a walk against. If an invalidation of this
@@ -108,28 +125,38 @@ final class NotifierSubscriptions: @unchecked Sendable {
     private struct State {
         var sequence: UInt64 = 2
         var active = 0
-        var intervals: [IntervalNotifier] = []
+        /// Weak: a released notifier is unsubscribed (see ``IntervalNotifier``).
+        var intervals: [WeakBox<IntervalNotifier>] = []
     }
     private let state = Locked(State())
-    /// Number of intervals; changes only under the space's `mmapLock` held for writing, so an
-    /// invalidation (which runs under `mmapLock`) can skip the lock when it reads zero.
+    /// Number of intervals (released ones awaiting pruning included), written under the state lock; an
+    /// invalidation skips the lock when it reads zero. Inserting takes the space's `mmapLock` for
+    /// writing, so no invalidation can miss a notifier inserted before it began.
     private let count = Atomic<Int>(0)
 
     func insert(_ n: IntervalNotifier) {
         state.withLock { s in
             n.sequence.store(s.active > 0 ? s.sequence : s.sequence &- 1, ordering: .releasing)
-            s.intervals.append(n)
+            s.intervals.append(WeakBox(n))
+            count.store(s.intervals.count, ordering: .releasing)
         }
-        count.wrappingAdd(1, ordering: .releasing)
     }
 
     func remove(_ n: IntervalNotifier) {
         let waitFor: UInt64? = state.withLock { s in
-            s.intervals.removeAll { $0 === n }
+            s.intervals.removeAll { $0.object === n || $0.object == nil }
+            count.store(s.intervals.count, ordering: .releasing)
             return s.active > 0 ? s.sequence : nil
         }
-        count.wrappingSubtract(1, ordering: .releasing)
         if let seq = waitFor { waitUntilSequence(moves: seq) }
+    }
+
+    /// Drops the entries of released notifiers.
+    func pruneReleased() {
+        state.withLock { s in
+            s.intervals.removeAll { $0.object == nil }
+            count.store(s.intervals.count, ordering: .releasing)
+        }
     }
 
     func readBegin(_ n: IntervalNotifier) -> UInt64 {
@@ -157,7 +184,10 @@ final class NotifierSubscriptions: @unchecked Sendable {
         let (cur, list) = state.withLock { s in
             s.active += 1
             s.sequence |= 1
-            return (s.sequence, s.intervals.filter { $0.start < range.end && range.start < $0.end })
+            return (s.sequence, s.intervals.compactMap { w -> IntervalNotifier? in
+                guard let n = w.object, n.start < range.end, range.start < n.end else { return nil }
+                return n
+            })
         }
         for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
         return true

@@ -67,6 +67,8 @@ final class ReadWriteLock: @unchecked Sendable {
     func readLock() { precondition(pthread_rwlock_rdlock(handle) == 0) }
     func writeLock() { precondition(pthread_rwlock_wrlock(handle) == 0) }
     func unlock() { precondition(pthread_rwlock_unlock(handle) == 0) }
+    /// Takes the lock for writing if nobody holds it; false otherwise (held for reading or writing).
+    func tryWriteLock() -> Bool { pthread_rwlock_trywrlock(handle) == 0 }
 
     @inline(__always) func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         readLock()

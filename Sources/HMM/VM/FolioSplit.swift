@@ -52,20 +52,23 @@ extension Machine {
         let n = 1 << order
         let holder = keep.map { $0 >= head && $0 < head + n ? $0 : head } ?? head
         // 1. PMD mappings become PTE mappings; every PTE mapping becomes a migration entry.
-        forEachCandidate(of: head) { space, a in
+        forEachCandidate(of: head) { space, _, a in
             guard a & PageSize.pmdMask == 0, let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { return }
             let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.pfn == head && pmd.isHuge && (pmd.isLeaf || pmd.isDevicePrivate) { space.splitHugePMD(pmdN, a) }
         }
+        // Each space's notifiers hear `clear` before its entries change, as in `try_to_migrate_one`.
         for i in 0..<n {
             let p = head + i
-            forEachCandidate(of: p) { space, a in
-                space.withLockedPTE(a) { slot, e in
-                    let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
-                    guard mapping, e.pfn == p else { return }
-                    // Device-private pages are never pinned; a pinned RAM page keeps its mapping (and
-                    // fails the freeze below).
-                    _ = unmapForMigration(slot, e, p)
+            forEachCandidate(of: p) { space, _, a in
+                space.invalidating(a, a + UInt64(PageSize.base), .clear) {
+                    space.withLockedPTE(a) { slot, e in
+                        let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
+                        guard mapping, e.pfn == p else { return }
+                        // Device-private pages are never pinned; a pinned RAM page keeps its mapping (and
+                        // fails the freeze below).
+                        _ = unmapForMigration(slot, e, p)
+                    }
                 }
             }
         }

@@ -30,16 +30,16 @@ extension Machine {
     /// Every mapping of the page `pfn`.
     public func reverseMap(_ pfn: PFN) -> [ReverseMapping] {
         var out: [ReverseMapping] = []
-        forEachCandidate(of: pfn) { space, a in
+        forEachCandidate(of: pfn) { space, _, a in
             if let m = space.lookupEntry(a, mapping: pfn) { out.append(m) }
         }
         return out
     }
 
-    /// `rmap_walk`: calls `body(space, address)` for every place `pfn` may be mapped (its owner's VMAs
-    /// at the page's index), with that space's `rmapLock` held for reading so its page tables stay put.
-    /// The body checks the entry itself.
-    func forEachCandidate(of pfn: PFN, _ body: (AddressSpace, UInt64) -> Void) {
+    /// `rmap_walk`: calls `body(space, vma, address)` for every place `pfn` may be mapped (its owner's
+    /// VMAs at the page's index), with that space's `rmapLock` held for reading so its page tables and
+    /// VMA list stay put. The body checks the entry itself.
+    func forEachCandidate(of pfn: PFN, _ body: (AddressSpace, VMA, UInt64) -> Void) {
         guard pfn.rawValue < UInt64(frames.capacity) else { return }
         let r = frames.record(pfn)
         let word = r.pointee.mapping.load(ordering: .acquiring)
@@ -57,7 +57,7 @@ extension Machine {
             space.rmapLock.withReadLock {
                 guard space.root != 0 else { return }
                 for vma in space.vmas where vma.anonVMA === owner || vma.file === owner {
-                    if let a = vma.address(ofIndex: index) { body(space, a) }
+                    if let a = vma.address(ofIndex: index) { body(space, vma, a) }
                 }
             }
         }
