@@ -56,31 +56,55 @@ final class DevicePageTable {
 
     /// Removes every entry with `first <= vpfn <= last`.
     func removeAll(from first: UInt64, through last: UInt64) {
+        forEachLeaf(from: first, through: last) { l, lo, hi in
+            for i in lo...hi where l[i] & Self.present != 0 {
+                l[i] = 0
+                count -= 1
+            }
+            return false
+        }
+    }
+
+    /// Whether some entry with `first <= vpfn <= last` satisfies `predicate`. Costs follow the entries
+    /// (like `xa_for_each_range`), never the width of the range.
+    func contains(from first: UInt64, through last: UInt64, where predicate: (UInt64) -> Bool) -> Bool {
+        var found = false
+        forEachLeaf(from: first, through: last) { l, lo, hi in
+            for i in lo...hi where l[i] & Self.present != 0 && predicate(l[i] & ~Self.present) {
+                found = true
+                return true
+            }
+            return false
+        }
+        return found
+    }
+
+    /// Calls `body(leaf, lo, hi)` for each existing leaf overlapping `[first, last]` with the slot
+    /// indices inside it, until `body` returns true. A range wider than the table visits the leaves that
+    /// exist instead of every leaf-sized step (exit, a whole-space invalidation, a huge check).
+    private func forEachLeaf(
+        from first: UInt64, through last: UInt64, _ body: (UnsafeMutablePointer<UInt64>, Int, Int) -> Bool
+    ) {
         guard count > 0, first <= last else { return }
+        @inline(__always) func visit(_ l: UnsafeMutablePointer<UInt64>, _ base: UInt64) -> Bool {
+            let lo = Int(max(first, base) - base)
+            let hi = Int(min(last, base + UInt64(Self.leafSize) - 1) - base)
+            return body(l, lo, hi)
+        }
         if (last - first) >> Self.leafShift > UInt64(leaves.count) {
-            // A huge range (exit, a whole-space invalidation): visit the leaves that exist instead.
             for (key, l) in leaves {
                 let base = key << Self.leafShift
                 guard base + UInt64(Self.leafSize) > first, base <= last else { continue }
-                clear(l, base, first, last)
+                if visit(l, base) { return }
             }
             return
         }
         var v = first
         while v <= last {
             let base = v & ~UInt64(Self.leafSize - 1)
-            if let l = leaf(v, create: false) { clear(l, base, first, last) }
+            if let l = leaf(v, create: false), visit(l, base) { return }
             guard base <= UInt64.max - UInt64(Self.leafSize) else { break }
             v = base + UInt64(Self.leafSize)
-        }
-    }
-
-    private func clear(_ l: UnsafeMutablePointer<UInt64>, _ base: UInt64, _ first: UInt64, _ last: UInt64) {
-        let lo = Int(max(first, base) - base)
-        let hi = Int(min(last, base + UInt64(Self.leafSize) - 1) - base)
-        for i in lo...hi where l[i] & Self.present != 0 {
-            l[i] = 0
-            count -= 1
         }
     }
 

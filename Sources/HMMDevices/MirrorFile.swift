@@ -154,32 +154,51 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     /// `HMM_DMIRROR_WRITE`: the device writes `data` to `pages` pages at `address`, write-faulting where
-    /// it has no writable mapping.
-    /// - Throws: `.permission` (read-only mapping), `.fault`, `.invalidArgument`, `.busy`,
-    ///   `.badDescriptor`, `.noDevice`.
+    /// it has no writable mapping. A page of this device mapped read-only (shared after fork, or under
+    /// mprotect) is migrated back to system memory first: ``AddressSpace/rangeFault(_:)`` reports the
+    /// device's own pages and never faults them, so retrying the fault alone would never make progress
+    /// (`lib/test_hmm.c` loops forever there).
+    /// - Throws: `.permission` (read-only mapping), `.fault` (including a write that made no progress in
+    ///   64 fault rounds), `.invalidArgument`, `.busy`, `.badDescriptor`, `.noDevice`.
     public func write(_ address: UInt64, pages: Int, from data: UnsafeRawBufferPointer) throws(HMMError) -> MirrorResult {
         let end = try check(address, pages)
         try checkBuffer(data.count, pages << PageSize.shift)
         var r = MirrorResult()
+        var stalled = 0
         while true {
-            let done = try state.withLock { (s: inout State) throws(HMMError) -> Int in
+            let (done, readOnly) = try state.withLock { (s: inout State) throws(HMMError) -> (Int, Bool) in
                 var i = r.cpages
                 while i < pages {
                     let k = (address >> UInt64(PageSize.shift)) + UInt64(i)
-                    guard let v = s.table[k], v & 3 == Self.tagWrite else { break }
+                    guard let v = s.table[k] else { return (i, false) }
+                    guard v & 3 == Self.tagWrite else { return (i, true) }
                     try machine.framePointer(PFN(v >> 2)).copyMemory(from: data.baseAddress! + i << PageSize.shift,
                                                                       byteCount: PageSize.base)
                     i += 1
                 }
-                return i
+                return (i, false)
             }
+            stalled = done > r.cpages ? 0 : stalled + 1
             r.cpages = done
             if done == pages { break }
-            try fault(address + UInt64(done) << UInt64(PageSize.shift), end, write: true)
+            let at = address + UInt64(done) << UInt64(PageSize.shift)
+            if readOnly && stalled > 0 {
+                // A write fault left the page read-only: it is this device's own page mapped read-only (shared
+                // after fork, or after mprotect), which hmm_range_fault reports and never faults. Bring it back
+                // to system memory so the next fault breaks copy-on-write (or reports the protection).
+                _ = try migrateToSystem(at, pages: 1)
+            }
+            if stalled > Self.maximumStalledFaults {
+                throw HMMError(.fault, "device write to \(at) made no progress in \(stalled) fault rounds")
+            }
+            try fault(at, end, write: true)
             r.faults += 1
         }
         return r
     }
+
+    /// Fault rounds in a row that may leave a device write without progress before it gives up.
+    static let maximumStalledFaults = 64
 
     /// Copies table-mapped pages `from…` into `out`; returns how many pages in a row were present.
     private func copyFromTable(
@@ -203,7 +222,7 @@ public final class MirrorFile: @unchecked Sendable {
         var a = start
         while a < end {
             let next = min(end, a + UInt64(Self.faultChunk) << UInt64(PageSize.shift))
-            var range = HMMRange(notifier: notifier, start: a, end: next,
+            var range = try HMMRange(notifier: notifier, start: a, end: next,
                                  defaultFlags: HMMPFN.requestFault | (write ? HMMPFN.requestWrite : 0),
                                  devicePrivateOwner: device)
             try rangeFaultLoop(&range) { (s: inout State, range: HMMRange) in
@@ -370,7 +389,7 @@ public final class MirrorFile: @unchecked Sendable {
             let seqOnly = SequenceOnlyNotifier()
             let n = try space.insertIntervalNotifier(start: a, length: next - a, seqOnly)
             defer { n.remove() }
-            var range = HMMRange(notifier: n, start: a, end: next, devicePrivateOwner: device)
+            var range = try HMMRange(notifier: n, start: a, end: next, devicePrivateOwner: device)
             let deadline = ContinuousClock.now + .milliseconds(AddressSpace.rangeFaultTimeoutMilliseconds)
             while true {
                 if ContinuousClock.now > deadline { throw HMMError(.busy, "snapshot kept retrying for 1000 ms") }
@@ -449,7 +468,7 @@ public final class MirrorFile: @unchecked Sendable {
         _ = try check(address, pages)
         let held = state.withLock { s -> Bool in
             let first = address >> UInt64(PageSize.shift)
-            return (0..<UInt64(pages)).contains { s.table[first + $0].map { $0 & 3 == Self.tagAtomic } ?? false }
+            return s.table.contains(from: first, through: first + UInt64(pages) - 1) { $0 & 3 == Self.tagAtomic }
         }
         if held { throw HMMError(.permission, "a page is still device-exclusive") }
     }

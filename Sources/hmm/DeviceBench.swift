@@ -100,7 +100,7 @@ extension Bench {
         }
         let notifier = try s.insertIntervalNotifier(start: p, length: UInt64(bytes), Silent())
         defer { notifier.remove() }
-        var range = HMMRange(notifier: notifier, start: p, end: p + UInt64(bytes))
+        var range = try HMMRange(notifier: notifier, start: p, end: p + UInt64(bytes))
         var snap: [Double] = []
         var walk: [Double] = []
         for _ in 0...reps {

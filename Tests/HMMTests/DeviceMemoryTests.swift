@@ -320,12 +320,12 @@ struct DeviceMemoryTests {
             expectError(.invalidArgument) { try pm.initFolio(pm.firstPFN + 1, order: 9) }
             expectError(.invalidArgument) { try pm.initFolio(PFN(0), order: 0) }
             expectError(.invalidArgument) { try m.copyPage(from: PFN(UInt64(1) << 23), to: PFN(1)) }
-            var pfns = HMMRange(notifier: try s.insertIntervalNotifier(start: a, length: page, SilentNotifier()), start: a, end: a + page)
+            var pfns = try HMMRange(notifier: try s.insertIntervalNotifier(start: a, length: page, SilentNotifier()), start: a, end: a + page)
             pfns.pfns = [0, 0]
             expectError(.invalidArgument) { try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&pfns) } }
             pfns.notifier.remove()
             let other = try m.makeAddressSpace()
-            var foreign = HMMRange(notifier: try other.insertIntervalNotifier(start: a, length: page, SilentNotifier()),
+            var foreign = try HMMRange(notifier: try other.insertIntervalNotifier(start: a, length: page, SilentNotifier()),
                                    start: a, end: a + page)
             expectError(.invalidArgument) { try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&foreign) } }
             foreign.notifier.remove()

@@ -493,6 +493,19 @@ extension AddressSpace {
             return try body()
         }
     }
+
+    /// ``withMmapReadLock(_:)`` for a closure written without a thrown-type annotation. Swift infers
+    /// `throws(any Error)` for such a closure, which the typed form cannot take; this form takes it, so
+    /// `try space.withMmapReadLock { try m.setup(); … }` compiles. Annotate the closure
+    /// (`{ () throws(HMMError) in … }`) to keep the typed error.
+    /// - Throws: what `body` throws, or `HMMError.noProcess` after exit.
+    @_disfavoredOverload
+    public func withMmapReadLock<R>(_ body: () throws -> R) throws -> R {
+        try mmapLock.withReadLock { () throws -> R in
+            try checkAlive()
+            return try body()
+        }
+    }
 }
 
 extension AddressSpace {

@@ -50,16 +50,28 @@ public struct HMMRange: Sendable {
     /// Device-private pages of this owner are reported (never faulted) instead of migrated back.
     public var devicePrivateOwner: (any AnyObject & Sendable)?
 
+    /// The most pages one range may cover (its `pfns` take 8 bytes a page): larger mirrors fault in
+    /// pieces, as drivers do.
+    public static let maximumPages = 1 << 20
+
     /// A range over `[start, end)` with zeroed words.
+    /// - Throws: `.invalidArgument` for an unaligned or empty range, one outside user space, or one longer
+    ///   than ``maximumPages``.
     public init(
         notifier: IntervalNotifier, start: UInt64, end: UInt64, defaultFlags: UInt64 = 0, pfnFlagsMask: UInt64 = 0,
         devicePrivateOwner: (any AnyObject & Sendable)? = nil
-    ) {
+    ) throws(HMMError) {
+        guard start & PageSize.baseMask == 0, end & PageSize.baseMask == 0, start < end, end <= PageTableIndex.userTop else {
+            throw .invalid("hmm_range \(hex(start))..<\(hex(end)) is unaligned, empty or outside user space")
+        }
+        guard (end - start) >> UInt64(PageSize.shift) <= UInt64(Self.maximumPages) else {
+            throw .invalid("hmm_range \(hex(start))..<\(hex(end)) is longer than \(Self.maximumPages) pages")
+        }
         self.notifier = notifier
         notifierSeq = 0
         self.start = start
         self.end = end
-        pfns = Array(repeating: 0, count: end > start ? Int((end - start) >> UInt64(PageSize.shift)) : 0)
+        pfns = Array(repeating: 0, count: Int((end - start) >> UInt64(PageSize.shift)))
         self.defaultFlags = defaultFlags
         self.pfnFlagsMask = pfnFlagsMask
         self.devicePrivateOwner = devicePrivateOwner
@@ -73,6 +85,11 @@ extension AddressSpace {
 
     /// Fills `range.pfns` with what the CPU page table maps, faulting pages in where the request flags
     /// ask for it. Requires `mmapLock` held for reading (``withMmapReadLock(_:)``).
+    ///
+    /// Device-private pages of `devicePrivateOwner` are reported, never faulted — even when a write is
+    /// requested and the entry is read-only (after fork or mprotect): the word then lacks
+    /// ``HMMPFN/write``, and retrying cannot change that. A driver that needs to write such a page
+    /// migrates it back to system memory first (so the fault can break copy-on-write) or gives up.
     /// - Throws: `.busy` (the range was invalidated since `notifierSeq`: read-begin again and retry),
     ///   `.fault` (a page requested valid cannot be: no VMA, no read permission, poison),
     ///   `.permission` (write requested on a read-only VMA), `.invalidArgument` (unaligned or empty

@@ -103,8 +103,12 @@ extension Machine {
                         problem("\(where_): writable device-private \(e.pfn) is not anon-exclusive")
                     }
                 case .deviceExclusive:
-                    guard e.pfn.rawValue < UInt64(n), frames.flags(e.pfn).contains(.anon) else {
-                        return problem("\(where_): device-exclusive entry names \(e.pfn), not anonymous RAM")
+                    // Any anonymous page the CPU can address: RAM or device-coherent memory (the kernel's
+                    // `make_device_exclusive` refuses only non-anonymous and hugetlb folios).
+                    let addressable = e.pfn.rawValue < UInt64(n)
+                        || e.pfn.rawValue < UInt64(total) && deviceKind(e.pfn) == .deviceCoherent
+                    guard addressable, frames.flags(e.pfn).contains(.anon) else {
+                        return problem("\(where_): device-exclusive entry names \(e.pfn), not anonymous CPU-addressable memory")
                     }
                 case .hwpoison:
                     return
