@@ -183,28 +183,34 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
 
 extension Machine {
     /// Registers `count` frames of device memory of `kind` (`memremap_pages`), placed in the PFN space
-    /// above RAM and every earlier pagemap, with `owner` as its identity and `operations` as its
-    /// callbacks. `operations` is held weakly: once the driver object is gone, freed frames are dropped
-    /// and CPU faults on its device-private pages raise `SIGBUS`.
+    /// above RAM — the lowest free range that fits (`request_free_mem_region`), which may be one an
+    /// unregistered pagemap gave back — with `owner` as its identity and `operations` as its callbacks.
+    /// `operations` is held weakly: once the driver object is gone, freed frames are dropped and CPU
+    /// faults on its device-private pages raise `SIGBUS`.
     /// - Throws: `.invalidArgument` (count not a positive multiple of 512, more than 16 Mi frames),
-    ///   `.outOfMemory` (PFN space, slots or host memory exhausted).
+    ///   `.outOfMemory` (no free PFN range of `count` frames, all 255 slots in use, or host memory
+    ///   exhausted). Nothing changes on error.
     public func registerPagemap(
         kind: PagemapKind, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations
     ) throws(HMMError) -> Pagemap {
         guard count > 0, count % PageSize.pagesPerPMD == 0, count <= 1 << 24 else {
             throw .invalid("pagemap of \(count) frames: must be a positive multiple of 512")
         }
+        // Ranges that unregistered pagemaps gave back become free once the walkers that might have read
+        // one of their PFNs have left; let the epoch reclaim what it can before looking.
+        epoch.collect()
         return try pagemapRegistry.withLock { (r: inout PagemapRegistryState) throws(HMMError) -> Pagemap in
-            guard r.nextPFN + count <= frames.capacity else {
-                throw HMMError(.outOfMemory, "no PFN space left for \(count) more device frames")
-            }
+            r.reclaimRetired(epoch)
             guard let slot = (1..<256).first(where: { r.slots[$0] == nil }) else {
                 throw HMMError(.outOfMemory, "all 255 pagemap slots are in use")
             }
-            let pm = try Pagemap(machine: self, kind: kind, owner: owner, firstPFN: PFN(UInt64(r.nextPFN)),
+            guard let first = r.firstFit(count, capacity: frames.capacity) else {
+                throw HMMError(.outOfMemory, "no free range of \(count) frames in the device PFN space: \(r.spaceReport(capacity: frames.capacity))")
+            }
+            let pm = try Pagemap(machine: self, kind: kind, owner: owner, firstPFN: PFN(UInt64(first)),
                                  count: count, slot: slot, operations: operations)
-            frames.initialize(r.nextPFN..<(r.nextPFN + count), pagemapSlot: slot)
-            r.nextPFN += count
+            r.take(first..<(first + count))
+            frames.initialize(first..<(first + count), pagemapSlot: slot)
             r.slots[slot] = pm
             pagemapTable[slot] = Unmanaged.passUnretained(pm)
             pagemapKinds[slot].store(kind.rawValue, ordering: .releasing)
@@ -215,7 +221,9 @@ extension Machine {
     }
 
     /// Removes a pagemap (`memunmap_pages`). The kernel waits until every frame is free; we refuse instead
-    /// of hanging, so the driver can evict (``MigrateDevice``) and try again.
+    /// of hanging, so the driver can evict (``MigrateDevice``) and try again. Its PFN range goes back to
+    /// the PFN space (`release_mem_region`) for a later ``registerPagemap(kind:count:owner:operations:)``,
+    /// once no lockless walker that might still hold one of its PFNs is inside.
     /// - Throws: `.busy` naming how many frames are still in use (nothing changes), `.invalidArgument`
     ///   for a pagemap of another machine or one already removed.
     public func unregisterPagemap(_ pagemap: Pagemap) throws(HMMError) {
@@ -235,6 +243,7 @@ extension Machine {
             pagemapBias[pagemap.slot].store(0, ordering: .releasing)
             pagemapTable[pagemap.slot] = nil
             r.slots[pagemap.slot] = nil
+            r.retire(Int(pagemap.firstPFN.rawValue)..<Int(pagemap.endPFN.rawValue), epoch)
         }
     }
 
@@ -281,8 +290,91 @@ extension Machine {
     }
 }
 
-/// The machine's pagemap bookkeeping (guarded by `Machine.pagemapRegistry`).
+/// The machine's pagemap bookkeeping (guarded by `Machine.pagemapRegistry`), and the device PFN space
+/// above RAM (the kernel's `iomem_resource` as `request_free_mem_region` searches it).
+///
+/// Every PFN in `[RAM end, capacity)` is in exactly one of: a registered pagemap; a retired range (its
+/// pagemap was unregistered, and a lockless walker that read one of its PFNs before that may still be
+/// inside — until the epoch says it has left, the range is not handed out, so a stale PFN can only
+/// resolve to no pagemap); a free range below `nextPFN`; or the free space from `nextPFN` up. All
+/// ranges are multiples of 512 frames, so device folios stay PMD-aligned.
 struct PagemapRegistryState {
     var slots: [Pagemap?] = Array(repeating: nil, count: 256)
+    /// One past the highest PFN a registered or retired pagemap uses (RAM's end when there is none): the
+    /// invariant checker sizes its per-frame tables by it.
     var nextPFN: Int
+    /// Free ranges below `nextPFN`, sorted and coalesced (none touches another or `nextPFN`).
+    private var free: [Range<Int>] = []
+    /// Unregistered ranges waiting for their grace period, each with the device frame whose retirement
+    /// through the epoch marks it: when the epoch has reclaimed that marker (a no-op, as the frame names
+    /// no pagemap), every walker that might have seen the range has left.
+    private var retired: [Range<Int>] = []
+
+    init(nextPFN: Int) { self.nextPFN = nextPFN }
+
+    /// The lowest start of a free range of `count` frames (`nextPFN` when no hole fits), or nil when the
+    /// PFN space has no room.
+    func firstFit(_ count: Int, capacity: Int) -> Int? {
+        if let hole = free.first(where: { $0.count >= count }) { return hole.lowerBound }
+        return nextPFN + count <= capacity ? nextPFN : nil
+    }
+
+    /// Takes `range`, which ``firstFit(_:capacity:)`` just returned the start of.
+    mutating func take(_ range: Range<Int>) {
+        if range.lowerBound == nextPFN {
+            nextPFN = range.upperBound
+            return
+        }
+        guard let i = free.firstIndex(where: { $0.lowerBound == range.lowerBound }), free[i].count >= range.count else {
+            preconditionFailure("PFN range \(range) is not free")
+        }
+        if free[i].count == range.count { free.remove(at: i) } else { free[i] = range.upperBound..<free[i].upperBound }
+    }
+
+    /// Queues an unregistered pagemap's range until no walker can still hold one of its PFNs.
+    mutating func retire(_ range: Range<Int>, _ epoch: Epoch) {
+        retired.append(range)
+        epoch.retire(.deviceFrame(PFN(UInt64(range.lowerBound))))
+    }
+
+    /// Frees every retired range whose marker the epoch has reclaimed.
+    mutating func reclaimRetired(_ epoch: Epoch) {
+        guard !retired.isEmpty else { return }
+        var waiting: [Range<Int>] = []
+        for range in retired {
+            let marker = PFN(UInt64(range.lowerBound))
+            if epoch.pendingFrames(in: marker..<(marker + 1)) == 0 { release(range) } else { waiting.append(range) }
+        }
+        retired = waiting
+    }
+
+    /// Gives `range` back, merging it with free neighbours; free space that reaches `nextPFN` lowers it.
+    private mutating func release(_ range: Range<Int>) {
+        var merged = range
+        let i = free.firstIndex(where: { $0.lowerBound > range.lowerBound }) ?? free.count
+        var at = i
+        if i < free.count, free[i].lowerBound == merged.upperBound {
+            merged = merged.lowerBound..<free[i].upperBound
+            free.remove(at: i)
+        }
+        if i > 0, free[i - 1].upperBound == merged.lowerBound {
+            merged = free[i - 1].lowerBound..<merged.upperBound
+            free.remove(at: i - 1)
+            at = i - 1
+        }
+        if merged.upperBound == nextPFN {
+            nextPFN = merged.lowerBound
+        } else {
+            free.insert(merged, at: at)
+        }
+    }
+
+    /// What the PFN space holds, for an out-of-memory message.
+    func spaceReport(capacity: Int) -> String {
+        let holes = free.reduce(0) { $0 + $1.count }
+        let largest = max(free.map(\.count).max() ?? 0, capacity - nextPFN)
+        let waiting = retired.reduce(0) { $0 + $1.count }
+        return "\(holes + capacity - nextPFN) frames free, the largest range \(largest)"
+            + (waiting > 0 ? ", \(waiting) more waiting for lockless walkers to leave" : "")
+    }
 }

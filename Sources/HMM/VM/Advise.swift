@@ -3,14 +3,17 @@ extension AddressSpace {
     /// Gives advice about `[address, address + length)` (`madvise`).
     ///
     /// - `.dontNeed` zaps the range: private anonymous memory reads as zero afterwards, file memory
-    ///   refaults from the page cache.
+    ///   refaults from the page cache. On hugetlb memory the range must cover whole huge pages.
     /// - `.free` marks exclusively owned anonymous pages clean and lazily freeable; without memory
-    ///   pressure (no reclaim is modelled) their contents stay.
-    /// - `.hugePage` / `.noHugePage` set or clear THP eligibility (splitting VMAs).
-    /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP.
+    ///   pressure (no reclaim is modelled) their contents stay. Not for hugetlb memory
+    ///   (`madvise_dontneed_free_valid_vma`).
+    /// - `.hugePage` / `.noHugePage` set or clear THP eligibility (splitting VMAs); a hugetlb VMA can
+    ///   only be split at a huge-page boundary (`hugetlb_vm_op_split`).
+    /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP; not for hugetlb.
     /// - Throws: `.invalidArgument` (unaligned, zero or overflowing length, advice the mapping cannot
-    ///   take), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised, as
-    ///   the kernel does), `.tryAgain` if a block could not be collapsed, `.noProcess`.
+    ///   take — `.free` or `.collapse` on hugetlb memory, a range that cuts a hugetlb page; then nothing
+    ///   changes), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised,
+    ///   as the kernel does), `.tryAgain` if a block could not be collapsed, `.noProcess`.
     /// Takes `mmapLock` for writing.
     public func advise(_ address: UInt64, length: Int, _ advice: Advice) throws(HMMError) {
         let (lo, hi) = try validateRange(address, length, "madvise")
@@ -30,11 +33,12 @@ extension AddressSpace {
             }
             for v in pieces { invalidating(v.start, v.end, .clear) { zapVMA(v, v.start, v.end) } }
         case .free:
-            for v in pieces where !v.isAnonymous || v.isShared {
-                throw .invalid("MADV_FREE applies to private anonymous memory only")
+            for v in pieces where !v.isAnonymous || v.isShared || v.isHugetlb {
+                throw .invalid("MADV_FREE applies to private anonymous memory only, not shared, file or hugetlb")
             }
             for v in pieces { lazyFree(v) }
         case .hugePage, .noHugePage:
+            try checkHugetlbBoundaries(lo, hi)
             rmapLock.withWriteLock {
                 splitVMA(at: lo)
                 splitVMA(at: hi)

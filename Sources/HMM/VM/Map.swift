@@ -10,9 +10,15 @@ extension AddressSpace {
     ///   - file: the file to map, at byte `offset` (page-aligned).
     /// - Returns: the start address.
     /// - Throws: `.invalidArgument` (zero length, unaligned address or offset, contradictory flags,
-    ///   anonymous with a file), `.outOfMemory` (no room, a length that overflows, an empty hugetlb pool),
-    ///   `.unsupported` (shared hugetlb), `.noProcess` after `exit`.
+    ///   anonymous with a file, a `.fixed` range that cuts a hugetlb page of an existing mapping),
+    ///   `.outOfMemory` (no room, a length that overflows, an empty hugetlb pool), `.unsupported` (shared
+    ///   hugetlb), `.noProcess` after `exit`.
     ///   On error nothing changes.
+    ///
+    /// `.populate` (`MAP_POPULATE`) faults the pages in before returning, as `mm_populate` does, and like
+    /// it never fails the call: population stops at the first page that cannot be had (RAM or the
+    /// page-table pool exhausted) and what was populated stays mapped and accounted; a `PROT_NONE`
+    /// mapping is not populated at all. The rest faults in on first touch.
     /// Takes `mmapLock` for writing.
     @discardableResult
     public func map(
@@ -47,6 +53,7 @@ extension AddressSpace {
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
         try checkAlive()
+        if flags.contains(.fixed) { try checkHugetlbBoundaries(address, address + len) }
         let hugePages = Int(len >> UInt64(PageSize.pmdShift))
         if hugetlb && !machine.hugetlb.reserve(hugePages) {
             throw HMMError(.outOfMemory, "hugetlb pool has fewer than \(hugePages) free pages")
@@ -84,14 +91,21 @@ extension AddressSpace {
             if file == nil { vma.pgoff = start >> UInt64(PageSize.shift) }
         }
         rmapLock.withWriteLock { insertVMA(vma) }
-        if flags.contains(.populate) {
-            var a = start
-            let step = UInt64(hugetlb ? PageSize.pmd : PageSize.base)
-            while a < start + len {
-                try handleFault(a, protection.contains(.write) ? .write : .read)
-                a += step
-            }
-        }
+        if flags.contains(.populate) { populate(start, start + len, vma) }
         return start
+    }
+
+    /// `populate_vma_page_range` as `mmap` uses it (`mm_populate` with errors ignored): faults in
+    /// `[lo, hi)` of the new `vma` up to the first page that cannot be had. Nothing for `PROT_NONE`.
+    /// Requires `mmapLock` held for writing.
+    private func populate(_ lo: UInt64, _ hi: UInt64, _ vma: VMA) {
+        guard vma.protection != .none else { return }
+        let access: FaultAccess = vma.writable ? .write : .read
+        let step = UInt64(vma.isHugetlb ? PageSize.pmd : PageSize.base)
+        var a = lo
+        while a < hi {
+            do { try handleFault(a, access) } catch { return }
+            a += step
+        }
     }
 }
