@@ -468,5 +468,60 @@ struct RobustnessDriverTests {
             #expect(try s.read(count: 1, at: a) == [7])
         }
     }
-}
 
+    // MARK: what the fuzz found on its own
+
+    @Test("fuzz finding: entries made in a PROT_NONE VMA by fork of a device-exclusive entry and by migrate_vma hole insertion are inaccessible")
+    func protNoneEntriesFromForkAndHoles() throws {
+        try withDevices { m, devices, s in
+            let fd = try devices.device(0).open(s)
+            let a = try helpers.anonymous(s, pages: 1) { _ in 0x4D }
+            var mirror = [UInt8](repeating: 0, count: Int(page))
+            _ = try fd.makeExclusive(a, pages: 1, into: &mirror)
+            try s.protect(a, length: Int(page), .none)  // mprotect leaves the exclusive entry alone
+            #expect(try s.pageTableEntry(at: a).kind == .deviceExclusive)
+            let child = try s.fork()  // restores the parent's entry and shares it
+            for space in [s, child] {
+                let e = try space.pageTableEntry(at: a)
+                #expect(e.kind == .present && !e.isAccessible, "\(e)")
+                expectError(.segmentationFault) { try space.read(count: 1, at: a) }
+            }
+            child.exit()
+            // A hole of a PROT_NONE VMA filled by migrate_vma (a system destination).
+            let hole = try s.map(length: Int(page), protection: .none, flags: [.private, .anonymous])
+            try s.withMmapReadLock { () throws(HMMError) in
+                let mv = try MigrateVMA(space: s, start: hole, end: hole + page, select: .system, owner: nil)
+                try mv.setup()
+                #expect(mv.cpages == 1)
+                mv.dst[0] = MigratePFN(m.allocateMigrationPage()!)
+                try mv.pages()
+                mv.finalize()
+            }
+            let e = try s.pageTableEntry(at: hole)
+            #expect(e.kind == .present && !e.isAccessible, "\(e)")
+            expectError(.segmentationFault) { try s.read(count: 1, at: hole) }
+            try s.protect(a, length: Int(page), [.read])
+            #expect(try s.read(count: 1, at: a) == [0x4D])
+            fd.close()
+        }
+    }
+
+    @Test("fuzz finding: MREMAP_FIXED onto part of a hugetlb page is EINVAL and changes nothing (it used to leave an unaligned hugetlb VMA whose next fault spun forever)")
+    func remapFixedIntoHugetlbPage() throws {
+        try withMachine(.init(systemMemory: 64 << 20, hugetlbPages: 2)) { m in
+            let s = try m.makeAddressSpace()
+            let h = try s.map(length: PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+            try s.write([0x48], at: h + 5 * page)
+            let a = try helpers.anonymous(s, pages: 3) { _ in 0x41 }
+            let before = s.mappings
+            expectError(.invalidArgument) {
+                try s.remap(a, length: 3 * Int(page), newLength: 3 * Int(page), flags: [.mayMove, .fixed], to: h + 0xBE000)
+            }
+            #expect(s.mappings == before)
+            #expect(try s.read(count: 1, at: h + 0xBE000) == [0])
+            #expect(try s.read(count: 1, at: h + 5 * page) == [0x48])
+            #expect(try s.read(count: 1, at: a + 2 * page) == [0x41])
+            try m.checkInvariants()
+        }
+    }
+}

@@ -97,9 +97,11 @@ extension AddressSpace {
             lock.lock()
             defer { lock.unlock() }
             guard slot.pointee.load(ordering: .relaxed) == e.rawValue else { return }
-            let writable = vma.writable && frames.flags(pfn).contains(.anonExclusive)
+            // The protection is the VMA's as it is now (mprotect leaves device-exclusive entries alone).
+            let user = vma.protection != .none
+            let writable = vma.writable && user && frames.flags(pfn).contains(.anonExclusive)
             let dirty = writable && frames.flags(head).contains(.dirty)
-            slot.pointee.store(PageTableEntry.present(pfn, writable: writable, young: false, dirty: dirty).rawValue,
+            slot.pointee.store(PageTableEntry.present(pfn, writable: writable, user: user, young: false, dirty: dirty).rawValue,
                                ordering: .releasing)
             machine.statistics.count(.faultDeviceExclusive)
         }

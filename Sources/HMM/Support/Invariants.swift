@@ -13,8 +13,9 @@ extension Machine {
     /// - every page's mapcount equals the entries that map it, every folio's refcount equals its
     ///   mappings plus page-cache references, and the surplus over all folios equals the GUP references
     ///   outstanding;
-    /// - writable entries of anonymous pages are anon-exclusive and allowed by their VMA; the zero pages
-    ///   are never writable; no migration entry is left behind;
+    /// - writable entries of anonymous pages are anon-exclusive and allowed by their VMA, accessible ones
+    ///   only in VMAs that allow access; the zero pages are never writable; no migration entry is left
+    ///   behind; hugetlb VMAs cover whole 2 MiB pages;
     /// - no folio lock or page-table lock is held; page-table nodes and deposits are all accounted for.
     ///
     /// Call it when no other thread is changing the machine (takes each space's `mmapLock` for reading).
@@ -34,6 +35,9 @@ extension Machine {
             space.mmapLock.readLock()
             defer { space.mmapLock.unlock() }
             guard space.root != 0 else { continue }
+            for v in space.vmas where v.isHugetlb && (v.start | v.end) & PageSize.pmdMask != 0 {
+                problem("space \(space.id): hugetlb VMA \(hex(v.start))-\(hex(v.end)) is not 2 MiB aligned")
+            }
             func visit(_ node: UInt32, _ level: Int, _ base: UInt64) {
                 nodes += 1
                 if pageTables.lock(node).isLocked { problem("page-table lock of node \(node) held at rest") }

@@ -22,7 +22,8 @@ extension AddressSpace {
     ///   - target: with `.fixed`, the new address.
     /// - Returns: the new start address.
     /// - Throws: `.invalidArgument` (unaligned, zero new length, contradictory flags, overlapping fixed
-    ///   target, resizing hugetlb by a non-2 MiB amount), `.fault` (old range not within one mapping),
+    ///   target, resizing hugetlb by a non-2 MiB amount, a fixed target that cuts a hugetlb page), `.fault`
+    ///   (old range not within one mapping),
     ///   `.outOfMemory` (cannot grow in place without `.mayMove`, no room), `.noProcess`.
     ///   On error nothing changes.
     /// Takes `mmapLock` for writing.
@@ -43,6 +44,8 @@ extension AddressSpace {
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
         try checkAlive()
+        // MREMAP_FIXED unmaps the target first: like munmap, it may not cut a hugetlb page in two.
+        if flags.contains(.fixed) { try checkHugetlbBoundaries(newLo, newHi) }
         guard let vi = vmaIndex(containing: oldLo), vmas[vi].end >= oldHi else {
             throw HMMError(.fault, "mremap: \(hex(oldLo))+\(oldLen) is not inside one mapping")
         }
