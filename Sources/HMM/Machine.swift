@@ -185,6 +185,8 @@ extension Machine: EpochReclaimer {
             pageTables.reclaim(node)
         case .deviceFrame(let pfn):
             (pagemap(of: pfn)?.ops as? P2PProvider)?.reclaimFrame(pfn)
+        case .pagemapRange:
+            break  // the registry sees it has left the queue (`PagemapRegistryState.reclaimRetired`)
         }
     }
 }

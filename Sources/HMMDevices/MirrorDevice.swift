@@ -117,20 +117,28 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     /// `dmirror_devmem_alloc_page`: a locked device page with one reference, or nil.
     func allocatePage() -> PFN? {
-        allocatePages(1).first
+        (try? allocatePages(1))?.first
     }
 
     /// Up to `n` locked device pages with one reference each, under one lock (fewer if memory runs out).
-    func allocatePages(_ n: Int) -> [PFN] {
-        allocator.withLock { a -> [PFN] in
+    /// - Throws: `.outOfMemory` when not one page could be had and no chunk could be added (the PFN space
+    ///   or the host is exhausted): running out is an error, never an empty migration.
+    func allocatePages(_ n: Int) throws(HMMError) -> [PFN] {
+        try allocator.withLock { (a: inout Allocator) throws(HMMError) -> [PFN] in
             var out: [PFN] = []
             out.reserveCapacity(n)
+            var failure: HMMError?
             while out.count < n {
-                if a.free.isEmpty { try? addChunk(&a) }
+                if a.free.isEmpty {
+                    do throws(HMMError) { try addChunk(&a) } catch { failure = error }
+                }
                 guard let p = a.free.popLast() else { break }
                 guard let pm = a.chunks.last(where: { $0.contains(p) }), (try? pm.initFolio(p, order: 0)) != nil else { continue }
                 a.allocated += 1
                 out.append(p)
+            }
+            if out.isEmpty && n > 0, let failure {
+                throw HMMError(.outOfMemory, "\(self) has no free page and cannot grow: \(failure.message)")
             }
             return out
         }
@@ -169,11 +177,13 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         let m = try MigrateVMA(space: fault.space, start: fault.address, end: fault.address + size,
                                select: select, owner: self, faultPage: fault.page)
         do { try m.setup() } catch { throw HMMError(.bus, "migrate_to_ram setup failed: \(error.message)") }
-        do throws(HMMError) { try copyToSystem(m) } catch {
+        do throws(HMMError) {
+            try copyToSystem(m)
+            try m.pages()
+        } catch {
             m.finalize()
             throw error
         }
-        try m.pages()
         m.finalize()
     }
 
@@ -271,16 +281,20 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     private func evict(_ chunk: Pagemap) throws(HMMError) {
         let m = try MigrateDevice(machine: machine, range: chunk.firstPFN, count: chunk.count)
         var failure: HMMError?
-        for i in m.src.indices where m.src[i].isMigrating {
-            guard let s = m.src[i].pfn else { continue }
-            guard let page = machine.allocateMigrationPage(zeroed: false) else {
-                failure = HMMError(.outOfMemory, "no system page to evict \(s) to")
-                break
+        do throws(HMMError) {
+            for i in m.src.indices where m.src[i].isMigrating {
+                guard let s = m.src[i].pfn else { continue }
+                guard let page = machine.allocateMigrationPage(zeroed: false) else {
+                    failure = HMMError(.outOfMemory, "no system page to evict \(s) to")
+                    break
+                }
+                m.dst[i] = MigratePFN(page)
+                try machine.copyPage(from: s, to: page)
             }
-            m.dst[i] = MigratePFN(page)
-            try machine.copyPage(from: s, to: page)
+            try m.pages()
+        } catch {
+            failure = error
         }
-        try m.pages()
         m.finalize()
         if let failure { throw failure }
     }

@@ -265,7 +265,9 @@ public final class MirrorFile: @unchecked Sendable {
     /// read-back is skipped and `cpages` counts the pages migrated by this call (for benchmarks).
     /// - Throws: `.invalidArgument` (a piece has no readable VMA — earlier pieces stay migrated; the space
     ///   exited), `.noEntry` (a page is not mapped by the device afterwards: not migratable, e.g.
-    ///   shared memory, or on another device), `.fault`, `.badDescriptor`, `.noDevice`.
+    ///   shared memory, on another device, or device memory ran short), `.outOfMemory` (the device has no
+    ///   free page and cannot add a chunk; the piece's pages stay where they were), `.fault`,
+    ///   `.badDescriptor`, `.noDevice`.
     public func migrateToDevice(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer?) throws(HMMError) -> MirrorResult {
         let end = try check(address, pages)
         if let mirror { try checkBuffer(mirror.count, pages << PageSize.shift) }
@@ -275,20 +277,26 @@ public final class MirrorFile: @unchecked Sendable {
             try forEachPiece(address, end) { (a, next) throws(HMMError) in
                 let m = try MigrateVMA(space: space, start: a, end: next, select: [.system, .compound], owner: device)
                 try m.setup()
-                var pool = device.allocatePages(m.cpages)
-                defer { device.giveBack(pool) }
-                for i in 0..<m.npages where m.src[i].isMigrating {
-                    if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }
-                    let write = m.src[i].isWritable ? MigratePFN.write : 0
-                    if m.src[i].isCompound {
-                        try fillCompound(m, i, write)
-                        continue
+                do throws(HMMError) {
+                    // Every error after setup finalizes: the sources go back where they were.
+                    var pool = try device.allocatePages(m.cpages)
+                    defer { device.giveBack(pool) }
+                    for i in 0..<m.npages where m.src[i].isMigrating {
+                        if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }
+                        let write = m.src[i].isWritable ? MigratePFN.write : 0
+                        if m.src[i].isCompound {
+                            try fillCompound(m, i, write)
+                            continue
+                        }
+                        guard let d = pool.popLast() ?? device.allocatePage() else { continue }
+                        m.dst[i] = MigratePFN(d, flags: write)
+                        if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
                     }
-                    guard let d = pool.popLast() ?? device.allocatePage() else { continue }
-                    m.dst[i] = MigratePFN(d, flags: write)
-                    if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
+                    try m.pages()
+                } catch {
+                    m.finalize()
+                    throw error
                 }
-                try m.pages()
                 state.withLock { s in
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         guard let d = m.dst[i].pfn else { continue }
@@ -321,7 +329,7 @@ public final class MirrorFile: @unchecked Sendable {
             }
             return
         }
-        let pages = device.allocatePages(PageSize.pagesPerPMD)
+        let pages = (try? device.allocatePages(PageSize.pagesPerPMD)) ?? []
         guard pages.count == PageSize.pagesPerPMD else {
             device.giveBack(pages)
             return
@@ -345,11 +353,13 @@ public final class MirrorFile: @unchecked Sendable {
             try forEachPiece(address, end) { (a, next) throws(HMMError) in
                 let m = try MigrateVMA(space: space, start: a, end: next, select: select, owner: device)
                 try m.setup()
-                do throws(HMMError) { try device.copyToSystem(m) } catch {
+                do throws(HMMError) {
+                    try device.copyToSystem(m)
+                    try m.pages()
+                } catch {
                     m.finalize()
                     throw error
                 }
-                try m.pages()
                 // A compound entry counts once, as the driver counts it.
                 for i in 0..<m.npages where m.src[i].isMigrating && m.src[i].pfn != nil { r.cpages += 1 }
                 m.finalize()

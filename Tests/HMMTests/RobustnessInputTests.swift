@@ -264,4 +264,35 @@ struct RobustnessInputTests {
             #expect(s.mappings.isEmpty && m.freeFrames == free)
         }
     }
+
+    @Test("a device whose PFN space is exhausted says so: migrateToDevice throws ENOMEM and every page stays in RAM")
+    func exhaustedDeviceIsAnError() throws {
+        try withMachine(.init(systemMemory: 64 << 20, hugetlbPages: 0)) { m in
+            let dev = try MirrorDevice(machine: m, minor: 0, kind: .devicePrivate, chunkSize: 2 << 20)
+            let driver = IdlePagemapDriver()
+            // Fill the rest of the PFN space so that the device cannot add a second chunk.
+            var fillers: [Pagemap] = []
+            var left = m.frames.capacity - m.totalFrames - dev.chunkPages
+            while left >= PageSize.pagesPerPMD {
+                let n = min(left, 1 << 24) / PageSize.pagesPerPMD * PageSize.pagesPerPMD
+                fillers.append(try m.registerPagemap(kind: .deviceCoherent, count: n, owner: driver, operations: driver))
+                left -= n
+            }
+            let s = try m.makeAddressSpace()
+            let fd = try dev.open(s)
+            let n = dev.chunkPages
+            let a = try s.map(length: (n + 8) * Int(page), protection: rw, flags: anon)
+            for p in 0..<(n + 8) { try s.store(UInt32(p), at: a + UInt64(p) * page) }
+            #expect(try fd.migrateToDevice(a, pages: n, into: nil).cpages == n)  // the whole chunk
+            expectError(.outOfMemory) { try fd.migrateToDevice(a + UInt64(n) * page, pages: 8, into: nil) }
+            for p in n..<(n + 8) {
+                #expect(try s.pageTableEntry(at: a + UInt64(p) * page).kind == .present)
+                #expect(try s.load(UInt32.self, at: a + UInt64(p) * page) == UInt32(p))
+            }
+            #expect(try s.load(UInt32.self, at: a + 5 * page) == 5)
+            fd.close()
+            try dev.release()
+            for pm in fillers { try m.unregisterPagemap(pm) }
+        }
+    }
 }

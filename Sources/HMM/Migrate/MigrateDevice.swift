@@ -147,7 +147,10 @@ extension Machine {
         }
         copyPageUnchecked(from: pfn, to: page)
         m.dst[0] = MigratePFN(page)
-        try m.pages()
+        do throws(HMMError) { try m.pages() } catch {
+            m.finalize()
+            throw error
+        }
         let moved = m.src[0].isMigrating
         m.finalize()
         if !moved { throw HMMError(.busy, "device-coherent \(pfn) gained a reference during migration") }

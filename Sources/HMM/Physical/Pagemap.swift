@@ -305,9 +305,9 @@ struct PagemapRegistryState {
     var nextPFN: Int
     /// Free ranges below `nextPFN`, sorted and coalesced (none touches another or `nextPFN`).
     private var free: [Range<Int>] = []
-    /// Unregistered ranges waiting for their grace period, each with the device frame whose retirement
-    /// through the epoch marks it: when the epoch has reclaimed that marker (a no-op, as the frame names
-    /// no pagemap), every walker that might have seen the range has left.
+    /// Unregistered ranges waiting for their grace period, each retired through the epoch as a
+    /// `.pagemapRange` item: once the epoch has reclaimed it, every walker that might have seen the range
+    /// has left.
     private var retired: [Range<Int>] = []
 
     init(nextPFN: Int) { self.nextPFN = nextPFN }
@@ -334,7 +334,7 @@ struct PagemapRegistryState {
     /// Queues an unregistered pagemap's range until no walker can still hold one of its PFNs.
     mutating func retire(_ range: Range<Int>, _ epoch: Epoch) {
         retired.append(range)
-        epoch.retire(.deviceFrame(PFN(UInt64(range.lowerBound))))
+        epoch.retire(.pagemapRange(PFN(UInt64(range.lowerBound))))
     }
 
     /// Frees every retired range whose marker the epoch has reclaimed.
@@ -342,8 +342,7 @@ struct PagemapRegistryState {
         guard !retired.isEmpty else { return }
         var waiting: [Range<Int>] = []
         for range in retired {
-            let marker = PFN(UInt64(range.lowerBound))
-            if epoch.pendingFrames(in: marker..<(marker + 1)) == 0 { release(range) } else { waiting.append(range) }
+            if epoch.isPending(.pagemapRange(PFN(UInt64(range.lowerBound)))) { waiting.append(range) } else { release(range) }
         }
         retired = waiting
     }

@@ -9,6 +9,10 @@ public enum RetiredItem: Hashable, Sendable {
     case pageTableNode(UInt32)
     /// A device frame whose last reference dropped (a P2PDMA page on its way back to the pool).
     case deviceFrame(PFN)
+    /// The PFN range of an unregistered pagemap, named by its first frame: reusable for a new pagemap
+    /// once no walker that might have read one of its PFNs is inside. Reclaiming it does nothing; its
+    /// leaving the queue is the signal (``Epoch/isPending(_:)``).
+    case pagemapRange(PFN)
 }
 
 /// Where reclaimed items go (the machine: node pool, provider pools).
@@ -70,6 +74,11 @@ public final class Epoch: @unchecked Sendable {
 
     /// Items waiting for walkers to leave.
     public var pendingItems: Int { pendingCount.load(ordering: .relaxed) }
+
+    /// Whether `item` still waits for walkers to leave.
+    func isPending(_ item: RetiredItem) -> Bool {
+        pending.withLock { p in p.contains { $0.item == item } }
+    }
 
     /// Queued device frames in `range` (for the invariant checker).
     func pendingFrames(in range: Range<PFN>) -> Int {
