@@ -77,7 +77,9 @@ public final class MirrorFile: @unchecked Sendable {
         notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, forwarder)
     }
 
-    deinit { notifier?.remove() }
+    // No deinit: releasing the file releases its notifier, whose own deinit unsubscribes it without
+    // waiting — a file can be released inside an invalidation callback (the forwarder's temporary
+    // reference was the last), where waiting for the invalidation to end would deadlock.
 
     /// Closes the file: the notifier is removed and the device page table dropped. Idempotent.
     public func close() {
