@@ -21,6 +21,12 @@ public enum PageSize {
     public static let pagesPerPMD = pmd / base
     /// The PMD order (`HPAGE_PMD_ORDER`).
     public static let pmdOrder = pmdShift - shift
+    /// 4 KiB as an address offset (`address + PageSize.baseOffset`): addresses are `UInt64`, lengths `Int`.
+    public static let baseOffset = UInt64(base)
+    /// 2 MiB as an address offset.
+    public static let pmdOffset = UInt64(pmd)
+    /// `pages` base pages as an address offset (`address + PageSize.offset(pages: 3)`).
+    @inlinable public static func offset(pages: Int) -> UInt64 { UInt64(pages) << UInt64(shift) }
     static let baseMask: UInt64 = UInt64(base - 1)
     static let pmdMask: UInt64 = UInt64(pmd - 1)
 }

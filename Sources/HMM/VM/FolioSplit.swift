@@ -57,21 +57,9 @@ extension Machine {
             let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.pfn == head && pmd.isHuge && (pmd.isLeaf || pmd.isDevicePrivate) { space.splitHugePMD(pmdN, a) }
         }
-        // Each space's notifiers hear `clear` before its entries change, as in `try_to_migrate_one`.
-        for i in 0..<n {
-            let p = head + i
-            forEachCandidate(of: p) { space, _, a in
-                space.invalidating(a, a + UInt64(PageSize.base), .clear) {
-                    space.withLockedPTE(a) { slot, e in
-                        let mapping = e.isPresent ? !e.isSpecial : e.isDevicePrivate || e.kind == .deviceExclusive
-                        guard mapping, e.pfn == p else { return }
-                        // Device-private pages are never pinned; a pinned RAM page keeps its mapping (and
-                        // fails the freeze below).
-                        _ = unmapForMigration(slot, e, p)
-                    }
-                }
-            }
-        }
+        // Each space's notifiers hear `clear` first. Device-private pages are never pinned; a pinned RAM
+        // page keeps its mapping (and fails the freeze below).
+        for i in 0..<n { _ = tryToMigrate(head + i) }
         // 2. Freeze: only the caller's references may be left.
         let frozen = totalMapcount(head) == 0
             && frames.record(head).pointee.refcount.compareExchange(

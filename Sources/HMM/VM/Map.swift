@@ -100,7 +100,9 @@ extension AddressSpace {
     /// Requires `mmapLock` held for writing.
     private func populate(_ lo: UInt64, _ hi: UInt64, _ vma: VMA) {
         guard vma.protection != .none else { return }
-        let access: FaultAccess = vma.writable ? .write : .read
+        // `populate_vma_page_range`: write faults only for private writable memory (to break COW up
+        // front); shared memory is read-faulted, so populating does not dirty it.
+        let access: FaultAccess = vma.writable && !vma.isShared ? .write : .read
         let step = UInt64(vma.isHugetlb ? PageSize.pmd : PageSize.base)
         var a = lo
         while a < hi {
