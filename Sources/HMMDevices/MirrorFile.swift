@@ -67,11 +67,13 @@ public final class MirrorFile: @unchecked Sendable {
     /// Pages per migration piece (`PTRS_PER_PTE`).
     static let migrateChunk = 512
 
-    var machine: Machine { device.machine }
+    /// The device's machine, stored so per-page paths load it once.
+    let machine: Machine
 
     init(device: MirrorDevice, space: AddressSpace) throws(HMMError) {
         self.device = device
         self.space = space
+        machine = device.machine
         let forwarder = WeakForwarder()
         forwarder.file = self
         notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, forwarder)

@@ -111,28 +111,28 @@ extension MigrateVMA {
 
     /// `remove_migration_pmd` for this space's own PMD.
     func restoreHuge(_ pmdN: UInt32, _ a: UInt64, _ old: PFN, to new: PFN) {
-        machine.restoreHugeMigrationEntry(space, vma, pmdN, a, old, to: new)
+        machine.restoreHugeMigrationEntry(space, vma.protection, pmdN, a, old, to: new)
     }
 }
 
 extension Machine {
     /// `remove_migration_pmd`: the PMD migration entry of `old` at `a` becomes a PMD mapping of `new` (a
-    /// device THP entry or a present huge PMD), with its rmap, reference and exclusivity, and the
-    /// protection of `vma` as it is now.
-    func restoreHugeMigrationEntry(_ space: AddressSpace, _ vma: VMA, _ pmdN: UInt32, _ a: UInt64, _ old: PFN, to new: PFN) {
+    /// device THP entry or a present huge PMD), with its rmap, reference and exclusivity, and the VMA's
+    /// `protection` as it is now.
+    func restoreHugeMigrationEntry(_ space: AddressSpace, _ protection: Protection, _ pmdN: UInt32, _ a: UInt64, _ old: PFN, to new: PFN) {
         let slot = space.pmdSlot(pmdN, a)
         let lock = space.pool.lock(pmdN)
         lock.lock()
         defer { lock.unlock() }
         let m = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
         guard m.isMigration, m.isHuge, m.pfn == old else { return }
-        let write = m.kind == .migrationWrite && vma.writable
+        let write = m.kind == .migrationWrite && protection.contains(.write)
         if m.kind == .migrationWrite || m.kind == .migrationReadExclusive {
             for j in 0..<PageSize.pagesPerPMD { frames.setFlags(new + j, .anonExclusive) }
         }
         addEntireMapcount(new, 1)
         getFolio(new)
-        let user = vma.protection != .none
+        let user = protection != .none
         let e: PageTableEntry = isDevicePrivate(new)
             ? .nonPresent(write ? .devicePrivateWrite : .devicePrivateRead, new, huge: true)
             : .present(new, writable: write && user, user: user, young: m.isYoung, dirty: m.isDirty, huge: true)
@@ -170,7 +170,7 @@ extension Machine {
     func removeHugeMigrationEntries(_ old: PFN, _ new: PFN) {
         forEachCandidate(of: new) { space, vma, a in
             guard a & PageSize.pmdMask == 0, let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { return }
-            restoreHugeMigrationEntry(space, vma, pmdN, a, old, to: new)
+            restoreHugeMigrationEntry(space, vma.protection, pmdN, a, old, to: new)
         }
     }
 

@@ -64,6 +64,7 @@ public final class MigrateVMA: @unchecked Sendable {
             throw .invalid("migrate_vma range \(hex(start))..<\(hex(end)) is longer than \(Self.maximumPages) pages")
         }
         self.space = space
+        machine = space.machine
         self.start = lo
         self.end = hi
         self.select = select
@@ -75,7 +76,8 @@ public final class MigrateVMA: @unchecked Sendable {
         remote = Array(repeating: false, count: n)
     }
 
-    var machine: Machine { space.machine }
+    /// The space's machine, stored so per-page paths load it once.
+    let machine: Machine
 
     @inline(__always) func address(_ i: Int) -> UInt64 { start + UInt64(i) << UInt64(PageSize.shift) }
 
@@ -298,7 +300,7 @@ public final class MigrateVMA: @unchecked Sendable {
         }
         space.withLockedPTE(address(i)) { slot, e in
             guard e.isMigration, e.pfn == old else { return }
-            slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
+            slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma.protection).rawValue, ordering: .releasing)
         }
         if remote[i] { machine.removeMigrationEntries(old, new) }
     }
@@ -317,6 +319,7 @@ public final class MigrateVMA: @unchecked Sendable {
         try checkMmapLockHeld("migrate_vma_pages")
         try validateDestinations()
         phase = 2
+        let vma = self.vma
         var started = false
         defer { space.notifiers.end(started) }
         for i in 0..<src.count where src[i].isMigrating {
@@ -451,6 +454,7 @@ public final class MigrateVMA: @unchecked Sendable {
 
     /// `remove_migration_ptes` for this space's own slots, one page-table lock per PTE table.
     private func restoreLocal(_ target: [PFN?]) {
+        let protection = vma.protection
         var a = start
         while a < end {
             let stepEnd = min(end, (a | PageSize.pmdMask) + 1)
@@ -473,7 +477,7 @@ public final class MigrateVMA: @unchecked Sendable {
                     let slot = ptes + PageTableIndex.pte(b)
                     let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                     if e.isMigration && e.pfn == old {
-                        slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
+                        slot.pointee.store(machine.entryAfterMigration(e, to: new, in: protection).rawValue, ordering: .releasing)
                     }
                 }
                 b += UInt64(PageSize.base)

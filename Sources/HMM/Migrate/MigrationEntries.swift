@@ -31,21 +31,23 @@ extension Machine {
         return true
     }
 
-    /// The entry that replaces migration entry `m` in `vma` once the page lives at `new` (which may be the
-    /// old page, when migration failed), with the accounting of a new mapping: mapcount, reference and
-    /// anon-exclusivity (restored from the entry's kind). Like `remove_migration_pte`, the protection
-    /// comes from the VMA as it is now (`vm_page_prot`): a `PROT_NONE` VMA gets an inaccessible entry, a
-    /// read-only one a read-only entry, whatever the page's mapping was when it was collected.
-    func entryAfterMigration(_ m: PageTableEntry, to new: PFN, in vma: VMA) -> PageTableEntry {
+    /// The entry that replaces migration entry `m` in a VMA of `protection` once the page lives at `new`
+    /// (which may be the old page, when migration failed), with the accounting of a new mapping:
+    /// mapcount, reference and anon-exclusivity (restored from the entry's kind). Like
+    /// `remove_migration_pte`, the protection comes from the VMA as it is now (`vm_page_prot`): a
+    /// `PROT_NONE` VMA gets an inaccessible entry, a read-only one a read-only entry, whatever the page's
+    /// mapping was when it was collected. (The protection, not the `VMA`, is passed: copying a VMA out of
+    /// its list would retain its references once per page.)
+    func entryAfterMigration(_ m: PageTableEntry, to new: PFN, in protection: Protection) -> PageTableEntry {
         let exclusive = m.kind == .migrationWrite || m.kind == .migrationReadExclusive
-        let write = m.kind == .migrationWrite && vma.writable
+        let write = m.kind == .migrationWrite && protection.contains(.write)
         if exclusive { frames.setFlags(new, .anonExclusive) }
         addPageMapcount(new, 1)
         getFolio(frames.head(of: new))
         if isDevicePrivate(new) {
             return .nonPresent(write ? .devicePrivateWrite : .devicePrivateRead, new)
         }
-        let user = vma.protection != .none
+        let user = protection != .none
         return .present(new, writable: write && user, user: user, young: m.isYoung, dirty: m.isDirty)
     }
 
@@ -76,7 +78,7 @@ extension Machine {
         forEachCandidate(of: new) { space, vma, a in
             space.withLockedPTE(a) { slot, e in
                 guard e.isMigration, e.pfn == src else { return }
-                slot.pointee.store(entryAfterMigration(e, to: new, in: vma).rawValue, ordering: .releasing)
+                slot.pointee.store(entryAfterMigration(e, to: new, in: vma.protection).rawValue, ordering: .releasing)
             }
         }
     }
