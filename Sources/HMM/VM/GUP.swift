@@ -98,7 +98,7 @@ extension AddressSpace {
         let end = address &+ UInt64(count) << UInt64(PageSize.shift)
         guard end > address, end <= PageTableIndex.userTop else { throw .invalid("GUP range overflows") }
         var pfns: [PFN] = []
-        pfns.reserveCapacity(count)
+        pfns.reserveCapacity(min(count, 1 << 16))  // a bad range fails early; do not reserve 1 GiB for it
         if flags.contains(.fast) {
             gupFast(address, count: count, flags: flags, into: &pfns)
             machine.statistics.count(.gupFastPages, pfns.count)
