@@ -53,7 +53,7 @@ public final class MirrorFile: @unchecked Sendable {
 
     private struct State {
         /// Device page table: virtual page number → `pfn << 2 | tag`.
-        let table = DevicePageTable()
+        let table = SparsePageIndex()
         var flags: MirrorFlags = []
     }
     private let state = Locked(State())

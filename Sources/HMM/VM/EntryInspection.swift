@@ -73,7 +73,8 @@ extension AddressSpace {
     }
 
     /// The leaf entry for the page at `a` (nil when none), its level and the page's index inside a huge
-    /// entry. Reads under the page-table lock. Requires `mmapLock` held.
+    /// entry, read under the page-table lock (what `/proc/self/pagemap`, the reverse map and the inspection
+    /// API share). Requires `mmapLock` or `rmapLock` held, so the tables cannot be freed.
     func leafEntry(_ a: UInt64) -> (PageTableEntry, MappingLevel, Int)? {
         guard let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return nil }
         let pmdLock = pool.lock(pmdN)

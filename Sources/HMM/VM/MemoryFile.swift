@@ -15,7 +15,8 @@ public final class MemoryFile: @unchecked Sendable {
     let isShmem: Bool
     private struct Cache {
         var size: Int
-        var pages = PageCacheIndex()
+        /// Page index → PFN (`i_pages`).
+        let pages = SparsePageIndex()
     }
     private let cache: Locked<Cache>
     private let mappers = SpaceSet()
@@ -30,9 +31,9 @@ public final class MemoryFile: @unchecked Sendable {
     deinit {
         machine.registry.unregister(handle)
         let pages = cache.withLock { $0.pages }
-        pages.forEach { _, pfn in
-            machine.frames.clearFlags(pfn, .pageCache)
-            machine.putFolio(pfn)
+        pages.forEach { _, p in
+            machine.frames.clearFlags(PFN(p), .pageCache)
+            machine.putFolio(PFN(p))
         }
     }
 
@@ -90,8 +91,8 @@ public final class MemoryFile: @unchecked Sendable {
                 let index = pos >> PageSize.shift
                 let inPage = pos & (PageSize.base - 1)
                 let n = min(total - done, PageSize.base - inPage)
-                if let pfn = c.pages.lookup(index) {
-                    (buffer.baseAddress! + done).copyMemory(from: machine.pointer(pfn) + inPage, byteCount: n)
+                if let pfn = c.pages[UInt64(index)] {
+                    (buffer.baseAddress! + done).copyMemory(from: machine.pointer(PFN(pfn)) + inPage, byteCount: n)
                 } else {
                     (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: n)
                 }
@@ -121,98 +122,24 @@ public final class MemoryFile: @unchecked Sendable {
         cache.withLock { c in
             var out: [PFN] = []
             out.reserveCapacity(c.pages.count)
-            c.pages.forEach { _, pfn in out.append(pfn) }
+            c.pages.forEach { _, pfn in out.append(PFN(pfn)) }
             return out
         }
     }
 
     private func lookupOrCreate(_ c: inout Cache, _ index: Int) throws(HMMError) -> PFN {
-        if let pfn = c.pages.lookup(index) { return pfn }
+        if let pfn = c.pages[UInt64(index)] { return PFN(pfn) }
         guard let pfn = machine.allocateFolio(order: 0, zeroed: true) else {
             throw HMMError(.outOfMemory, "no free frame for page \(index) of a file")
         }
         machine.frames.setFlags(pfn, .pageCache)
         machine.frames.record(pfn).pointee.mapping.store(handle, ordering: .relaxed)
         machine.frames.record(pfn).pointee.index.store(UInt64(index), ordering: .relaxed)
-        c.pages.insert(pfn, at: index)
+        c.pages[UInt64(index)] = pfn.rawValue
         return pfn
     }
 
     func addMapper(_ space: AddressSpace) { mappers.insert(space) }
 
     var mappingSpaces: [AddressSpace] { mappers.spaces }
-}
-
-/// The page cache's index (`address_space->i_pages`, an xarray in the kernel): page index → PFN, sparse
-/// like the xarray. Leaves of 512 slots — one PTE table's worth of file — sit in a dictionary keyed by
-/// `index >> 9` and are allocated on the first page cached in them, never per page. The last leaf used
-/// is remembered, so sequential access hashes once per 512 pages and a repeated fault not at all.
-/// Leaves live as long as the index (pages are never dropped from a file's cache before it goes).
-/// Not thread-safe: ``MemoryFile`` guards it with its cache lock.
-struct PageCacheIndex {
-    /// Slots per leaf.
-    static let leafSlots = 512
-    private static let leafShift = 9
-
-    /// 512 slots of `PFN + 1`; 0 is a hole.
-    private final class Leaf {
-        let slots: UnsafeMutablePointer<UInt64>
-        init() {
-            slots = .allocate(capacity: PageCacheIndex.leafSlots)
-            slots.initialize(repeating: 0, count: PageCacheIndex.leafSlots)
-        }
-        deinit { slots.deallocate() }
-    }
-
-    private var leaves: [Int: Leaf] = [:]
-    /// The leaf `lookup` or `insert` used last (kept alive by `leaves`).
-    private var lastKey = -1
-    private var lastSlots: UnsafeMutablePointer<UInt64>?
-    /// Pages cached.
-    private(set) var count = 0
-
-    /// The slots of the leaf covering `index`, or nil when no page near it is cached.
-    @inline(__always)
-    private mutating func slots(_ index: Int) -> UnsafeMutablePointer<UInt64>? {
-        let key = index >> Self.leafShift
-        if key == lastKey, let s = lastSlots { return s }
-        guard let leaf = leaves[key] else { return nil }
-        lastKey = key
-        lastSlots = leaf.slots
-        return leaf.slots
-    }
-
-    /// The page cached at `index` (`xa_load`).
-    @inline(__always)
-    mutating func lookup(_ index: Int) -> PFN? {
-        guard let s = slots(index) else { return nil }
-        let v = s[index & (Self.leafSlots - 1)]
-        return v == 0 ? nil : PFN(v - 1)
-    }
-
-    /// Caches `pfn` at `index`, which must be a hole (`xa_store`).
-    mutating func insert(_ pfn: PFN, at index: Int) {
-        let s: UnsafeMutablePointer<UInt64>
-        if let existing = slots(index) {
-            s = existing
-        } else {
-            let leaf = Leaf()
-            leaves[index >> Self.leafShift] = leaf
-            lastKey = index >> Self.leafShift
-            lastSlots = leaf.slots
-            s = leaf.slots
-        }
-        let slot = index & (Self.leafSlots - 1)
-        precondition(s[slot] == 0, "page \(index) is already cached")
-        s[slot] = pfn.rawValue + 1
-        count += 1
-    }
-
-    /// Visits every cached page in index order (`xa_for_each`).
-    func forEach(_ body: (Int, PFN) -> Void) {
-        for key in leaves.keys.sorted() {
-            let s = leaves[key]!.slots
-            for i in 0..<Self.leafSlots where s[i] != 0 { body(key << Self.leafShift | i, PFN(s[i] - 1)) }
-        }
-    }
 }

@@ -41,16 +41,10 @@ extension AddressSpace {
         try mmapLock.withReadLock { () throws(HMMError) -> PagemapEntry in
             try checkAlive()
             let a = address & ~PageSize.baseMask
-            guard a < PageTableIndex.userTop, let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else {
+            guard a < PageTableIndex.userTop, let (e, level, sub) = leafEntry(a) else {
                 return PagemapEntry(rawValue: 0, level: nil, kind: .none)
             }
-            let pmd = PageTableEntry(rawValue: pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
-            if pmd.isTable {
-                let e = PageTableEntry(rawValue: pteSlot(pmd.node, a).pointee.load(ordering: .acquiring))
-                return entry(e, sub: 0, level: .pte)
-            }
-            if pmd.isNone { return PagemapEntry(rawValue: 0, level: nil, kind: .none) }
-            return entry(pmd, sub: PageTableIndex.pte(a), level: .pmd)
+            return entry(e, sub: sub, level: level)
         }
     }
 

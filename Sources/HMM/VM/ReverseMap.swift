@@ -67,22 +67,7 @@ extension Machine {
 extension AddressSpace {
     /// The entry at `a` if it maps `pfn`. Requires `rmapLock` or `mmapLock` held.
     func lookupEntry(_ a: UInt64, mapping pfn: PFN) -> ReverseMapping? {
-        guard let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return nil }
-        let pSlot = pmdSlot(pmdN, a)
-        let pmdLock = pool.lock(pmdN)
-        pmdLock.lock()
-        let pmd = PageTableEntry(rawValue: pSlot.pointee.load(ordering: .acquiring))
-        if pmd.isTable {
-            pmdLock.unlock()
-            let lock = pool.lock(pmd.node)
-            lock.lock()
-            defer { lock.unlock() }
-            let e = PageTableEntry(rawValue: pteSlot(pmd.node, a).pointee.load(ordering: .relaxed))
-            guard !e.isNone, !e.isSpecial, e.pfn == pfn else { return nil }
-            return ReverseMapping(space: self, address: a, level: .pte, entry: e)
-        }
-        defer { pmdLock.unlock() }
-        guard !pmd.isNone, !pmd.isSpecial, pmd.pfn + PageTableIndex.pte(a) == pfn else { return nil }
-        return ReverseMapping(space: self, address: a, level: .pmd, entry: pmd)
+        guard let (e, level, sub) = leafEntry(a), !e.isSpecial, e.pfn + sub == pfn else { return nil }
+        return ReverseMapping(space: self, address: a, level: level, entry: e)
     }
 }

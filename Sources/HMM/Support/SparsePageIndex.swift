@@ -1,8 +1,9 @@
-/// A mirror device's page table (the `xarray` of `struct dmirror`): virtual page number → one 64-bit
-/// entry. Stored as 512-entry leaves (one per 2 MiB of virtual space) found through a dictionary, with
-/// the last leaf cached, so sequential walks cost one hash lookup per 512 pages. Not thread-safe: its
-/// owner's lock guards it.
-final class DevicePageTable {
+/// A sparse map from page numbers to 63-bit values — the kernel's `xarray` as the page cache
+/// (`i_pages`) and drivers (`dmirror`'s page table) use it. Stored as 512-entry leaves (one per 2 MiB of
+/// pages) found through a dictionary, with the last leaf cached, so sequential walks cost one hash lookup
+/// per 512 pages; memory follows the entries stored, never the width of the index space. Not
+/// thread-safe: its owner's lock guards it.
+public final class SparsePageIndex {
     private static let leafShift: UInt64 = 9
     private static let leafSize = 1 << 9
     /// Marks an occupied slot (entries may legitimately be 0).
@@ -12,7 +13,9 @@ final class DevicePageTable {
     private var lastKey = UInt64.max
     private var lastLeaf: UnsafeMutablePointer<UInt64>?
     /// Entries stored.
-    private(set) var count = 0
+    public private(set) var count = 0
+
+    public init() {}
 
     deinit { removeAll() }
 
@@ -33,7 +36,7 @@ final class DevicePageTable {
     }
 
     /// The entry for `vpfn`, nil if none. Values must fit in 63 bits.
-    subscript(vpfn: UInt64) -> UInt64? {
+    public subscript(vpfn: UInt64) -> UInt64? {
         get {
             guard let l = leaf(vpfn, create: false) else { return nil }
             let v = l[Int(vpfn & UInt64(Self.leafSize - 1))]
@@ -55,7 +58,7 @@ final class DevicePageTable {
     }
 
     /// Removes every entry with `first <= vpfn <= last`.
-    func removeAll(from first: UInt64, through last: UInt64) {
+    public func removeAll(from first: UInt64, through last: UInt64) {
         forEachLeaf(from: first, through: last) { l, lo, hi in
             for i in lo...hi where l[i] & Self.present != 0 {
                 l[i] = 0
@@ -67,7 +70,7 @@ final class DevicePageTable {
 
     /// Whether some entry with `first <= vpfn <= last` satisfies `predicate`. Costs follow the entries
     /// (like `xa_for_each_range`), never the width of the range.
-    func contains(from first: UInt64, through last: UInt64, where predicate: (UInt64) -> Bool) -> Bool {
+    public func contains(from first: UInt64, through last: UInt64, where predicate: (UInt64) -> Bool) -> Bool {
         var found = false
         forEachLeaf(from: first, through: last) { l, lo, hi in
             for i in lo...hi where l[i] & Self.present != 0 && predicate(l[i] & ~Self.present) {
@@ -108,8 +111,18 @@ final class DevicePageTable {
         }
     }
 
+    /// Calls `body(index, value)` for every entry, in index order (`xa_for_each`).
+    public func forEach(_ body: (UInt64, UInt64) -> Void) {
+        for key in leaves.keys.sorted() {
+            let l = leaves[key]!
+            for i in 0..<Self.leafSize where l[i] & Self.present != 0 {
+                body(key << Self.leafShift | UInt64(i), l[i] & ~Self.present)
+            }
+        }
+    }
+
     /// Drops every entry and leaf.
-    func removeAll() {
+    public func removeAll() {
         for (_, l) in leaves { l.deallocate() }
         leaves.removeAll()
         lastKey = .max
