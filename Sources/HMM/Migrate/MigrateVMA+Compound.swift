@@ -75,7 +75,7 @@ extension MigrateVMA {
         machine.getFolio(d)
         let entry: PageTableEntry = machine.isDevicePrivate(d)
             ? .nonPresent(vma.writable ? .devicePrivateWrite : .devicePrivateRead, d, huge: true)
-            : .present(d, writable: vma.writable, user: vma.protection != .none, dirty: vma.writable, huge: true)
+            : .present(d, writable: vma.writable, user: vma.accessible, dirty: vma.writable, huge: true)
         slot.pointee.store(entry.rawValue, ordering: .releasing)
         lock.unlock()
         return true

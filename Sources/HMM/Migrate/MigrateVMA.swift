@@ -408,7 +408,7 @@ public final class MigrateVMA: @unchecked Sendable {
         machine.getFolio(d)
         let entry: PageTableEntry = machine.isDevicePrivate(d)
             ? .nonPresent(vma.writable ? .devicePrivateWrite : .devicePrivateRead, d)
-            : .present(d, writable: vma.writable, user: vma.protection != .none, dirty: vma.writable)
+            : .present(d, writable: vma.writable, user: vma.accessible, dirty: vma.writable)
         slot.pointee.store(entry.rawValue, ordering: .releasing)
         return true
     }

@@ -98,7 +98,7 @@ extension AddressSpace {
             defer { lock.unlock() }
             guard slot.pointee.load(ordering: .relaxed) == e.rawValue else { return }
             // The protection is the VMA's as it is now (mprotect leaves device-exclusive entries alone).
-            let user = vma.protection != .none
+            let user = vma.accessible
             let writable = vma.writable && user && frames.flags(pfn).contains(.anonExclusive)
             let dirty = writable && frames.flags(head).contains(.dirty)
             slot.pointee.store(PageTableEntry.present(pfn, writable: writable, user: user, young: false, dirty: dirty).rawValue,

@@ -64,7 +64,7 @@ extension Machine {
                 let vma = space.vmas[vi]
                 guard e.isPresent else { return nonPresent(e, vma, where_, huge: huge) }
                 if e.isWritable && !vma.writable { problem("\(where_): writable entry in a \(vma.protection) VMA") }
-                if e.isUser != (vma.protection != .none) { problem("\(where_): user bit disagrees with \(vma.protection)") }
+                if e.isUser != vma.accessible { problem("\(where_): user bit disagrees with \(vma.protection)") }
                 if huge && !vma.isHugetlb { hugeDeposits += 1 }
                 if e.isSpecial {
                     if e.pfn != (huge ? hugeZeroPFN : zeroPFN) { problem("\(where_): special entry \(e) is not a zero page") }

@@ -181,7 +181,7 @@ extension AddressSpace {
                     throw HMMError(.busy, "fork: device-exclusive page at \(hex(a - UInt64(PageSize.base))) is locked")
                 }
                 let dirty = frames.flags(head).contains(.dirty)
-                let shared = PageTableEntry.present(pfn, writable: false, user: vma.protection != .none, young: false, dirty: dirty)
+                let shared = PageTableEntry.present(pfn, writable: false, user: vma.accessible, young: false, dirty: dirty)
                 frames.clearFlags(pfn, .anonExclusive)
                 machine.getFolio(head)
                 machine.addPageMapcount(pfn, 1)

@@ -99,7 +99,7 @@ extension AddressSpace {
     /// `[lo, hi)` of the new `vma` up to the first page that cannot be had. Nothing for `PROT_NONE`.
     /// Requires `mmapLock` held for writing.
     private func populate(_ lo: UInt64, _ hi: UInt64, _ vma: VMA) {
-        guard vma.protection != .none else { return }
+        guard vma.accessible else { return }
         // `populate_vma_page_range`: write faults only for private writable memory (to break COW up
         // front); shared memory is read-faulted, so populating does not dirty it.
         let access: FaultAccess = vma.writable && !vma.isShared ? .write : .read

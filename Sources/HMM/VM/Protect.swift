@@ -44,7 +44,7 @@ extension AddressSpace {
 
     /// `change_protection` over a whole VMA whose `protection` was just set.
     func changeProtection(_ vma: VMA) {
-        let user = vma.protection != .none
+        let user = vma.accessible
         forEachPMDStep(vma.start, vma.end) { a, pmdEnd, pmdN in
             let slot = pmdSlot(pmdN, a)
             let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .acquiring))

@@ -82,6 +82,8 @@ struct VMA {
     var isCOW: Bool { !flags.contains(.shared) }
     var readable: Bool { protection.contains(.read) }
     var writable: Bool { protection.contains(.write) }
+    /// Whether present entries may carry the user bit (`vm_page_prot` is not `PAGE_NONE`).
+    var accessible: Bool { protection != .none }
 
     /// `linear_page_index`.
     @inline(__always) func linearIndex(_ address: UInt64) -> UInt64 {
