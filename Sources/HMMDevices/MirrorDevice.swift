@@ -68,8 +68,9 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     /// Opens the device for `space` (`open("/dev/hmm_dmirrorN")`): a new mirror with its own device page
     /// table and an interval notifier over the whole address space.
+    /// The space may be simulated (``AddressSpace``) or native (`NativeSpace`).
     /// - Throws: `.noDevice` after ``remove()``, `.noProcess` if the space has exited.
-    public func open(_ space: AddressSpace) throws(HMMError) -> MirrorFile {
+    public func open(_ space: any MirroredAddressSpace) throws(HMMError) -> MirrorFile {
         guard !isRemoved else { throw HMMError(.noDevice, "\(self) was removed") }
         let file = try MirrorFile(device: self, space: space)
         openFiles.withLock { list in
@@ -169,12 +170,11 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     // MARK: CPU faults
 
     /// `dmirror_devmem_fault`: migrate the faulting page — the whole 2 MiB folio for a PMD fault — back to
-    /// system memory.
+    /// system memory, with whatever neighbours the engine's fault-around asks for (``DeviceFault/range``).
     public func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
         var select: MigrateSelect = kind == .devicePrivate ? .devicePrivate : .deviceCoherent
         if fault.huge { select.insert(.compound) }
-        let size = UInt64(fault.huge ? PageSize.pmd : PageSize.base)
-        let m = try MigrateVMA(space: fault.space, start: fault.address, end: fault.address + size,
+        let m = try MigrateVMA(space: fault.space, start: fault.range.lowerBound, end: fault.range.upperBound,
                                select: select, owner: self, faultPage: fault.page)
         do { try m.setup() } catch { throw HMMError(.bus, "migrate_to_ram setup failed: \(error.message)") }
         do throws(HMMError) {

@@ -46,7 +46,8 @@ public enum MirrorProtection {
 /// core (faults, migration) — only to program or read the device page table.
 public final class MirrorFile: @unchecked Sendable {
     public let device: MirrorDevice
-    public let space: AddressSpace
+    /// The mirrored space: a simulated ``AddressSpace`` or a native one — the file is the same code.
+    public let space: any MirroredAddressSpace
     /// Set once in `init`; the notifier calls back through a ``WeakForwarder`` so that the file is
     /// released (and closed) when its user drops it, and the space with it.
     private var notifier: IntervalNotifier!
@@ -70,7 +71,7 @@ public final class MirrorFile: @unchecked Sendable {
     /// The device's machine, stored so per-page paths load it once.
     let machine: Machine
 
-    init(device: MirrorDevice, space: AddressSpace) throws(HMMError) {
+    init(device: MirrorDevice, space: any MirroredAddressSpace) throws(HMMError) {
         self.device = device
         self.space = space
         machine = device.machine
@@ -507,10 +508,14 @@ public final class MirrorFile: @unchecked Sendable {
     public var flags: MirrorFlags { state.withLock { $0.flags } }
 
     /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
-    /// - Throws: as ``AddressSpace/mapDriverPages(length:protection:shared:)``, `.badDescriptor`.
+    /// - Throws: as ``AddressSpace/mapDriverPages(length:protection:shared:)``, `.badDescriptor`;
+    ///   `.unsupported` on a native space (a driver `mmap` needs a device file the host kernel has not).
     public func mmap(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
-        return try space.mapDriverPages(length: length, protection: protection, shared: shared)
+        guard let simulated = space as? AddressSpace else {
+            throw HMMError(.unsupported, "a driver mmap (VM_MIXEDMAP) needs the simulated engine")
+        }
+        return try simulated.mapDriverPages(length: length, protection: protection, shared: shared)
     }
 
     /// Pages the device page table maps (for tests and the demo).

@@ -16,8 +16,8 @@ extension MigrateVMA {
     func collectHugePMD(_ pmdN: UInt32, _ a: UInt64, _ e: PageTableEntry) -> Bool {
         let frames = machine.frames
         let head = e.pfn
-        let slot = space.pmdSlot(pmdN, a)
-        let lock = space.pool.lock(pmdN)
+        let slot = mm.pmdSlot(pmdN, a)
+        let lock = mm.pool.lock(pmdN)
         lock.lock()
         defer { lock.unlock() }
         guard slot.pointee.load(ordering: .relaxed) == e.rawValue, frames.order(head) == PageSize.pmdOrder,
@@ -54,19 +54,19 @@ extension MigrateVMA {
     func insertHugePage(_ vma: VMA, _ a: UInt64, _ d: PFN) -> Bool {
         guard vma.isAnonymous, !vma.isShared, let anon = vma.anonVMA, a & PageSize.pmdMask == 0,
             a >= vma.start, a + UInt64(PageSize.pmd) <= vma.end,
-            let pmdN = try? space.pmdNode(a, allocate: true)
+            let pmdN = try? mm.pmdNode(a, allocate: true)
         else { return false }
-        let slot = space.pmdSlot(pmdN, a)
-        let lock = space.pool.lock(pmdN)
-        guard space.pool.deposit() else { return false }
+        let slot = mm.pmdSlot(pmdN, a)
+        let lock = mm.pool.lock(pmdN)
+        guard mm.pool.deposit() else { return false }
         lock.lock()
         let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
         guard e.isNone || (e.isLeaf && e.isSpecial) else {
             lock.unlock()
-            space.pool.releaseDeposit()
+            mm.pool.releaseDeposit()
             return false
         }
-        if !e.isNone { space.pool.releaseDeposit() }  // the huge zero page brought its own deposit
+        if !e.isNone { mm.pool.releaseDeposit() }  // the huge zero page brought its own deposit
         let index = vma.linearIndex(a)
         for j in 0..<PageSize.pagesPerPMD {
             machine.setAnonRmap(d + j, anonVMA: anon, index: index + UInt64(j), exclusive: true)
@@ -95,8 +95,8 @@ extension MigrateVMA {
         ).exchanged else { return false }
         machine.splitFrozenFolio(head, order: PageSize.pmdOrder, refs: { 1 + ($0 == self.faultPage ? fault : 0) },
                                  locked: { _ in true })
-        if let pmdN = try? space.pmdNode(address(i), allocate: false), pmdN != 0 {
-            space.splitHugePMD(pmdN, address(i))
+        if let pmdN = try? mm.pmdNode(address(i), allocate: false), pmdN != 0 {
+            mm.splitHugePMD(pmdN, address(i))
         }
         // A folio shared after fork has PMD migration entries in other spaces too: they become PTE
         // migration entries of the small pages, restored page by page at finalize.
@@ -111,7 +111,7 @@ extension MigrateVMA {
 
     /// `remove_migration_pmd` for this space's own PMD.
     func restoreHuge(_ pmdN: UInt32, _ a: UInt64, _ old: PFN, to new: PFN) {
-        machine.restoreHugeMigrationEntry(space, vma.protection, pmdN, a, old, to: new)
+        machine.restoreHugeMigrationEntry(mm, vma.protection, pmdN, a, old, to: new)
     }
 }
 

@@ -17,8 +17,17 @@ import Synchronization
 /// Locking: the caller holds the space's `mmapLock` (read is enough) from `setup` through `finalize`.
 /// Source and destination folios stay locked in between. Page-table locks are taken inside; folios
 /// are only try-locked under them (a contended page is simply not collected).
+///
+/// The same class serves both engines: on a simulated ``AddressSpace`` the phases below run the core's
+/// page-table code; on another engine (the native `NativeSpace`) they check the protocol's order and
+/// destinations and hand the page work to its ``MigrationEngine``. A driver's code is the same.
 public final class MigrateVMA: @unchecked Sendable {
-    public let space: AddressSpace
+    /// The space migrated, on either engine.
+    public let space: any MirroredAddressSpace
+    /// The simulated space, or nil when ``engine`` migrates.
+    let mm: AddressSpace!
+    /// The engine that carries out the phases on memory that is not the simulated core's.
+    let engine: (any MigrationEngine)?
     public let start: UInt64
     /// Exclusive; shrinks if collection stopped early.
     public private(set) var end: UInt64
@@ -52,7 +61,7 @@ public final class MigrateVMA: @unchecked Sendable {
     /// - Throws: `.invalidArgument` for an empty or overflowing range, one outside user space, or one
     ///   longer than ``maximumPages``.
     public init(
-        space: AddressSpace, start: UInt64, end: UInt64, select: MigrateSelect,
+        space: any MirroredAddressSpace, start: UInt64, end: UInt64, select: MigrateSelect,
         owner: (any AnyObject & Sendable)?, faultPage: PFN? = nil
     ) throws(HMMError) {
         let lo = start & ~PageSize.baseMask
@@ -64,6 +73,15 @@ public final class MigrateVMA: @unchecked Sendable {
             throw .invalid("migrate_vma range \(hex(start))..<\(hex(end)) is longer than \(Self.maximumPages) pages")
         }
         self.space = space
+        if let simulated = space as? AddressSpace {
+            mm = simulated
+            engine = nil
+        } else if let engine = space as? any MigrationEngine {
+            mm = nil
+            self.engine = engine
+        } else {
+            throw .invalid("migrate_vma: \(type(of: space)) is neither a simulated space nor a migration engine")
+        }
         machine = space.machine
         self.start = lo
         self.end = hi
@@ -81,6 +99,13 @@ public final class MigrateVMA: @unchecked Sendable {
 
     @inline(__always) func address(_ i: Int) -> UInt64 { start + UInt64(i) << UInt64(PageSize.shift) }
 
+    /// The source entries, writable by the engine that collects them (``MigrationEngine``).
+    @_spi(Engine)
+    public var engineSource: [MigratePFN] {
+        get { src }
+        _modify { yield &src }
+    }
+
     // MARK: phase 1
 
     /// `migrate_vma_setup`: validates, collects every page of the range into ``src`` (locking it and
@@ -91,15 +116,22 @@ public final class MigrateVMA: @unchecked Sendable {
     ///   collected on error.
     public func setup() throws(HMMError) {
         guard phase == 0 else { throw .invalid("migrate_vma_setup called twice") }
-        try checkMmapLockHeld("migrate_vma_setup")
-        try space.checkAlive()
         // Owners are identities compared with `===`, as the kernel compares `pgmap_owner` pointers: any
         // code in the process can name any driver, so the check catches mistakes, not impostors.
         if !select.isDisjoint(with: [.devicePrivate, .deviceCoherent]) && owner == nil {
             throw .invalid("migrate_vma: selecting device memory needs the owner its pagemaps were registered with")
         }
-        guard let vi = space.vmaIndex(containing: start) else { throw .invalid("migrate_vma: no VMA at \(hex(start))") }
-        let vma = space.vmas[vi]
+        if let engine {
+            try engine.migrateSetup(self)
+            phase = 1
+            npages = src.count
+            cpages = src.reduce(0) { $0 + ($1.isMigrating ? 1 : 0) }
+            return
+        }
+        try checkMmapLockHeld("migrate_vma_setup")
+        try mm.checkAlive()
+        guard let vi = mm.vmaIndex(containing: start) else { throw .invalid("migrate_vma: no VMA at \(hex(start))") }
+        let vma = mm.vmas[vi]
         guard end <= vma.end else { throw .invalid("migrate_vma: \(hex(end)) is past the VMA end \(hex(vma.end))") }
         guard !vma.isHugetlb, !vma.flags.contains(.mixedMap) else {
             throw .invalid("migrate_vma: hugetlb and driver VMAs cannot migrate")
@@ -111,7 +143,7 @@ public final class MigrateVMA: @unchecked Sendable {
         }
         phase = 1
         self.vma = vma
-        space.invalidating(start, end, .migrate, owner: owner) { collect(vma) }
+        mm.invalidating(start, end, .migrate, owner: owner) { collect(vma) }
         npages = src.count
         cpages = unmapAndCheck()
         #if DEBUG
@@ -128,15 +160,15 @@ public final class MigrateVMA: @unchecked Sendable {
         while a < end {
             let stepEnd = min(end, (a | PageSize.pmdMask) + 1)
             let whole = a & PageSize.pmdMask == 0 && stepEnd - a == UInt64(PageSize.pmd) && select.contains(.compound)
-            let pmdN = (try? space.pmdNode(a, allocate: false)) ?? 0
-            let pmd = pmdN == 0 ? PageTableEntry.none : PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            let pmdN = (try? mm.pmdNode(a, allocate: false)) ?? 0
+            let pmd = pmdN == 0 ? PageTableEntry.none : PageTableEntry(rawValue: mm.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.isNone {
                 if anonymousVMA { whole ? collectCompoundHole(a) : collectHoles(a, stepEnd) }
             } else if pmd.isLeaf {
                 if pmd.isSpecial && whole && anonymousVMA && select.contains(.system) {
                     collectCompoundHole(a)  // the huge zero page is a hole
                 } else if !(whole && !pmd.isSpecial && select.contains(.system) && collectHugePMD(pmdN, a, pmd)) {
-                    space.splitHugePMD(pmdN, a)
+                    mm.splitHugePMD(pmdN, a)
                     continue
                 }
             } else if pmd.isNonPresent {
@@ -146,11 +178,11 @@ public final class MigrateVMA: @unchecked Sendable {
                         continue
                     }
                     if !(whole && collectHugePMD(pmdN, a, pmd)) {
-                        space.splitHugePMD(pmdN, a)
+                        mm.splitHugePMD(pmdN, a)
                         continue
                     }
                 } else {
-                    space.waitForChange(space.pmdSlot(pmdN, a), pmd)
+                    mm.waitForChange(mm.pmdSlot(pmdN, a), pmd)
                     continue
                 }
             } else if let head = collectPTEs(pmd.node, a, stepEnd, anonymousVMA), !unsplittable.contains(head) {
@@ -188,8 +220,8 @@ public final class MigrateVMA: @unchecked Sendable {
     /// `migrate_vma_collect_pmd` at PTE level: one table, under its lock. Returns the head of a device THP
     /// that could not be split from this table alone (the caller splits it and collects again).
     private func collectPTEs(_ pteN: UInt32, _ lo: UInt64, _ hi: UInt64, _ anonymousVMA: Bool) -> PFN? {
-        let lock = space.pool.lock(pteN)
-        let ptes = space.pool.entries(pteN)
+        let lock = mm.pool.lock(pteN)
+        let ptes = mm.pool.entries(pteN)
         let frames = machine.frames
         lock.lock()
         defer { lock.unlock() }
@@ -219,7 +251,7 @@ public final class MigrateVMA: @unchecked Sendable {
                 }
                 let head = frames.head(of: e.pfn)
                 if frames.order(head) > 0 {
-                    guard space.trySplitFolio(head, inTable: pteN, extra: 0) else { return head }
+                    guard mm.trySplitFolio(head, inTable: pteN, extra: 0) else { return head }
                     e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                 }
                 writable = e.isWritable
@@ -230,7 +262,7 @@ public final class MigrateVMA: @unchecked Sendable {
                     // A device THP mapped by PTEs: split it, the fault's reference and lock staying on the
                     // faulting page.
                     let faultRefs: Int32 = faultPage.map { $0 >= head && $0 < head + (1 << frames.order(head)) ? 1 : 0 } ?? 0
-                    guard space.trySplitFolio(head, inTable: pteN, extra: faultRefs, keep: faultPage) else { return head }
+                    guard mm.trySplitFolio(head, inTable: pteN, extra: faultRefs, keep: faultPage) else { return head }
                     e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                 }
                 writable = e.kind == .devicePrivateWrite
@@ -294,11 +326,11 @@ public final class MigrateVMA: @unchecked Sendable {
     /// was mapped there) by mappings of `new`.
     func restore(_ i: Int, _ old: PFN, to new: PFN) {
         if src[i].isCompound {
-            if let pmdN = try? space.pmdNode(address(i), allocate: false), pmdN != 0 { restoreHuge(pmdN, address(i), old, to: new) }
+            if let pmdN = try? mm.pmdNode(address(i), allocate: false), pmdN != 0 { restoreHuge(pmdN, address(i), old, to: new) }
             if remote[i] { machine.removeHugeMigrationEntries(old, new) }
             return
         }
-        space.withLockedPTE(address(i)) { slot, e in
+        mm.withLockedPTE(address(i)) { slot, e in
             guard e.isMigration, e.pfn == old else { return }
             slot.pointee.store(machine.entryAfterMigration(e, to: new, in: vma.protection).rawValue, ordering: .releasing)
         }
@@ -316,12 +348,18 @@ public final class MigrateVMA: @unchecked Sendable {
     ///   ``finalize()`` afterwards restores every source.
     public func pages() throws(HMMError) {
         guard phase == 1 else { throw .invalid("migrate_vma_pages called out of order") }
+        if let engine {
+            try validateDestinations()
+            try engine.migratePages(self)
+            phase = 2
+            return
+        }
         try checkMmapLockHeld("migrate_vma_pages")
         try validateDestinations()
         phase = 2
         let vma = self.vma
         var started = false
-        defer { space.notifiers.end(started) }
+        defer { mm.notifiers.end(started) }
         for i in 0..<src.count where src[i].isMigrating {
             guard let d = dst[i].pfn else {
                 src[i].clearMigrate()
@@ -330,7 +368,7 @@ public final class MigrateVMA: @unchecked Sendable {
             let dstCompound = dst[i].isCompound
             guard let s = src[i].pfn else {
                 if !started {
-                    started = space.notifiers.start(NotifierRange(
+                    started = mm.notifiers.start(NotifierRange(
                         space: space, start: address(i), end: end, event: .migrate, owner: owner, blockable: true))
                 }
                 if src[i].isCompound && !dstCompound {
@@ -368,8 +406,8 @@ public final class MigrateVMA: @unchecked Sendable {
     /// without it throws instead of racing `munmap`. (Whether *this* thread is the holder cannot be told
     /// from a pthread rwlock; a lock nobody holds can.)
     private func checkMmapLockHeld(_ what: String) throws(HMMError) {
-        if space.mmapLock.tryWriteLock() {
-            space.mmapLock.unlock()
+        if mm.mmapLock.tryWriteLock() {
+            mm.mmapLock.unlock()
             throw .invalid("\(what) needs the space's mmapLock held (withMmapReadLock)")
         }
     }
@@ -386,19 +424,19 @@ public final class MigrateVMA: @unchecked Sendable {
     /// `migrate_vma_insert_page`: maps the new page `d` at the hole `a`.
     private func insertPage(_ vma: VMA, _ a: UInt64, _ d: PFN) -> Bool {
         guard vma.isAnonymous, !vma.isShared, let anon = vma.anonVMA else { return false }
-        guard let pmdN = try? space.pmdNode(a, allocate: true) else { return false }
+        guard let pmdN = try? mm.pmdNode(a, allocate: true) else { return false }
         var pteN: UInt32? = nil
         while pteN == nil {
-            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            let pmd = PageTableEntry(rawValue: mm.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.isLeaf && pmd.isSpecial {
-                space.splitHugePMD(pmdN, a)
+                mm.splitHugePMD(pmdN, a)
                 continue
             }
-            guard pmd.isNone || pmd.isTable, let n = try? space.pteNode(pmdN, a, allocate: true), n != 0 else { return false }
+            guard pmd.isNone || pmd.isTable, let n = try? mm.pteNode(pmdN, a, allocate: true), n != 0 else { return false }
             pteN = n
         }
-        let lock = space.pool.lock(pteN!)
-        let slot = space.pteSlot(pteN!, a)
+        let lock = mm.pool.lock(pteN!)
+        let slot = mm.pteSlot(pteN!, a)
         lock.lock()
         defer { lock.unlock() }
         let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
@@ -423,8 +461,14 @@ public final class MigrateVMA: @unchecked Sendable {
     /// caller not hold `mmapLock` (a broken contract), finalize takes it for writing itself.
     public func finalize() {
         guard phase == 1 || phase == 2 else { return }
-        let tookLock = space.mmapLock.tryWriteLock()
-        defer { if tookLock { space.mmapLock.unlock() } }
+        if let engine {
+            let accepted = phase == 2
+            phase = 3
+            engine.migrateFinalize(self, accepted: accepted)
+            return
+        }
+        let tookLock = mm.mmapLock.tryWriteLock()
+        defer { if tookLock { mm.mmapLock.unlock() } }
         // Destinations were checked by `pages()`; if it never ran (or refused them) a destination the
         // driver got wrong is not ours to release, and no source moved: each is restored in place.
         let accepted = phase == 2
@@ -459,16 +503,16 @@ public final class MigrateVMA: @unchecked Sendable {
         while a < end {
             let stepEnd = min(end, (a | PageSize.pmdMask) + 1)
             defer { a = stepEnd }
-            guard let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { continue }
-            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            guard let pmdN = try? mm.pmdNode(a, allocate: false), pmdN != 0 else { continue }
+            let pmd = PageTableEntry(rawValue: mm.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.isNonPresent && pmd.isHuge {
                 let i = Int((a - start) >> UInt64(PageSize.shift))
                 if let new = target[i], let old = src[i].pfn { restoreHuge(pmdN, a, old, to: new) }
                 continue
             }
             guard pmd.isTable else { continue }
-            let lock = space.pool.lock(pmd.node)
-            let ptes = space.pool.entries(pmd.node)
+            let lock = mm.pool.lock(pmd.node)
+            let ptes = mm.pool.entries(pmd.node)
             lock.lock()
             var b = a
             while b < stepEnd {
@@ -500,7 +544,7 @@ extension AddressSpace {
 
     /// ``withMmapReadLock(_:)`` for a closure written without a thrown-type annotation. Swift infers
     /// `throws(any Error)` for such a closure, which the typed form cannot take; this form takes it, so
-    /// `try space.withMmapReadLock { try m.setup(); … }` compiles. Annotate the closure
+    /// `try mm.withMmapReadLock { try m.setup(); … }` compiles. Annotate the closure
     /// (`{ () throws(HMMError) in … }`) to keep the typed error.
     /// - Throws: what `body` throws, or `HMMError.noProcess` after exit.
     @_disfavoredOverload

@@ -26,7 +26,7 @@ public enum NotifierEvent: Int, Sendable, CustomStringConvertible {
 
 /// One invalidation (`struct mmu_notifier_range`): `[start, end)` of `space` is about to change.
 public struct NotifierRange: Sendable {
-    public let space: AddressSpace
+    public let space: any MirroredAddressSpace
     public let start: UInt64
     /// Exclusive.
     public let end: UInt64
@@ -35,6 +35,18 @@ public struct NotifierRange: Sendable {
     public let owner: (any AnyObject & Sendable)?
     /// `MMU_NOTIFIER_RANGE_BLOCKABLE`: the callback may sleep (always true here).
     public let blockable: Bool
+
+    /// An invalidation of `[start, end)`: how an engine describes a change before it tells the notifiers.
+    @_spi(Engine)
+    public init(space: any MirroredAddressSpace, start: UInt64, end: UInt64, event: NotifierEvent,
+                owner: (any AnyObject & Sendable)?, blockable: Bool = true) {
+        self.space = space
+        self.start = start
+        self.end = end
+        self.event = event
+        self.owner = owner
+        self.blockable = blockable
+    }
 
     /// Whether this is the migrate event of `owner` itself. A driver may keep its device mappings then
     /// (the migration protocol tells it what moves), but it must still call
@@ -70,16 +82,23 @@ public protocol IntervalNotifierOperations: AnyObject, Sendable {
 /// ``remove()`` on close, or pass an operations object that refers back to the driver weakly (as
 /// `MirrorFile` does), so that dropping the driver — and then the space — returns the space's memory.
 public final class IntervalNotifier: @unchecked Sendable {
-    public let space: AddressSpace
+    public let space: any MirroredAddressSpace
     public let start: UInt64
     /// Exclusive.
     public let end: UInt64
     let operations: any IntervalNotifierOperations
+    /// The space's subscription list (its `mmu_notifier_subscriptions`).
+    let subscriptions: NotifierSubscriptions
     let sequence = Atomic<UInt64>(0)
     let removed = Atomic<Bool>(false)
 
-    init(space: AddressSpace, start: UInt64, end: UInt64, operations: any IntervalNotifierOperations) {
+    /// A notifier of `space` over `[start, end)`, not yet subscribed: engines create it and pass it to
+    /// their ``NotifierSubscriptions/insert(_:)``.
+    @_spi(Engine)
+    public init(space: any MirroredAddressSpace, subscriptions: NotifierSubscriptions, start: UInt64, end: UInt64,
+                operations: any IntervalNotifierOperations) {
         self.space = space
+        self.subscriptions = subscriptions
         self.start = start
         self.end = end
         self.operations = operations
@@ -88,13 +107,13 @@ public final class IntervalNotifier: @unchecked Sendable {
     deinit {
         // Nothing can be running a callback on us (an invalidation holds a strong reference while it
         // does); forget the dead entry.
-        if !removed.load(ordering: .acquiring) { space.notifiers.pruneReleased() }
+        if !removed.load(ordering: .acquiring) { subscriptions.pruneReleased() }
     }
 
     /// `mmu_interval_read_begin`: the sequence to validate a walk against. If an invalidation of this
     /// interval is running right now, waits until it ends. Call without the driver lock held.
     public func readBegin() -> UInt64 {
-        space.notifiers.readBegin(self)
+        subscriptions.readBegin(self)
     }
 
     /// `mmu_interval_read_retry`: true if an invalidation touched the interval since ``readBegin()``
@@ -115,13 +134,15 @@ public final class IntervalNotifier: @unchecked Sendable {
     /// from a callback. Idempotent.
     public func remove() {
         guard !removed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        space.notifiers.remove(self)
+        subscriptions.remove(self)
     }
 }
 
 /// The per-address-space notifier state (`struct mmu_notifier_subscriptions`): the mm-wide
-/// `invalidate_seq` (even = idle, odd = an invalidation is running) and the intervals.
-final class NotifierSubscriptions: @unchecked Sendable {
+/// `invalidate_seq` (even = idle, odd = an invalidation is running) and the intervals. One per space,
+/// on either engine.
+@_spi(Engine)
+public final class NotifierSubscriptions: @unchecked Sendable {
     private struct State {
         var sequence: UInt64 = 2
         var active = 0
@@ -134,7 +155,11 @@ final class NotifierSubscriptions: @unchecked Sendable {
     /// writing, so no invalidation can miss a notifier inserted before it began.
     private let count = Atomic<Int>(0)
 
-    func insert(_ n: IntervalNotifier) {
+    public init() {}
+
+    /// Subscribes `n`. The caller excludes invalidations that must not miss it (the simulated engine
+    /// holds `mmapLock` for writing).
+    public func insert(_ n: IntervalNotifier) {
         state.withLock { s in
             n.sequence.store(s.active > 0 ? s.sequence : s.sequence &- 1, ordering: .releasing)
             s.intervals.append(WeakBox(n))
@@ -178,8 +203,9 @@ final class NotifierSubscriptions: @unchecked Sendable {
         }
     }
 
-    /// `mmu_notifier_invalidate_range_start`; returns whether ``end(_:)`` must be called.
-    func start(_ range: NotifierRange) -> Bool {
+    /// `mmu_notifier_invalidate_range_start`: every overlapping interval's callback runs, in this
+    /// thread; returns whether ``end(_:)`` must be called.
+    public func start(_ range: NotifierRange) -> Bool {
         guard count.load(ordering: .acquiring) > 0 else { return false }
         let (cur, list) = state.withLock { s in
             s.active += 1
@@ -194,7 +220,7 @@ final class NotifierSubscriptions: @unchecked Sendable {
     }
 
     /// `mmu_notifier_invalidate_range_end`.
-    func end(_ started: Bool) {
+    public func end(_ started: Bool) {
         guard started else { return }
         state.withLock { s in
             s.active -= 1
@@ -214,7 +240,8 @@ extension AddressSpace {
         guard length > 0, start <= UInt64.max - length else {
             throw .invalid("interval notifier \(hex(start))+\(length) is empty or overflows")
         }
-        let n = IntervalNotifier(space: self, start: start, end: start + length, operations: operations)
+        let n = IntervalNotifier(space: self, subscriptions: notifiers, start: start, end: start + length,
+                                 operations: operations)
         try mmapLock.withWriteLock { () throws(HMMError) in
             try checkAlive()
             notifiers.insert(n)

@@ -30,8 +30,9 @@ public enum PagemapKind: Int, Sendable, CustomStringConvertible {
 /// When the callback runs, the faulting space's `mmapLock` is held for reading, `page` is locked and
 /// referenced by the core (pass it as `faultPage` to ``MigrateVMA``), and no page-table lock is held.
 public struct DeviceFault: Sendable {
-    /// The space that faulted (after fork it may differ from the one that migrated the page).
-    public let space: AddressSpace
+    /// The space that faulted (after fork it may differ from the one that migrated the page), on
+    /// either engine.
+    public let space: any MirroredAddressSpace
     /// The faulting address, page-aligned.
     public let address: UInt64
     /// The device-private page the entry named.
@@ -40,6 +41,23 @@ public struct DeviceFault: Sendable {
     public let huge: Bool
     /// Whether the CPU wanted to write.
     public let write: Bool
+    /// The span the engine asks the driver to migrate with this fault; it contains the faulting unit.
+    /// The simulated engine asks for the faulting unit only (the page, or the 2 MiB folio when
+    /// ``huge``), as the kernel's `vmf` does; the native engine asks for a fault-around window, since
+    /// each CPU fault there costs a userfaultfd round trip. A driver may migrate less, never more.
+    public let range: Range<UInt64>
+
+    /// A fault to hand to ``PagemapOperations/migrateToRAM(_:)``.
+    @_spi(Engine)
+    public init(space: any MirroredAddressSpace, address: UInt64, page: PFN, huge: Bool, write: Bool,
+                range: Range<UInt64>) {
+        self.space = space
+        self.address = address
+        self.page = page
+        self.huge = huge
+        self.write = write
+        self.range = range
+    }
 }
 
 /// The callbacks a driver supplies with a ``Pagemap`` (`struct dev_pagemap_ops`).

@@ -142,8 +142,9 @@ extension AddressSpace {
         machine.statistics.count(.faultDevicePrivate)
         guard let ops = pm.ops else { throw HMMError(.bus, "the driver of \(pm) is gone") }
         let mask = huge ? PageSize.pmdMask : PageSize.baseMask
-        try ops.migrateToRAM(DeviceFault(space: self, address: address & ~mask, page: page, huge: huge,
-                                         write: access == .write))
+        let unit = address & ~mask
+        try ops.migrateToRAM(DeviceFault(space: self, address: unit, page: page, huge: huge, write: access == .write,
+                                         range: unit..<(unit + mask + 1)))
         return false
     }
 
