@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "HMM", targets: ["HMM"]),
         .library(name: "HMMDevices", targets: ["HMMDevices"]),
+        .library(name: "HMMNative", targets: ["HMMNative"]),
         .executable(name: "hmm", targets: ["hmm"]),
     ],
     dependencies: [
@@ -14,16 +15,19 @@ let package = Package(
     targets: [
         .target(name: "HMM"),
         .target(name: "HMMDevices", dependencies: ["HMM"]),
+        .target(name: "CUserfaultfd", cSettings: [.define("_GNU_SOURCE")]),
+        .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd"]),
         .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices"]),
         .executableTarget(
             name: "hmm",
             dependencies: [
-                "HMM", "HMMDevices", "HMMSelftests",
+                "HMM", "HMMDevices", "HMMSelftests", "HMMNative", "CUserfaultfd",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "HMMTests", dependencies: ["HMM", "HMMDevices"]),
         .testTarget(name: "SelftestTests", dependencies: ["HMM", "HMMDevices", "HMMSelftests"]),
+        .testTarget(name: "HMMNativeTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -56,6 +56,8 @@ public final class Machine: @unchecked Sendable {
     /// Slot → `PagemapKind` raw value (0 = none): the kind without touching the pagemap object.
     let pagemapKinds: UnsafeMutablePointer<Atomic<Int>>
     private let spaceList = Locked<[WeakBox<AddressSpace>]>([])
+    /// Engines' references outside the page tables (``FrameReferenceHolder``).
+    let referenceHolders = Locked<[WeakHolder]>([])
     private let fileList = Locked<[WeakBox<MemoryFile>]>([])
     private let nextSpaceID = Atomic<Int>(1)
 

@@ -1,7 +1,7 @@
 import Dispatch
 import Synchronization
 import Testing
-@testable import HMM
+@_spi(Engine) @testable import HMM
 import HMMDevices
 
 #if canImport(Glibc)

@@ -1,6 +1,6 @@
 import Synchronization
 import Testing
-@testable import HMM
+@_spi(Engine) @testable import HMM
 
 #if canImport(Glibc)
 import Glibc

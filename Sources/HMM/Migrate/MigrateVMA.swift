@@ -99,6 +99,10 @@ public final class MigrateVMA: @unchecked Sendable {
 
     @inline(__always) func address(_ i: Int) -> UInt64 { start + UInt64(i) << UInt64(PageSize.shift) }
 
+    /// What the engine keeps about this migration between its phases (which pages it locked…).
+    @_spi(Engine)
+    public var engineContext: AnyObject?
+
     /// The source entries, writable by the engine that collects them (``MigrationEngine``).
     @_spi(Engine)
     public var engineSource: [MigratePFN] {

@@ -13,6 +13,11 @@ public enum PagemapKind: Int, Sendable, CustomStringConvertible {
     case generic = 4
     /// `MEMORY_DEVICE_PCI_P2PDMA`: a PCI BAR mapped for peer-to-peer DMA.
     case pciP2PDMA = 5
+    /// Not a kernel memory type: PFNs that name host pages where they are — a native region's own
+    /// memory — so that a mirror reads and writes CPU-resident pages through the same
+    /// ``Machine/framePointer(_:)`` as any frame. Its frames are never allocated or referenced; a driver
+    /// sees them as system RAM.
+    case hostWindow = 64
 
     public var description: String {
         switch self {
@@ -20,6 +25,7 @@ public enum PagemapKind: Int, Sendable, CustomStringConvertible {
         case .deviceCoherent: return "device-coherent"
         case .generic: return "generic"
         case .pciP2PDMA: return "p2pdma"
+        case .hostWindow: return "host window"
         }
     }
 }
@@ -109,7 +115,7 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
     private let unregistered = Atomic<Bool>(false)
 
     init(machine: Machine, kind: PagemapKind, owner: any AnyObject & Sendable, firstPFN: PFN, count: Int, slot: Int,
-         operations: any PagemapOperations) throws(HMMError) {
+         operations: any PagemapOperations, window: UnsafeMutableRawPointer? = nil) throws(HMMError) {
         self.machine = machine
         self.kind = kind
         self.owner = owner
@@ -117,7 +123,11 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
         self.count = count
         self.slot = slot
         self.operations = operations
-        arena = try Arena(byteCount: count << PageSize.shift, what: "\(kind) pagemap")
+        if let window {
+            arena = Arena(borrowing: window, byteCount: count << PageSize.shift)
+        } else {
+            arena = try Arena(byteCount: count << PageSize.shift, what: "\(kind) pagemap")
+        }
     }
 
     /// The driver's callbacks; nil once the driver object is gone.
@@ -211,6 +221,24 @@ extension Machine {
     public func registerPagemap(
         kind: PagemapKind, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations
     ) throws(HMMError) -> Pagemap {
+        guard kind != .hostWindow else { throw .invalid("a host window is registered by its engine") }
+        return try register(kind: kind, count: count, owner: owner, operations: operations, window: nil)
+    }
+
+    /// Registers `count` frames whose bytes are the host memory at `base` (a ``PagemapKind/hostWindow``):
+    /// how the native engine names its regions' CPU-resident pages. Unregister it like any pagemap.
+    /// - Throws: as ``registerPagemap(kind:count:owner:operations:)``.
+    @_spi(Engine)
+    public func registerHostWindow(
+        base: UnsafeMutableRawPointer, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations
+    ) throws(HMMError) -> Pagemap {
+        try register(kind: .hostWindow, count: count, owner: owner, operations: operations, window: base)
+    }
+
+    private func register(
+        kind: PagemapKind, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations,
+        window: UnsafeMutableRawPointer?
+    ) throws(HMMError) -> Pagemap {
         guard count > 0, count % PageSize.pagesPerPMD == 0, count <= 1 << 24 else {
             throw .invalid("pagemap of \(count) frames: must be a positive multiple of 512")
         }
@@ -226,7 +254,7 @@ extension Machine {
                 throw HMMError(.outOfMemory, "no free range of \(count) frames in the device PFN space: \(r.spaceReport(capacity: frames.capacity))")
             }
             let pm = try Pagemap(machine: self, kind: kind, owner: owner, firstPFN: PFN(UInt64(first)),
-                                 count: count, slot: slot, operations: operations)
+                                 count: count, slot: slot, operations: operations, window: window)
             r.take(first..<(first + count))
             frames.initialize(first..<(first + count), pagemapSlot: slot)
             r.slots[slot] = pm

@@ -7,6 +7,15 @@ import Glibc
 final class Arena: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let byteCount: Int
+    /// False for memory someone else mapped (a native region seen through a host window).
+    private let owned: Bool
+
+    /// Memory owned elsewhere, named here; never unmapped by the arena.
+    init(borrowing base: UnsafeMutableRawPointer, byteCount: Int) {
+        self.base = base
+        self.byteCount = byteCount
+        owned = false
+    }
 
     /// - Throws: `.outOfMemory` if the host refuses the reservation.
     init(byteCount: Int, what: String) throws(HMMError) {
@@ -16,10 +25,11 @@ final class Arena: @unchecked Sendable {
         }
         base = p
         self.byteCount = byteCount
+        owned = true
         // Ask the host for transparent huge pages behind large arenas: page copies and walks then miss the
         // host TLB far less often. Advisory; harmless where THP is off.
         if byteCount >= 2 << 20 { _ = madvise(p, byteCount, Int32(MADV_HUGEPAGE)) }
     }
 
-    deinit { munmap(base, byteCount) }
+    deinit { if owned { munmap(base, byteCount) } }
 }

@@ -133,6 +133,12 @@ extension Machine {
             }
             visit(space.root, 0, 0)
         }
+        for holder in liveReferenceHolders {
+            holder.forEachHeldReference { pfn in
+                guard pfn.rawValue < UInt64(total) else { return problem("an engine holds \(pfn), which is no frame") }
+                expectedRef[Int(frames.head(of: pfn).rawValue)] += 1
+            }
+        }
         for file in liveFiles {
             for pfn in file.cachedPFNs {
                 expectedRef[Int(pfn.rawValue)] += 1

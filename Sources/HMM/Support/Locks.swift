@@ -46,10 +46,11 @@ struct SpinLockWord {
 
 /// A reader–writer lock (the kernel's `mmap_lock` is an rw-semaphore). Writers are preferred so that a
 /// stream of faults cannot starve `munmap`, `fork` or `mprotect`.
-final class ReadWriteLock: @unchecked Sendable {
+@_spi(Engine)
+public final class ReadWriteLock: @unchecked Sendable {
     private let handle: UnsafeMutablePointer<pthread_rwlock_t>
 
-    init() {
+    public init() {
         handle = .allocate(capacity: 1)
         var attr = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attr)
@@ -64,19 +65,19 @@ final class ReadWriteLock: @unchecked Sendable {
         handle.deallocate()
     }
 
-    func readLock() { precondition(pthread_rwlock_rdlock(handle) == 0) }
-    func writeLock() { precondition(pthread_rwlock_wrlock(handle) == 0) }
-    func unlock() { precondition(pthread_rwlock_unlock(handle) == 0) }
+    public func readLock() { precondition(pthread_rwlock_rdlock(handle) == 0) }
+    public func writeLock() { precondition(pthread_rwlock_wrlock(handle) == 0) }
+    public func unlock() { precondition(pthread_rwlock_unlock(handle) == 0) }
     /// Takes the lock for writing if nobody holds it; false otherwise (held for reading or writing).
-    func tryWriteLock() -> Bool { pthread_rwlock_trywrlock(handle) == 0 }
+    public func tryWriteLock() -> Bool { pthread_rwlock_trywrlock(handle) == 0 }
 
-    @inline(__always) func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    @inline(__always) public func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         readLock()
         defer { unlock() }
         return try body()
     }
 
-    @inline(__always) func withWriteLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    @inline(__always) public func withWriteLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         writeLock()
         defer { unlock() }
         return try body()

@@ -125,6 +125,20 @@ public struct MappingInfo: Hashable, Sendable, CustomStringConvertible {
     public let anonymous: Bool
     public let hugetlb: Bool
     public let hugePageAdvice: Bool
+
+    /// A mapping as an engine describes it.
+    @_spi(Engine)
+    public init(start: UInt64, end: UInt64, protection: Protection, shared: Bool, anonymous: Bool, hugetlb: Bool,
+                hugePageAdvice: Bool) {
+        self.start = start
+        self.end = end
+        self.protection = protection
+        self.shared = shared
+        self.anonymous = anonymous
+        self.hugetlb = hugetlb
+        self.hugePageAdvice = hugePageAdvice
+    }
+
     public var description: String {
         "\(hex(start))-\(hex(end)) \(protection)\(shared ? "s" : "p")"
             + (anonymous ? " [anon]" : " [file]") + (hugetlb ? " [hugetlb]" : "") + (hugePageAdvice ? " [thp]" : "")

@@ -1,0 +1,59 @@
+import Synchronization
+
+/// Something outside the simulated page tables that holds references to frames at rest — the native
+/// engine's per-page state words hold their device pages (and the staging frames of device-exclusive
+/// pages). ``Machine/checkInvariants()`` counts these references as mappings, so a leak still shows.
+@_spi(Engine)
+public protocol FrameReferenceHolder: AnyObject, Sendable {
+    /// Calls `body` once per reference held, with the folio's head frame. Called only when no other
+    /// thread changes the holder (the invariant checker's contract).
+    func forEachHeldReference(_ body: (PFN) -> Void)
+}
+
+/// The frame operations an engine needs beyond the driver API: the folio lock and references
+/// (`folio_lock`, `folio_get`, `folio_put`), the RAM arena's host range, reference holders.
+@_spi(Engine)
+extension Machine {
+    /// The host range of system RAM: frame `pfn` (below ``totalFrames``) is at
+    /// `ramBase + pfn << 12`. A native engine registers it as the staging pool of its migrations.
+    public var ramBase: UnsafeMutableRawPointer { ram.base }
+
+    /// The head of the folio containing `pfn`.
+    public func folioHead(_ pfn: PFN) -> PFN { frames.head(of: pfn) }
+    /// `folio_trylock`.
+    public func folioTryLock(_ head: PFN) -> Bool { frames.tryLock(head) }
+    /// `folio_unlock`.
+    public func folioUnlock(_ head: PFN) { frames.unlock(head) }
+    /// `folio_get`: the caller already holds a reference.
+    public func folioGet(_ head: PFN) { getFolio(head) }
+    /// `folio_put`: the last reference frees the folio (a device folio through its driver's
+    /// ``PagemapOperations/folioFree(_:order:)``).
+    public func folioPut(_ head: PFN) { putFolio(head) }
+    /// The folio's order (0 or 9).
+    public func folioOrder(_ head: PFN) -> Int { frames.order(head) }
+
+    /// Adds `holder` to the references ``checkInvariants()`` accounts for; held weakly.
+    public func addReferenceHolder(_ holder: any FrameReferenceHolder) {
+        referenceHolders.withLock { list in
+            list.removeAll { $0.object == nil }
+            list.append(WeakHolder(object: holder))
+        }
+    }
+
+    /// The live reference holders.
+    var liveReferenceHolders: [any FrameReferenceHolder] {
+        referenceHolders.withLock { $0.compactMap { $0.object } }
+    }
+}
+
+/// A weak reference to a ``FrameReferenceHolder``.
+struct WeakHolder: @unchecked Sendable {
+    weak var object: (any FrameReferenceHolder)?
+}
+
+@_spi(Engine)
+extension Pagemap {
+    /// The driver's callbacks; nil once the driver object is gone (then a CPU fault on its pages is
+    /// `SIGBUS`).
+    public var callbacks: (any PagemapOperations)? { ops }
+}

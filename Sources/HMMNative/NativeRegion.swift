@@ -1,0 +1,174 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+import Synchronization
+
+/// Memory of the host process that can migrate to device memory and back (the native engine's VMA):
+/// anonymous private memory registered with its space's userfaultfd. ``pointer`` is an ordinary
+/// pointer — plain loads and stores work, and a touch of a page that lives on a device faults and
+/// migrates it back through the device's driver.
+///
+/// A region is made by ``NativeSpace/allocate(length:protection:hugePages:populate:)`` and lives until
+/// ``free()``, until all of it is unmapped, or until its space closes (then it stays as ordinary memory).
+///
+/// Per page it keeps a ``PageState`` word (what the host page table cannot say) and names its pages in
+/// a host-window pagemap, so a driver reads and writes CPU-resident pages through the same frame
+/// pointers as any frame.
+public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
+    /// The space the region belongs to.
+    public let space: NativeSpace
+    /// The first byte (2 MiB-aligned when the region asked for huge pages).
+    public let address: UInt64
+    /// Bytes, a multiple of 4 KiB.
+    public let length: Int
+    /// Whether the region asked the host for transparent huge pages (`MADV_HUGEPAGE`).
+    public let hugePages: Bool
+    let pages: Int
+    let states: UnsafeMutablePointer<Atomic<UInt64>>
+    /// The host window naming the region's pages: page `i` is `window.firstPFN + i`.
+    let window: Pagemap
+    /// The protection the region was given (and ``protect(_:_:)`` set); a raw `mprotect` is invisible.
+    /// Written under the space's `mmapLock` for writing.
+    private let protectionWord = Atomic<UInt8>(0)
+    /// Pages not yet unmapped; the region leaves its space when it reaches 0.
+    let mappedPages: Atomic<Int>
+
+    init(space: NativeSpace, address: UInt64, length: Int, protection: Protection, hugePages: Bool, window: Pagemap) {
+        self.space = space
+        self.address = address
+        self.length = length
+        self.hugePages = hugePages
+        self.window = window
+        pages = length >> PageSize.shift
+        states = .allocate(capacity: pages)
+        for i in 0..<pages { (states + i).initialize(to: Atomic(0)) }
+        mappedPages = Atomic(pages)
+        protectionWord.store(protection.rawValue, ordering: .relaxed)
+    }
+
+    deinit { states.deallocate() }
+
+    /// The region's memory: ordinary loads and stores.
+    public var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: UInt(address))! }
+    /// One past the last byte.
+    public var end: UInt64 { address + UInt64(length) }
+    /// The protection the region has (as set at allocation or by ``protect(_:_:)``).
+    public var protection: Protection { Protection(rawValue: protectionWord.load(ordering: .acquiring)) }
+    func setProtection(_ p: Protection) { protectionWord.store(p.rawValue, ordering: .releasing) }
+
+    public var description: String { "native region 0x\(String(address, radix: 16))+\(length) \(protection)" }
+
+    @inline(__always) func contains(_ a: UInt64) -> Bool { a >= address && a < end }
+    @inline(__always) func index(_ a: UInt64) -> Int { Int((a - address) >> UInt64(PageSize.shift)) }
+    @inline(__always) func pageAddress(_ i: Int) -> UInt64 { address + UInt64(i) << UInt64(PageSize.shift) }
+
+    @inline(__always) func state(_ i: Int) -> PageState { PageState(rawValue: states[i].load(ordering: .acquiring)) }
+
+    /// Sets page `i`'s word (the caller holds its lock, or owns the page otherwise).
+    @inline(__always) func setState(_ i: Int, _ s: PageState) { states[i].store(s.rawValue, ordering: .releasing) }
+
+    /// Locks page `i` if its word is `expected` (unlocked); false if it is locked or changed.
+    @inline(__always) func tryLock(_ i: Int, _ expected: PageState) -> Bool {
+        states[i].compareExchange(expected: expected.rawValue, desired: expected.locked.rawValue,
+                                  ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word.
+    func lock(_ i: Int) -> PageState {
+        var spins = 0
+        while true {
+            let s = state(i)
+            if !s.isMigrating && tryLock(i, s) { return s }
+            spins += 1
+            if spins > 16 {
+                sched_yieldShim()
+                spins = 0
+            }
+        }
+    }
+
+    /// The page-aligned, in-region range `offsets` names, as addresses.
+    func checkedRange(_ offsets: Range<Int>, _ what: String) throws(HMMError) -> (UInt64, UInt64) {
+        guard offsets.lowerBound >= 0, offsets.upperBound <= length, !offsets.isEmpty,
+            offsets.lowerBound % PageSize.base == 0, offsets.upperBound % PageSize.base == 0
+        else { throw HMMError(.invalidArgument, "\(what): \(offsets) is empty, unaligned or outside \(self)") }
+        return (address + UInt64(offsets.lowerBound), address + UInt64(offsets.upperBound))
+    }
+
+    // MARK: public operations
+
+    /// Where each page of `offsets` lives now (PAGEMAP_SCAN plus the state words).
+    /// - Throws: `.invalidArgument` (unaligned, empty or outside the region), `.noProcess` after close.
+    public func residency(_ offsets: Range<Int>) throws(HMMError) -> [Residency] {
+        let (lo, hi) = try checkedRange(offsets, "residency")
+        try space.checkOpen()
+        var out: [Residency] = []
+        out.reserveCapacity(Int((hi - lo) >> UInt64(PageSize.shift)))
+        try space.scan(lo, hi) { (a, categories) in
+            let s = state(index(a))
+            switch s.kind {
+            case .device:
+                let owner = space.machine.pagemap(of: s.pfn).map { ObjectIdentifier($0.owner) }
+                out.append(.device(owner: owner, huge: s.isCompound))
+            case .exclusive: out.append(.exclusive)
+            case .revoked: out.append(.revoked)
+            case .unmapped: out.append(.unmapped)
+            case .host:
+                if categories & UInt64(CU_PAGE_IS_PRESENT) == 0 {
+                    out.append(.untouched)
+                } else {
+                    out.append(.host(huge: categories & UInt64(CU_PAGE_IS_HUGE) != 0,
+                                     zero: categories & UInt64(CU_PAGE_IS_PFNZERO) != 0))
+                }
+            }
+        }
+        return out
+    }
+
+    /// Pages of the region on a device (device-resident or device-exclusive).
+    public var devicePages: Int {
+        var n = 0
+        for i in 0..<pages where [.device, .exclusive].contains(state(i).kind) { n += 1 }
+        return n
+    }
+
+    /// `mprotect` of part of the region that the engine sees: the host protection changes and the
+    /// region's notifiers hear `protectionVMA` first (a raw `mprotect` sends no event).
+    /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, what `mprotect` returns.
+    public func protect(_ offsets: Range<Int>, _ protection: Protection) throws(HMMError) {
+        let (lo, hi) = try checkedRange(offsets, "protect")
+        guard offsets == 0..<length else {
+            throw HMMError(.unsupported, "protect: the native engine keeps one protection per region; protect all of it")
+        }
+        try space.protect(self, lo, hi, protection)
+    }
+
+    /// Unmaps the region: its device pages are freed (drivers hear `unmap` first) and the memory
+    /// returns to the host. Idempotent.
+    /// - Throws: `.noProcess` after the space closed is not an error — the region is then plain memory
+    ///   and is simply unmapped.
+    public func free() {
+        space.free(self)
+    }
+
+    /// Where a page of a native region lives.
+    public enum Residency: Hashable, Sendable {
+        /// Never touched, or dropped (`MADV_DONTNEED`): the next touch reads zeros.
+        case untouched
+        /// In host memory; `huge` if a THP maps it, `zero` if it is the shared zero page.
+        case host(huge: Bool, zero: Bool)
+        /// On a device (its pagemap's owner), `huge` for a 2 MiB device folio.
+        case device(owner: ObjectIdentifier?, huge: Bool)
+        /// Held device-exclusive: the next CPU touch restores it.
+        case exclusive
+        /// Revoked: a touch raises `SIGBUS`.
+        case revoked
+        /// Unmapped by the user.
+        case unmapped
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+@inline(__always) func sched_yieldShim() { sched_yield() }
+#endif

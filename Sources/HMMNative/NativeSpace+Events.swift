@@ -1,0 +1,78 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host's non-cooperative userfaultfd events as the kernel's MMU-notifier events
+/// (native-mode.md §1a): `munmap` → UNMAP (after the fact), `MADV_DONTNEED`/`MADV_FREE` → REMOVE
+/// (before the zap), `mremap` → REMAP (after the move, followed by UNMAP of the old range unless
+/// `MREMAP_DONTUNMAP`). Each runs in the event thread with `mmapLock` held for writing.
+extension NativeSpace {
+    func handleEvent(_ m: cu_message) {
+        statistics.count(\.events)
+        mmapLock.withWriteLock {
+            switch Int32(m.kind) {
+            case CU_MSG_UNMAP:
+                dropRange(m.a, m.b, .unmap, to: .unmapped)
+            case CU_MSG_REMOVE:
+                dropRange(m.a, m.b, .clear, to: .host)
+            case CU_MSG_REMAP:
+                remap(from: m.a, to: m.b, length: m.c)
+            case CU_MSG_FORK:
+                // Not requested (the fork policy is MADV_DONTFORK); never leak a child's descriptor.
+                _ = cu_close(Int32(truncatingIfNeeded: m.a))
+            default:
+                break
+            }
+        }
+    }
+
+    /// `[lo, hi)` lost its pages (unmapped, or zapped by `MADV_DONTNEED`/`MADV_FREE`): the notifiers
+    /// hear `event`, the device and staging pages there are freed and the pages become `final`. A
+    /// region with no mapped page left leaves the space. Requires `mmapLock` held for writing.
+    func dropRange(_ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, to final: PageState) {
+        for region in regions where region.address < hi && lo < region.end {
+            let a = max(lo, region.address) & ~PageSize.baseMaskValue
+            let b = min(hi, region.end)
+            guard a < b else { continue }
+            invalidating(a, b, event, owner: nil) {
+                var unmapped = 0
+                for i in region.index(a)..<region.index(b + PageSize.baseMaskValue) {
+                    if final == .unmapped && region.state(i).kind == .unmapped { continue }
+                    dropPage(region, i, to: final)
+                    if final == .unmapped { unmapped += 1 }
+                }
+                if unmapped > 0 && region.mappedPages.subtract(unmapped, ordering: .acquiringAndReleasing).newValue == 0 {
+                    remove(region)
+                    try? machine.unregisterPagemap(region.window)
+                }
+            }
+        }
+    }
+
+    /// `mremap` moved `[from, from + length)` to `to`: the host pages went with it, and so must the
+    /// state words of the pages the host does not hold (device, exclusive, revoked). The new range
+    /// becomes a region of its own (``region(containing:)`` finds it); the old range's words become
+    /// host holes, so the UNMAP that follows frees nothing that moved. Drivers hear `unmap` for the old
+    /// range. Requires `mmapLock` held for writing.
+    func remap(from: UInt64, to: UInt64, length: UInt64) {
+        guard let old = region(containing: from), from + length <= old.end else { return }
+        let first = old.index(from)
+        let n = Int(length >> UInt64(PageSize.shift))
+        // Units cut by the move's ends hold a reference each page.
+        for edge in [first, first + n] where edge < old.pages && edge & (PageSize.pagesPerPMD - 1) != 0 {
+            if old.state(edge).isCompound { splitUnit(old, edge & ~(PageSize.pagesPerPMD - 1)) }
+        }
+        guard let moved = try? makeRegion(to, Int(length), old.protection, old.hugePages) else { return }
+        invalidating(from, from + length, .unmap, owner: nil) {
+            for k in 0..<n {
+                let s = old.lock(first + k)
+                moved.setState(k, s.unlocked)
+                old.setState(first + k, .host)
+            }
+        }
+        insert(moved)
+    }
+}

@@ -1,0 +1,243 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The three threads of a native space and CPU fault resolution (`handle_mm_fault` for pages the host
+/// kernel hands to userspace: `do_anonymous_page`, `do_swap_page` on a device-private entry,
+/// `remove_device_exclusive_entry`).
+extension NativeSpace {
+    /// The service thread: reads the userfaultfd and dispatches, and does nothing else — it takes no
+    /// lock but the queues' and calls no user code, because every `munmap`, `MADV_DONTNEED` and `mremap`
+    /// of a region in any thread waits until it has read the event (and every resolving ioctl returns
+    /// `EAGAIN` meanwhile).
+    func serviceLoop() {
+        var buffer = [cu_message](repeating: cu_message(), count: 64)
+        while !stoppingNow {
+            let ready = cu_poll(uffd, wakeFD, 1000)
+            guard ready > 0 else { continue }
+            let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, 64) }
+            guard n > 0 else { continue }
+            for k in 0..<Int(n) {
+                if buffer[k].kind == UInt32(CU_MSG_PAGEFAULT) { faults.push(buffer[k]) } else { events.push(buffer[k]) }
+            }
+        }
+    }
+
+    /// The fault thread.
+    func faultLoop() {
+        while let m = faults.pop() {
+            handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0)
+            faults.finish()
+        }
+    }
+
+    /// The event thread.
+    func eventLoop() {
+        while let m = events.pop() {
+            handleEvent(m)
+            events.finish()
+        }
+    }
+
+    /// Resolves one CPU fault on a registered page: the faulting thread sleeps in the kernel until a
+    /// `UFFDIO_COPY`, `ZEROPAGE`, `MOVE`, `POISON` or `WAKE` of its page.
+    func handleFault(_ address: UInt64, write: Bool) {
+        let a = address & ~PageSize.baseMaskValue
+        statistics.count(\.cpuFaults)
+        var lookups = 0
+        while true {
+            guard let region = region(containing: a) else {
+                // A remap may be queued behind the fault (faults are read before events): let the event
+                // thread catch up and look again; an address no region claims is zero-filled.
+                if lookups < 2 {
+                    lookups += 1
+                    events.drain()
+                    continue
+                }
+                _ = Sys.retryingAgain { Sys.zeropage(uffd, a, Sys.page) }
+                _ = Sys.wake(uffd, a, Sys.page)
+                return
+            }
+            let i = region.index(a)
+            let s = region.state(i)
+            if s.isMigrating {
+                // A migration or an event holds the page: it ends soon, then the state says what to do.
+                sched_yieldShim()
+                continue
+            }
+            switch s.kind {
+            case .host:
+                guard region.tryLock(i, s) else { continue }
+                zeroFill(a, write: write)
+                region.setState(i, .host)
+            case .device:
+                if !bringBack(region, i, write: write) { statistics.count(\.poisoned) }
+            case .exclusive:
+                guard region.tryLock(i, s) else { continue }
+                restoreExclusive(region, i, s)
+            case .revoked:
+                // The marker is there unless someone dropped it: make sure, then let the access fail.
+                _ = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
+                _ = Sys.wake(uffd, a, Sys.page)
+            case .unmapped:
+                _ = Sys.wake(uffd, a, Sys.page)
+            }
+            return
+        }
+    }
+
+    /// A first touch (or a touch after the page was dropped): zeros, as `do_anonymous_page` gives — the
+    /// zero page for a read, a fresh zeroed page for a write.
+    private func zeroFill(_ a: UInt64, write: Bool) {
+        statistics.count(\.zeroFills)
+        let zerosAddress = UInt64(UInt(bitPattern: zeros))
+        let rc = Sys.retryingAgain {
+            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page).0 : Sys.zeropage(uffd, a, Sys.page)
+        }
+        if rc == -EEXIST { _ = Sys.wake(uffd, a, Sys.page) }
+    }
+
+    /// Brings device page `i` of `region` back to host memory through its driver, as a CPU fault does
+    /// (`do_swap_page` → `migrate_to_ram`): the device folio is locked and referenced for the callback
+    /// (it is the migration's `faultPage`), and the driver is asked for a fault-around window — the
+    /// whole 2 MiB for a compound page. A driver that fails transiently is retried; one that cannot
+    /// bring the page back gets it poisoned, so the toucher sees `SIGBUS` and never zeros (the kernel's
+    /// `VM_FAULT_SIGBUS`). Returns false when the page was poisoned.
+    func bringBack(_ region: NativeRegion, _ i: Int, write: Bool) -> Bool {
+        var attempts = 0
+        while true {
+            let s = region.state(i)
+            if s.isMigrating {
+                sched_yieldShim()
+                continue
+            }
+            switch s.kind {
+            case .host, .unmapped, .revoked:
+                return s.kind != .revoked
+            case .exclusive:
+                guard region.tryLock(i, s) else { continue }
+                restoreExclusive(region, i, s)
+                return true
+            case .device:
+                break
+            }
+            let head = machine.folioHead(s.pfn)
+            guard let ops = machine.pagemap(of: s.pfn)?.callbacks else {
+                poison(region, i)
+                return false
+            }
+            // Lock the folio as `do_swap_page` does; a migration holding it finishes first.
+            while !machine.folioTryLock(head) { sched_yieldShim() }
+            guard region.state(i) == s else {
+                machine.folioUnlock(head)
+                continue
+            }
+            machine.folioGet(head)
+            let a = region.pageAddress(i)
+            let unit: Range<UInt64>
+            if s.isCompound {
+                let lo = a & ~PageSize.pmdMaskValue
+                unit = lo..<(lo + Sys.pmd)
+            } else {
+                let window = UInt64(options.faultAroundPages) << UInt64(PageSize.shift)
+                let lo = max(a & ~(window - 1), region.address)
+                unit = lo..<min(lo + window, region.end)
+            }
+            statistics.count(\.faultBacks)
+            var failure: HMMError?
+            do throws(HMMError) {
+                try ops.migrateToRAM(DeviceFault(space: self, address: s.isCompound ? unit.lowerBound : a, page: s.pfn,
+                                                 huge: s.isCompound, write: write, range: unit))
+            } catch {
+                failure = error
+            }
+            machine.folioUnlock(head)
+            machine.folioPut(head)
+            let now = region.state(i)
+            if now.kind != .device || now.isMigrating { continue }
+            attempts += 1
+            if attempts >= 3 || (failure != nil && ![.busy, .tryAgain, .outOfMemory].contains(failure!.code)) {
+                poison(region, i)
+                return false
+            }
+            usleep(UInt32(1000 * attempts))
+        }
+    }
+
+    /// The page is lost: a poison marker replaces it, so the next touch raises `SIGBUS` and a system
+    /// call `EFAULT`; its device copy is dropped. ``NativeSpace/recover(_:_:from:)`` puts bytes back.
+    func poison(_ region: NativeRegion, _ i: Int) {
+        if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
+        let s = region.lock(i)
+        let a = region.pageAddress(i)
+        invalidating(a, a + Sys.page, .clear, owner: nil) {
+            if s.kind == .device || s.kind == .exclusive { machine.folioPut(machine.folioHead(s.pfn)) }
+            _ = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
+            region.setState(i, PageState(.revoked))
+        }
+        statistics.count(\.poisoned)
+        _ = Sys.wake(uffd, a, Sys.page)
+    }
+
+    /// `remove_device_exclusive_entry`: the CPU touched a page a device held exclusively. The notifiers
+    /// hear `clear` (no owner), the page moves back from its staging frame, and the toucher resumes.
+    /// Requires page `i` locked (its word `s`).
+    func restoreExclusive(_ region: NativeRegion, _ i: Int, _ s: PageState) {
+        let a = region.pageAddress(i)
+        statistics.count(\.exclusiveRestores)
+        invalidating(a, a + Sys.page, .clear, owner: nil) {
+            _ = installFrame(s.pfn, at: a, pages: 1, move: true)
+        }
+        region.setState(i, .host)
+        machine.folioPut(s.pfn)
+    }
+
+    /// Puts the bytes of RAM frames `frame…frame+pages` into the hole at `a`: `UFFDIO_MOVE` (no copy; a
+    /// 2 MiB unit moves as one PMD) or `UFFDIO_COPY` (no TLB shootdown: the better choice for 4 KiB
+    /// pages in a multi-threaded process), falling back to COPY where MOVE refuses (a read-only
+    /// region). Wakes the threads waiting on the range. Returns false if the address is gone.
+    @discardableResult
+    func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool) -> Bool {
+        let src = UInt64(UInt(bitPattern: (try? machine.framePointer(frame)) ?? machine.ramBase))
+        let bytes = UInt64(pages) << UInt64(PageSize.shift)
+        var done: UInt64 = 0
+        if move {
+            var moved: Int64 = 0
+            let rc = Sys.retryingAgain {
+                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true)
+                moved = r.1
+                if moved > 0 { done += UInt64(moved) }
+                return r.0
+            }
+            if rc == 0 { done = bytes }
+        }
+        while done < bytes {
+            var copied: Int64 = 0
+            let rc = Sys.retryingAgain {
+                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done)
+                copied = r.1
+                if copied > 0 { done += UInt64(copied) }
+                return r.0
+            }
+            if rc == 0 { break }
+            if rc == -EEXIST {
+                // Something is mapped there already (it cannot be our page): skip it.
+                done += Sys.page
+                continue
+            }
+            return false  // ENOENT / EINVAL: the range was unmapped under us
+        }
+        statistics.count(\.pagesMovedIn, pages)
+        return true
+    }
+
+    private var stoppingNow: Bool { stopping.load(ordering: .acquiring) }
+}
+
+extension PageSize {
+    static let baseMaskValue = UInt64(base - 1)
+    static let pmdMaskValue = UInt64(pmd - 1)
+}

@@ -1,0 +1,432 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a native migration keeps between its phases: the region, which pages it locked, and the
+/// device folio a CPU fault locked for it.
+final class NativeMigration {
+    let region: NativeRegion
+    /// Index of the migration's first page in the region.
+    let first: Int
+    /// Pages whose state word this migration locked (compound units: all 512).
+    var locked: [Bool]
+    /// The head of the fault page's folio (locked by the fault, not by the migration).
+    let faultHead: PFN?
+    /// Staging RAM folios (2 MiB) whose pages were expanded to small entries: released once, at the end.
+    var expandedStaging: [PFN] = []
+    /// Device folios this migration locked (several pages of a split unit share one).
+    var lockedHeads: Set<PFN> = []
+
+    init(region: NativeRegion, first: Int, count: Int, faultHead: PFN?) {
+        self.region = region
+        self.first = first
+        locked = Array(repeating: false, count: count)
+        self.faultHead = faultHead
+    }
+}
+
+/// `migrate_vma` on host memory (native-mode.md §2.2 (3a)): the three phases of ``MigrateVMA`` carried
+/// out with `UFFDIO_MOVE` into staging RAM frames (out) and `UFFDIO_COPY`/`MOVE` back into the holes
+/// (in), the page-state lock bits standing in for migration entries.
+@_spi(Engine)
+extension NativeSpace: MigrationEngine {
+    /// `migrate_vma_setup`: the notifiers hear `migrate` (owner), then each page of the range is locked
+    /// and collected — a system page by moving it into a staging frame (its VA becomes a hole, and a
+    /// touch waits), a 2 MiB THP as one compound entry when `.compound` is selected, a hole or zero page
+    /// as a bare `migrate` entry, a device page of the owner as its device frame.
+    /// - Throws: `.invalidArgument` (no region at `start`, the range leaves it, the region is not
+    ///   readable), `.noProcess` after close.
+    public func migrateSetup(_ m: MigrateVMA) throws(HMMError) {
+        try checkOpen()
+        guard let region = region(containing: m.start), m.end <= region.end else {
+            throw HMMError(.invalidArgument, "migrate_vma: no native region holds \(m.start)..<\(m.end)")
+        }
+        guard region.protection.contains(.read) else {
+            throw HMMError(.invalidArgument, "migrate_vma: the region at \(m.start) is not readable")
+        }
+        let n = m.engineSource.count
+        let context = NativeMigration(region: region, first: region.index(m.start), count: n,
+                                      faultHead: m.faultPage.map { machine.folioHead($0) })
+        m.engineContext = context
+        invalidating(m.start, m.end, .migrate, owner: m.owner) {
+            collect(m, context)
+        }
+    }
+
+    private func collect(_ m: MigrateVMA, _ c: NativeMigration) {
+        let region = c.region
+        let n = c.locked.count
+        let toDevice = m.select.contains(.system)
+        let privateOK = m.select.contains(.devicePrivate)
+        let coherentOK = m.select.contains(.deviceCoherent)
+        let compound = m.select.contains(.compound)
+        var hostPages = 0
+        var k = 0
+        while k < n {
+            let i = c.first + k
+            let s = region.state(i)
+            if s.isMigrating {
+                k += 1
+                continue
+            }
+            switch s.kind {
+            case .host where toDevice:
+                if region.tryLock(i, s) {
+                    c.locked[k] = true
+                    m.engineSource[k] = MigratePFN(rawValue: MigratePFN.migrate)
+                    hostPages += 1
+                }
+                k += 1
+            case .device:
+                guard let pm = machine.pagemap(of: s.pfn), pm.owner === m.owner,
+                    (pm.kind == .devicePrivate && privateOK) || (pm.kind == .deviceCoherent && coherentOK)
+                else {
+                    k += 1
+                    continue
+                }
+                if s.isCompound {
+                    let unitStart = i & ~(PageSize.pagesPerPMD - 1)
+                    if compound && unitStart == i && k + PageSize.pagesPerPMD <= n {
+                        if collectDeviceUnit(m, c, k, s) {
+                            k += PageSize.pagesPerPMD
+                        } else {
+                            k += 1
+                        }
+                        continue
+                    }
+                    splitUnit(region, unitStart)
+                    continue  // look at the page again, now small
+                }
+                let head = machine.folioHead(s.pfn)
+                guard region.tryLock(i, s) else {
+                    k += 1
+                    continue
+                }
+                if head != c.faultHead && !c.lockedHeads.contains(head) {
+                    guard machine.folioTryLock(head) else {
+                        region.setState(i, s)
+                        k += 1
+                        continue
+                    }
+                    c.lockedHeads.insert(head)
+                }
+                c.locked[k] = true
+                m.engineSource[k] = MigratePFN(s.pfn, flags: MigratePFN.migrate | (s.isWritable ? MigratePFN.write : 0))
+                k += 1
+            default:
+                k += 1
+            }
+        }
+        if hostPages > 0 { moveOut(m, c, compound: compound) }
+    }
+
+    /// Locks the 512 words of the compound unit at `k` and its folio; one compound entry.
+    private func collectDeviceUnit(_ m: MigrateVMA, _ c: NativeMigration, _ k: Int, _ s: PageState) -> Bool {
+        let region = c.region
+        let i = c.first + k
+        var got = 0
+        while got < PageSize.pagesPerPMD {
+            let w = region.state(i + got)
+            guard w.isCompound, w.kind == .device, region.tryLock(i + got, w) else { break }
+            got += 1
+        }
+        let head = machine.folioHead(s.pfn)
+        if got < PageSize.pagesPerPMD || (head != c.faultHead && !machine.folioTryLock(head)) {
+            for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
+            return false
+        }
+        if head != c.faultHead { c.lockedHeads.insert(head) }
+        for j in 0..<PageSize.pagesPerPMD { c.locked[k + j] = true }
+        m.engineSource[k] = MigratePFN(head, flags: MigratePFN.migrate | MigratePFN.compound | (s.isWritable ? MigratePFN.write : 0))
+        return true
+    }
+
+    /// Moves the locked host pages of the migration out of the process into staging RAM frames
+    /// (`UFFDIO_MOVE` on the staging userfaultfd, so it never waits for events): a whole THP as one
+    /// PMD into a 2 MiB folio, other present pages in runs of contiguous frames; holes and zero pages
+    /// stay bare `migrate` entries. A page the host refuses to move (shared after fork, a read-only
+    /// region) is unlocked and not collected.
+    private func moveOut(_ m: MigrateVMA, _ c: NativeMigration, compound: Bool) {
+        let region = c.region
+        let n = c.locked.count
+        // Categories per page, from one PAGEMAP_SCAN.
+        var categories = [UInt64](repeating: 0, count: n)
+        try? scan(m.start, m.end) { (a, cat) in categories[Int((a - m.start) >> UInt64(PageSize.shift))] = cat }
+        let present = UInt64(CU_PAGE_IS_PRESENT)
+        let zero = UInt64(CU_PAGE_IS_PFNZERO)
+        let huge = UInt64(CU_PAGE_IS_HUGE)
+        let writable = region.protection.contains(.write)
+        let writeFlag = writable ? MigratePFN.write : 0
+        var batch = MoveBatch()
+        var k = 0
+        while k < n {
+            guard c.locked[k], m.engineSource[k].isMigrating, m.engineSource[k].pfn == nil else {
+                k += 1
+                continue
+            }
+            let a = m.start + UInt64(k) << UInt64(PageSize.shift)
+            // A whole 2 MiB unit: one compound entry.
+            if compound && a & PageSize.pmdMaskValue == 0 && k + PageSize.pagesPerPMD <= n
+                && (k..<(k + PageSize.pagesPerPMD)).allSatisfy({ c.locked[$0] && m.engineSource[$0].isMigrating })
+            {
+                let cats = categories[k..<(k + PageSize.pagesPerPMD)]
+                if cats.allSatisfy({ $0 & present == 0 || $0 & zero != 0 }) {
+                    m.engineSource[k] = MigratePFN(rawValue: MigratePFN.migrate | MigratePFN.compound)
+                    for j in 1..<PageSize.pagesPerPMD { m.engineSource[k + j] = .empty }
+                    k += PageSize.pagesPerPMD
+                    continue
+                }
+                if cats.allSatisfy({ $0 & present != 0 && $0 & huge != 0 && $0 & zero == 0 }),
+                    let folio = machine.allocateMigrationFolio(zeroed: false)
+                {
+                    flush(&batch, m, c)
+                    let frame = frameAddress(folio)
+                    _ = Sys.madvise(frame, Sys.pmd, Sys.dontNeed)
+                    let (rc, moved) = Sys.move(stagingUffd, to: frame, from: a, Sys.pmd, allowHoles: true)
+                    if rc == 0 && moved == Int64(Sys.pmd) {
+                        m.engineSource[k] = MigratePFN(folio, flags: MigratePFN.migrate | MigratePFN.compound | writeFlag)
+                        for j in 1..<PageSize.pagesPerPMD { m.engineSource[k + j] = .empty }
+                        statistics.count(\.pagesMovedOut, PageSize.pagesPerPMD)
+                        k += PageSize.pagesPerPMD
+                        continue
+                    }
+                    // Part of it may have moved: put that back and collect page by page.
+                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true) }
+                    try? machine.releaseMigrationPage(folio)
+                }
+            }
+            let cat = categories[k]
+            if cat & present != 0 && cat & zero == 0 {
+                guard let frame = machine.allocateMigrationPage(zeroed: false) else {
+                    // No staging frame: this page and the rest stay.
+                    unlockHost(m, c, from: k)
+                    break
+                }
+                if !batch.append(k, frame) {
+                    flush(&batch, m, c)
+                    _ = batch.append(k, frame)
+                }
+                m.engineSource[k] = MigratePFN(frame, flags: MigratePFN.migrate | writeFlag)
+            }
+            k += 1
+        }
+        flush(&batch, m, c)
+    }
+
+    /// Moves one run of pages (consecutive in the region and in RAM) out.
+    private func flush(_ batch: inout MoveBatch, _ m: MigrateVMA, _ c: NativeMigration) {
+        guard batch.count > 0 else { return }
+        defer { batch = MoveBatch() }
+        let frame = frameAddress(batch.firstFrame)
+        let a = m.start + UInt64(batch.first) << UInt64(PageSize.shift)
+        let bytes = UInt64(batch.count) << UInt64(PageSize.shift)
+        _ = Sys.madvise(frame, bytes, Sys.dontNeed)
+        let (rc, moved) = Sys.move(stagingUffd, to: frame, from: a, bytes, allowHoles: true)
+        let done = rc == 0 ? batch.count : max(0, Int(moved) >> PageSize.shift)
+        statistics.count(\.pagesMovedOut, done)
+        // The host refused the rest (e.g. not exclusive after fork, or a read-only region): not collected.
+        for j in done..<batch.count {
+            let k = batch.first + j
+            try? machine.releaseMigrationPage(batch.firstFrame + j)
+            m.engineSource[k] = .empty
+            c.region.setState(c.first + k, .host)
+            c.locked[k] = false
+        }
+    }
+
+    private func unlockHost(_ m: MigrateVMA, _ c: NativeMigration, from: Int) {
+        for k in from..<c.locked.count where c.locked[k] && m.engineSource[k].pfn == nil {
+            m.engineSource[k] = .empty
+            c.region.setState(c.first + k, .host)
+            c.locked[k] = false
+        }
+    }
+
+    @inline(__always) func frameAddress(_ pfn: PFN) -> UInt64 {
+        UInt64(UInt(bitPattern: machine.ramBase)) + pfn.rawValue << UInt64(PageSize.shift)
+    }
+
+    /// `migrate_vma_pages`: an entry moves only with a destination of the right memory (device memory
+    /// for a system page or hole, RAM for a device page); a compound source answered with small
+    /// destinations is expanded into 512 small entries (a staging folio is released once at the end, a
+    /// device unit is split so each page holds its own reference).
+    public func migratePages(_ m: MigrateVMA) throws(HMMError) {
+        guard let c = m.engineContext as? NativeMigration else { return }
+        let n = c.locked.count
+        var k = 0
+        while k < n {
+            let src = m.engineSource[k]
+            guard src.isMigrating else {
+                k += 1
+                continue
+            }
+            guard let d = m.dst[k].pfn else {
+                m.engineSource[k].rawValue &= ~MigratePFN.migrate
+                k += 1
+                continue
+            }
+            let srcIsDevice = src.pfn.map { machine.deviceKind($0) != nil } ?? false
+            let dKind = machine.deviceKind(d)
+            let dOK = srcIsDevice ? dKind == nil : (dKind == .devicePrivate || dKind == .deviceCoherent || dKind == nil)
+            if !dOK || (dKind == nil && src.pfn != nil && !srcIsDevice) {
+                m.engineSource[k].rawValue &= ~MigratePFN.migrate
+                k += 1
+                continue
+            }
+            if src.isCompound && !m.dst[k].isCompound {
+                expand(m, c, k)
+                continue  // look at the first small entry again
+            }
+            if !src.isCompound && m.dst[k].isCompound {
+                m.engineSource[k].rawValue &= ~MigratePFN.migrate
+            }
+            k += src.isCompound ? PageSize.pagesPerPMD : 1
+        }
+    }
+
+    /// A compound source at `k` the driver answered with small pages: 512 small entries.
+    private func expand(_ m: MigrateVMA, _ c: NativeMigration, _ k: Int) {
+        let src = m.engineSource[k]
+        let flags = MigratePFN.migrate | (src.rawValue & MigratePFN.write)
+        guard let s = src.pfn else {
+            for j in 0..<PageSize.pagesPerPMD { m.engineSource[k + j] = MigratePFN(rawValue: flags) }
+            return
+        }
+        if machine.deviceKind(s) != nil {
+            // Each page now holds its own reference on the device folio (still locked once, at its head).
+            for _ in 1..<PageSize.pagesPerPMD { machine.folioGet(s) }
+            for j in 0..<PageSize.pagesPerPMD {
+                let i = c.first + k + j
+                c.region.setState(i, PageState(rawValue: c.region.state(i).rawValue & ~PageState.compoundBit))
+            }
+        } else {
+            c.expandedStaging.append(s)
+        }
+        for j in 0..<PageSize.pagesPerPMD { m.engineSource[k + j] = MigratePFN(s + j, flags: flags) }
+    }
+
+    /// `migrate_vma_finalize`: every collected page ends unlocked in its new or old place — a device page
+    /// that moved to RAM is copied (4 KiB runs) or moved (2 MiB) into its hole and its device reference
+    /// dropped; a system page that moved to a device becomes a device word holding the destination's
+    /// reference; anything that did not move goes back where it was (a staging frame moves back into
+    /// its hole). Destinations not used are released.
+    public func migrateFinalize(_ m: MigrateVMA, accepted: Bool) {
+        guard let c = m.engineContext as? NativeMigration else { return }
+        let region = c.region
+        let n = c.locked.count
+        // 4 KiB device pages coming home are copied in runs; their words turn host and their RAM
+        // destinations are released only once the bytes are in place.
+        var copyBatch = MoveBatch()
+        var copied: [Int] = []
+        // Device references to drop, after every device folio this migration locked is unlocked (a put
+        // may free the folio, and the driver may hand it out again at once).
+        var puts: [PFN] = []
+        func flushCopies() {
+            guard copyBatch.count > 0 else { return }
+            installFrame(copyBatch.firstFrame, at: m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift),
+                         pages: copyBatch.count, move: false)
+            for k in copied {
+                region.setState(c.first + k, .host)
+                if let d = m.dst[k].pfn { releaseDestination(d) }
+            }
+            copied.removeAll(keepingCapacity: true)
+            copyBatch = MoveBatch()
+        }
+        var k = 0
+        while k < n {
+            guard c.locked[k] else {
+                if let d = m.dst[k].pfn { releaseDestination(d) }
+                k += 1
+                continue
+            }
+            let src = m.engineSource[k]
+            let unit = src.isCompound ? PageSize.pagesPerPMD : 1
+            let i = c.first + k
+            let a = m.start + UInt64(k) << UInt64(PageSize.shift)
+            let dst = m.dst[k].pfn
+            let moved = accepted && src.isMigrating && dst != nil
+            if let s = src.pfn, machine.deviceKind(s) != nil {
+                // Device → RAM.
+                if moved, let d = dst {
+                    if unit == 1 {
+                        if !copyBatch.append(k, d) {
+                            flushCopies()
+                            _ = copyBatch.append(k, d)
+                        }
+                        copied.append(k)
+                    } else {
+                        flushCopies()
+                        installFrame(d, at: a, pages: unit, move: true)
+                        for j in 0..<unit { region.setState(i + j, .host) }
+                        releaseDestination(d)
+                    }
+                    puts.append(machine.folioHead(s))
+                } else {
+                    for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
+                    if let d = dst { releaseDestination(d) }
+                }
+            } else {
+                // RAM (a staging frame or a hole) → device, or a hole → RAM.
+                if moved, let d = dst {
+                    if machine.deviceKind(d) == nil {
+                        flushCopies()
+                        installFrame(d, at: a, pages: unit, move: unit > 1)
+                        for j in 0..<unit { region.setState(i + j, .host) }
+                        releaseDestination(d)
+                    } else {
+                        for j in 0..<unit {
+                            region.setState(i + j, PageState(.device, pfn: d + j, writable: m.dst[k].isWritable,
+                                                             compound: m.dst[k].isCompound))
+                        }
+                        machine.folioUnlock(d)
+                    }
+                } else {
+                    if let s = src.pfn {
+                        flushCopies()
+                        installFrame(s, at: a, pages: unit, move: true)
+                    }
+                    for j in 0..<unit { region.setState(i + j, .host) }
+                    if let d = dst { releaseDestination(d) }
+                }
+                if let s = src.pfn, machine.folioHead(s) == s, !c.expandedStaging.contains(s) {
+                    try? machine.releaseMigrationPage(s)
+                }
+            }
+            k += unit
+        }
+        flushCopies()
+        for s in c.expandedStaging { try? machine.releaseMigrationPage(s) }
+        for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
+        for head in puts { machine.folioPut(head) }
+        m.engineContext = nil
+    }
+
+    /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM
+    /// destination whose bytes are now in the process.
+    private func releaseDestination(_ d: PFN) {
+        if let pm = machine.pagemap(of: d) { pm.unlockAndPut(d) } else { try? machine.releaseMigrationPage(d) }
+    }
+}
+
+/// A run of pages consecutive both in a migration and in RAM: one ioctl moves or copies it.
+struct MoveBatch {
+    var first = 0
+    var firstFrame = PFN(0)
+    var count = 0
+
+    /// Adds entry `k` with frame `frame` if it extends the run; false otherwise.
+    mutating func append(_ k: Int, _ frame: PFN) -> Bool {
+        if count == 0 {
+            first = k
+            firstFrame = frame
+            count = 1
+            return true
+        }
+        guard k == first + count, frame == firstFrame + count else { return false }
+        count += 1
+        return true
+    }
+}

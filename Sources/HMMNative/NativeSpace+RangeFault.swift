@@ -1,0 +1,214 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `hmm_range_fault` and `make_device_exclusive` on host memory.
+extension NativeSpace {
+    /// Fills `range.pfns` from `PAGEMAP_SCAN`, the state words and the region's protection, faulting
+    /// pages in where requested with `MADV_POPULATE_READ`/`WRITE` from the caller's thread (a
+    /// device-resident page then comes back through the fault thread and its driver). A CPU-resident
+    /// page is reported as its host-window frame — a driver reads and writes it through
+    /// ``Machine/framePointer(_:)`` like any frame — the zero page as ``Machine/zeroPFN`` (the huge
+    /// one as ``Machine/hugeZeroPFN``), a THP with map order 9, a device page of
+    /// `devicePrivateOwner` as its device frame (never faulted). Requires `mmapLock` held for reading.
+    ///
+    /// The write bit comes from the region's protection and the zero page (`PAGEMAP_SCAN` has no
+    /// writable category; regions are never shared with a child, so present pages are exclusive).
+    /// - Throws: `.busy` (invalidated since `notifierSeq`), `.fault` (no region, not readable, a revoked
+    ///   page, or a fault that failed), `.permission` (write requested on a read-only region),
+    ///   `.invalidArgument` (malformed range, notifier of another space), `.noProcess` after close.
+    public func rangeFault(_ range: inout HMMRange) throws(HMMError) {
+        guard range.start & PageSize.baseMaskValue == 0, range.end & PageSize.baseMaskValue == 0, range.start < range.end,
+            range.pfns.count == Int((range.end - range.start) >> UInt64(PageSize.shift))
+        else { throw HMMError(.invalidArgument, "hmm_range \(range.start)..<\(range.end) is malformed") }
+        guard range.notifier.space === self else { throw HMMError(.invalidArgument, "hmm_range notifier belongs to another space") }
+        try checkOpen()
+        var from = range.start
+        var rounds = 0
+        while true {
+            if range.notifier.checkRetry(range.notifierSeq) { throw HMMError(.busy, "hmm_range invalidated; retry") }
+            let request = RangeRequest(start: range.start, end: range.end, mask: range.pfnFlagsMask,
+                                       defaultFlags: range.defaultFlags, owner: range.devicePrivateOwner)
+            let need = try range.pfns.withUnsafeMutableBufferPointer { (words) throws(HMMError) -> (UInt64, Bool)? in
+                try walk(request, from: from, words.baseAddress!)
+            }
+            guard let (a, write) = need else { return }
+            rounds += 1
+            if rounds > 64 { throw HMMError(.fault, "hmm_range_fault: \(a) would not stay faulted in") }
+            let rc = Sys.madvise(a, Sys.page, write ? Sys.populateWrite : Sys.populateRead)
+            if rc != 0 && rc != -EAGAIN && rc != -EINTR {
+                throw rc == -ENOMEM ? HMMError(.fault, "hmm_range_fault: nothing mapped at \(a)")
+                    : HMMError.system(rc, "hmm_range_fault: faulting \(a)")
+            }
+            from = a
+        }
+    }
+
+    /// One walk from `from`; returns the first page that must be faulted in (and whether for write).
+    private func walk(_ range: RangeRequest, from: UInt64, _ words: UnsafeMutablePointer<UInt64>) throws(HMMError) -> (UInt64, Bool)? {
+        let mask = range.mask
+        let dflt = range.defaultFlags
+        let mayFault = (mask | dflt) & HMMPFN.requestFault != 0
+        let owner = range.owner
+        let present = UInt64(CU_PAGE_IS_PRESENT)
+        let zero = UInt64(CU_PAGE_IS_PFNZERO)
+        let huge = UInt64(CU_PAGE_IS_HUGE)
+        let zeroPFN = machine.zeroPFN
+        let hugeZero = machine.hugeZeroPFN
+        var a = from
+        while a < range.end {
+            let k0 = Int((a - range.start) >> UInt64(PageSize.shift))
+            let found = region(containing: a)
+            guard let region = found, region.protection.contains(.read) else {
+                let stop = found.map { min($0.end, range.end) } ?? nextRegionStart(after: a, before: range.end)
+                var b = a
+                while b < stop {
+                    let k = Int((b - range.start) >> UInt64(PageSize.shift))
+                    let req = mayFault ? (words[k] & mask) | dflt : 0
+                    if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) has no readable mapping") }
+                    words[k] = words[k] & HMMPFN.inOutFlags | HMMPFN.error
+                    b += Sys.page
+                }
+                a = stop
+                continue
+            }
+            _ = k0
+            let stop = min(range.end, region.end)
+            let writableVMA = region.protection.contains(.write)
+            var need: (UInt64, Bool)?
+            try scan(a, stop) { (b, cat) throws(HMMError) in
+                guard need == nil else { return }
+                let k = Int((b - range.start) >> UInt64(PageSize.shift))
+                let req = mayFault ? (words[k] & mask) | dflt : 0
+                let wantWrite = req & HMMPFN.requestWrite != 0
+                if wantWrite && !writableVMA { throw HMMError(.permission, "hmm_range_fault: write to read-only \(b)") }
+                let s = region.state(region.index(b))
+                var out: UInt64 = 0
+                switch s.kind {
+                case .device where !s.isMigrating:
+                    if let owner, let pm = machine.pagemap(of: s.pfn), pm.owner === owner {
+                        out = HMMPFN.valid | (s.isWritable && writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
+                            | (s.isCompound ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
+                    } else if req & HMMPFN.requestFault != 0 {
+                        need = (b, wantWrite)
+                        return
+                    }
+                case .revoked:
+                    if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) is poisoned") }
+                    out = HMMPFN.error
+                case .host where !s.isMigrating && cat & present != 0:
+                    let isZero = cat & zero != 0
+                    let isHuge = cat & huge != 0
+                    if wantWrite && isZero {
+                        need = (b, true)
+                        return
+                    }
+                    let pfn: PFN
+                    if isZero {
+                        pfn = isHuge ? hugeZero + Int((b & PageSize.pmdMaskValue) >> UInt64(PageSize.shift)) : zeroPFN
+                    } else {
+                        pfn = region.window.firstPFN + region.index(b)
+                    }
+                    out = HMMPFN.valid | (writableVMA && !isZero ? HMMPFN.write : 0) | pfn.rawValue
+                        | (isHuge ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
+                default:
+                    // A hole, a page on the move, exclusive or on a foreign device: only a fault helps.
+                    if req & HMMPFN.requestFault != 0 {
+                        need = (b, wantWrite)
+                        return
+                    }
+                }
+                words[k] = words[k] & HMMPFN.inOutFlags | out
+            }
+            if let need { return need }
+            a = stop
+        }
+        return nil
+    }
+
+    /// The start of the first region at or after `a`, or `limit`.
+    private func nextRegionStart(after a: UInt64, before limit: UInt64) -> UInt64 {
+        let next = regions.map(\.address).filter { $0 > a }.min() ?? limit
+        return min(next, limit)
+    }
+
+    /// `make_device_exclusive`: the page at `address` moves into a staging RAM frame the device may use
+    /// for atomics (`program` receives it, the page locked), and the next CPU or kernel touch moves it
+    /// back and sends `clear` (``restoreExclusive(_:_:_:)``). The notifiers hear `exclusive` (owner)
+    /// first. Requires `mmapLock` held for reading.
+    /// - Throws: `.fault` (no region, not writable, revoked), `.outOfMemory` (no staging frame),
+    ///   `.busy` (the host refused to move the page), `.noProcess` after close.
+    public func makeDeviceExclusive(
+        _ address: UInt64, owner: (any AnyObject & Sendable)?, _ program: (PFN) -> Void
+    ) throws(HMMError) {
+        try checkOpen()
+        let a = address & ~PageSize.baseMaskValue
+        guard let region = region(containing: a) else { throw HMMError(.fault, "no native region at \(a)") }
+        guard region.protection.contains(.write) else { throw HMMError(.fault, "\(a) is not writable") }
+        let i = region.index(a)
+        var rounds = 0
+        while true {
+            rounds += 1
+            if rounds > 64 { throw HMMError(.fault, "make_device_exclusive: \(a) would not stay faulted in") }
+            let s = region.lock(i)
+            switch s.kind {
+            case .exclusive:
+                program(s.pfn)
+                region.setState(i, s)
+                return
+            case .revoked, .unmapped:
+                region.setState(i, s)
+                throw HMMError(.fault, "make_device_exclusive: \(a) is \(s.kind)")
+            case .device:
+                region.setState(i, s)
+            case .host:
+                var cat: UInt64 = 0
+                try scan(a, a + Sys.page) { (_, c) throws(HMMError) in cat = c }
+                guard cat & UInt64(CU_PAGE_IS_PRESENT) != 0, cat & UInt64(CU_PAGE_IS_PFNZERO) == 0 else {
+                    region.setState(i, s)
+                    break
+                }
+                guard let frame = machine.allocateMigrationPage(zeroed: false) else {
+                    region.setState(i, s)
+                    throw HMMError(.outOfMemory, "no staging frame for an exclusive page")
+                }
+                var rc: Int32 = 0
+                invalidating(a, a + Sys.page, .exclusive, owner: owner) {
+                    let f = frameAddress(frame)
+                    _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
+                    rc = Sys.move(stagingUffd, to: f, from: a, Sys.page).0
+                }
+                guard rc == 0 else {
+                    try? machine.releaseMigrationPage(frame)
+                    region.setState(i, s)
+                    throw HMMError.system(rc, "make_device_exclusive: moving \(a)")
+                }
+                statistics.count(\.pagesMovedOut)
+                program(frame)
+                machine.folioUnlock(frame)
+                region.setState(i, PageState(.exclusive, pfn: frame, writable: true))
+                return
+            }
+            // Not present (or on a device): a write fault brings it in, writable, through the fault thread.
+            let rc = Sys.madvise(a, Sys.page, Sys.populateWrite)
+            if rc != 0 && rc != -EAGAIN && rc != -EINTR { throw HMMError.system(rc, "make_device_exclusive: faulting \(a)") }
+        }
+    }
+}
+
+/// What one walk of ``NativeSpace/rangeFault(_:)`` reads of its ``HMMRange`` (the words are passed apart).
+private struct RangeRequest {
+    let start: UInt64
+    let end: UInt64
+    let mask: UInt64
+    let defaultFlags: UInt64
+    let owner: (any AnyObject & Sendable)?
+}
+
+extension HMMPFN {
+    /// Flags kept from input to output (`HMM_PFN_INOUT_FLAGS`).
+    static let inOutFlags: UInt64 = dmaMapped | p2pdma | p2pdmaBus
+}

@@ -1,0 +1,541 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The native engine: HMM semantics on the host process's own memory, through userfaultfd
+/// (`../shared/reference/native-mode.md`). A runtime allocates ``NativeRegion``s, gets ordinary
+/// pointers, and a driver written against the driver API (``MirroredAddressSpace``, ``MigrateVMA``,
+/// ``IntervalNotifier``, ``HMMRange``) — `MirrorDevice` unchanged — migrates their pages to its device
+/// memory; a plain load, store or system call touching such a page faults and migrates it back.
+///
+/// Truth: the host page tables for CPU-resident pages; one ``PageState`` word per page for the rest.
+/// Device memory stays the machine's ``Pagemap``s, and the machine's RAM arena is the staging pool:
+/// a page leaves the process by `UFFDIO_MOVE` into a free RAM frame (the migration entry's analog — a
+/// concurrent touch faults and waits), so drivers copy frame to frame exactly as on the simulated
+/// engine.
+///
+/// Threads: a service thread reads the userfaultfd and never blocks on anything else (every `munmap`,
+/// `MADV_DONTNEED` and `mremap` of a region waits until it has read the event); a fault thread
+/// resolves CPU faults (zero fill, fault-back through the driver's
+/// ``PagemapOperations/migrateToRAM(_:)``, exclusive restore); an event thread turns unmap, remove and
+/// remap events into notifier invalidations and frees device pages. Migrations a driver asks for run
+/// in the caller's thread, as `migrate_vma` runs in a driver's ioctl.
+///
+/// Locking, in order: `mmapLock` (drivers hold it for reading around their phases; region changes and
+/// events take it for writing) → page-state lock bits (ascending page order) → folio locks → driver
+/// notifier locks; the region list and the message queues are leaves. The fault thread takes no
+/// `mmapLock`: a driver thread holding it for reading may be waiting on a fault it must resolve.
+///
+/// Lifetime: call ``close()``. It evicts every device page first — a userfaultfd closed while pages
+/// are away would turn them into zeros — and only then stops the threads; until then the threads
+/// keep the space alive.
+public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, CustomStringConvertible {
+    /// How a space is set up.
+    public struct Options: Sendable {
+        /// Pages a CPU fault-back migrates around the faulting page (aligned window, within the region):
+        /// each fault costs a userfaultfd round trip, so neighbours come along. 1 disables fault-around.
+        /// Compound (2 MiB) device pages always come back whole. Default 16 (64 KiB).
+        public var faultAroundPages = 16
+        /// Open the userfaultfd with `UFFD_USER_MODE_ONLY`: required without `CAP_SYS_PTRACE` when
+        /// `vm.unprivileged_userfaultfd` is 0; kernel accesses (`read(2)` into a device-resident page)
+        /// then fail with `EFAULT` instead of faulting the page back. Nil: only if the privileged open is
+        /// refused.
+        public var userModeOnly: Bool? = nil
+        public init() {}
+    }
+
+    public let machine: Machine
+    public let options: Options
+    /// Whether the userfaultfd is user-mode-only (see ``Options/userModeOnly``).
+    public let isUserModeOnly: Bool
+    /// Counters of what the engine did.
+    public let statistics = NativeStatistics()
+
+    /// The regions' userfaultfd: `MISSING` registrations and the unmap / remove / remap events.
+    let uffd: Int32
+    /// The staging pool's userfaultfd: the machine's RAM arena registered write-protect-only with no
+    /// events, so it can be a `UFFDIO_MOVE` destination and dropping its frames waits for nobody.
+    let stagingUffd: Int32
+    /// `/proc/self/pagemap`, for `PAGEMAP_SCAN`.
+    let pagemapFD: Int32
+    /// Wakes the service thread at close.
+    let wakeFD: Int32
+
+    /// `mmap_lock`: see the type's locking notes.
+    let mmapLock = ReadWriteLock()
+    let subscriptions = NotifierSubscriptions()
+    private let regionList = Locked<[NativeRegion]>([])
+    private let closedFlag = Atomic<Bool>(false)
+    private let closeLock = Locked(())
+    let faults = MessageQueue()
+    let events = MessageQueue()
+    let stopping = Atomic<Bool>(false)
+    private var threads: [HostThread] = []
+    /// The callbacks of the regions' host windows (never called for a window's frames).
+    let windowOperations = HostWindowOperations()
+    /// 64 KiB of zeros: the source of zero-filling copies.
+    let zeros: UnsafeMutableRawPointer
+
+    private static let machinesInUse = Locked<Set<ObjectIdentifier>>([])
+
+    /// Opens the userfaultfd, registers the machine's RAM arena as the staging pool and starts the
+    /// service, fault and event threads.
+    /// - Throws: `.unsupported` naming what the kernel lacks (userfaultfd, `UFFDIO_MOVE`,
+    ///   `UFFDIO_POISON`, `PAGEMAP_SCAN`, the unmap/remove/remap events); `.permission` when the process
+    ///   may not open a userfaultfd at all; `.busy` if the machine already has a native space (its RAM
+    ///   arena can be one userfaultfd's staging pool only).
+    public init(machine: Machine, options: Options = .init()) throws(HMMError) {
+        guard options.faultAroundPages >= 1, options.faultAroundPages <= PageSize.pagesPerPMD,
+            options.faultAroundPages & (options.faultAroundPages - 1) == 0
+        else { throw HMMError(.invalidArgument, "fault-around of \(options.faultAroundPages) pages: a power of two up to 512") }
+        let id = ObjectIdentifier(machine)
+        try Self.machinesInUse.withLock { (s: inout Set<ObjectIdentifier>) throws(HMMError) in
+            guard !s.contains(id) else { throw HMMError(.busy, "the machine already has a native space") }
+            s.insert(id)
+        }
+        var cleanup: [() -> Void] = [{ _ = Self.machinesInUse.withLock { $0.remove(id) } }]
+        func fail(_ e: HMMError) -> HMMError {
+            for c in cleanup.reversed() { c() }
+            return e
+        }
+        self.machine = machine
+        self.options = options
+
+        let required = UInt64(CU_FEATURE_EVENT_UNMAP | CU_FEATURE_EVENT_REMOVE | CU_FEATURE_EVENT_REMAP
+                                  | CU_FEATURE_MOVE | CU_FEATURE_POISON)
+        var userModeOnly = options.userModeOnly ?? false
+        var supported: UInt64 = 0
+        var rc = cu_uffd_probe(userModeOnly ? 1 : 0, &supported)
+        if rc == -EPERM && options.userModeOnly == nil {
+            userModeOnly = true
+            rc = cu_uffd_probe(1, &supported)
+        }
+        if rc == -ENOSYS { throw fail(HMMError(.unsupported, "the kernel has no userfaultfd (CONFIG_USERFAULTFD)")) }
+        if rc == -EPERM {
+            throw fail(HMMError(.permission, "userfaultfd refused: needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or UFFD_USER_MODE_ONLY"))
+        }
+        guard rc == 0 else { throw fail(.system(rc, "userfaultfd")) }
+        let missing = [(CU_FEATURE_MOVE, "UFFDIO_MOVE (Linux 6.8)"), (CU_FEATURE_POISON, "UFFDIO_POISON (Linux 6.6)"),
+                       (CU_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP"), (CU_FEATURE_EVENT_REMOVE, "UFFD_FEATURE_EVENT_REMOVE"),
+                       (CU_FEATURE_EVENT_REMAP, "UFFD_FEATURE_EVENT_REMAP")]
+            .filter { supported & UInt64($0.0) == 0 }.map(\.1)
+        guard missing.isEmpty else {
+            throw fail(HMMError(.unsupported, "the kernel lacks \(missing.joined(separator: ", ")), which the native engine needs"))
+        }
+        isUserModeOnly = userModeOnly
+        uffd = cu_uffd_open(required | UInt64(CU_FEATURE_THREAD_ID), userModeOnly ? 1 : 0, nil)
+        guard uffd >= 0 else { throw fail(.system(uffd, "userfaultfd (regions)")) }
+        let regionsFD = uffd
+        cleanup.append { _ = cu_close(regionsFD) }
+        stagingUffd = cu_uffd_open(UInt64(CU_FEATURE_MOVE), userModeOnly ? 1 : 0, nil)
+        guard stagingUffd >= 0 else { throw fail(.system(stagingUffd, "userfaultfd (staging)")) }
+        let stagingFD = stagingUffd
+        cleanup.append { _ = cu_close(stagingFD) }
+        let ram = UInt64(UInt(bitPattern: machine.ramBase))
+        let ramBytes = UInt64(machine.totalFrames) << UInt64(PageSize.shift)
+        rc = Sys.register(stagingUffd, ram, ramBytes, missing: false)
+        guard rc == 0 else { throw fail(.system(rc, "registering the RAM arena as the staging pool")) }
+        // A forked child must not share the staging pool (and MOVE refuses pages shared after fork).
+        _ = Sys.madvise(ram, ramBytes, Sys.dontFork)
+        pagemapFD = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard pagemapFD >= 0 else { throw fail(HMMError(.unsupported, "cannot open /proc/self/pagemap")) }
+        let pmFD = pagemapFD
+        cleanup.append { _ = cu_close(pmFD) }
+        var probe = cu_page_region()
+        var walkEnd: UInt64 = 0
+        rc = cu_pagemap_scan(pagemapFD, ram, ram + UInt64(PageSize.base), &probe, 1, UInt64(CU_PAGE_IS_PRESENT), &walkEnd)
+        guard rc >= 0 else { throw fail(HMMError(.unsupported, "the kernel lacks PAGEMAP_SCAN (Linux 6.7)")) }
+        wakeFD = cu_eventfd()
+        guard wakeFD >= 0 else { throw fail(.system(wakeFD, "eventfd")) }
+        zeros = .allocate(byteCount: 16 * PageSize.base, alignment: PageSize.base)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0, count: 16 * PageSize.base)
+
+        machine.addReferenceHolder(self)
+        threads = [HostThread { [self] in serviceLoop() }, HostThread { [self] in faultLoop() },
+                   HostThread { [self] in eventLoop() }]
+    }
+
+    /// Why this process cannot have a native space, or nil if it can: the capability probe of ``init``
+    /// (userfaultfd, its MOVE/POISON features and events, `PAGEMAP_SCAN`), without side effects. Tests
+    /// skip with this reason.
+    public static func unsupportedReason() -> String? {
+        var supported: UInt64 = 0
+        var rc = cu_uffd_probe(0, &supported)
+        if rc == -EPERM { rc = cu_uffd_probe(1, &supported) }
+        if rc == -ENOSYS { return "the kernel has no userfaultfd" }
+        if rc == -EPERM { return "userfaultfd is not permitted for this process" }
+        if rc != 0 { return "userfaultfd failed (errno \(-rc))" }
+        for (bit, name) in [(CU_FEATURE_MOVE, "UFFDIO_MOVE"), (CU_FEATURE_POISON, "UFFDIO_POISON"),
+                            (CU_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP")] where supported & UInt64(bit) == 0 {
+            return "the kernel lacks \(name)"
+        }
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return "/proc/self/pagemap cannot be opened" }
+        defer { _ = cu_close(fd) }
+        var region = cu_page_region()
+        var walkEnd: UInt64 = 0
+        var probe: UInt8 = 0
+        let a = UInt64(UInt(bitPattern: withUnsafeMutablePointer(to: &probe) { UnsafeMutableRawPointer($0) }))
+            & ~PageSize.baseMaskValue
+        guard cu_pagemap_scan(fd, a, a + Sys.page, &region, 1, UInt64(CU_PAGE_IS_PRESENT), &walkEnd) >= 0 else {
+            return "the kernel lacks PAGEMAP_SCAN"
+        }
+        return nil
+    }
+
+    public var description: String { "native space (uffd \(uffd)\(isUserModeOnly ? ", user-mode only" : ""))" }
+
+    /// Whether ``close()`` ran.
+    public var hasExited: Bool { closedFlag.load(ordering: .acquiring) }
+
+    func checkOpen() throws(HMMError) {
+        if closedFlag.load(ordering: .acquiring) { throw HMMError(.noProcess, "the native space is closed") }
+    }
+
+    // MARK: regions
+
+    /// Allocates anonymous private memory that can migrate: `mmap` (2 MiB-aligned with `hugePages`),
+    /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`, `MADV_DONTFORK` (a forked child gets `SIGSEGV` touching it,
+    /// never device pages read as silent zeros), `MADV_POPULATE_WRITE` with `populate`, then
+    /// `UFFDIO_REGISTER`. An unpopulated page's first touch is a userfaultfd round trip (zero fill).
+    /// - Throws: `.invalidArgument` (length not a positive multiple of 4 KiB up to 1 TiB),
+    ///   `.outOfMemory`, `.noProcess` after close, what registration returns.
+    public func allocate(length: Int, protection: Protection = [.read, .write], hugePages: Bool = true,
+                         populate: Bool = false) throws(HMMError) -> NativeRegion {
+        try checkOpen()
+        guard length > 0, length % PageSize.base == 0, length <= 1 << 40 else {
+            throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to 1 TiB")
+        }
+        let bytes = UInt64(length)
+        var error: Int32 = 0
+        let base = cu_map_aligned(bytes, hugePages ? Sys.pmd : Sys.page, PROT_READ | PROT_WRITE, &error)
+        guard base != 0 else { throw HMMError(.outOfMemory, "mmap of \(length) bytes failed (errno \(-error))") }
+        var registered = false
+        var region: NativeRegion?
+        do throws(HMMError) {
+            _ = Sys.madvise(base, bytes, hugePages ? Sys.hugePage : Sys.noHugePage)
+            _ = Sys.madvise(base, bytes, Sys.dontFork)
+            if populate {
+                let rc = Sys.madvise(base, bytes, Sys.populateWrite)
+                guard rc == 0 else { throw HMMError.system(rc, "MADV_POPULATE_WRITE") }
+            }
+            if protection != [.read, .write] {
+                let rc = Sys.mprotect(base, bytes, protection)
+                guard rc == 0 else { throw HMMError.system(rc, "mprotect") }
+            }
+            let rc = Sys.register(uffd, base, bytes, missing: true)
+            guard rc == 0 else { throw HMMError.system(rc, "UFFDIO_REGISTER") }
+            registered = true
+            let r = try makeRegion(base, length, protection, hugePages)
+            region = r
+            try mmapLock.withWriteLock { () throws(HMMError) in
+                try checkOpen()
+                insert(r)
+            }
+            return r
+        } catch {
+            if let region { try? machine.unregisterPagemap(region.window) }
+            if registered { _ = Sys.unregister(uffd, base, bytes) }
+            _ = Sys.munmap(base, bytes)
+            throw error
+        }
+    }
+
+    /// A region object for `[base, base + length)`, with its host window.
+    func makeRegion(_ base: UInt64, _ length: Int, _ protection: Protection, _ hugePages: Bool) throws(HMMError) -> NativeRegion {
+        let pages = length >> PageSize.shift
+        let windowFrames = (pages + PageSize.pagesPerPMD - 1) / PageSize.pagesPerPMD * PageSize.pagesPerPMD
+        let window = try machine.registerHostWindow(base: UnsafeMutableRawPointer(bitPattern: UInt(base))!,
+                                                    count: windowFrames, owner: self, operations: windowOperations)
+        return NativeRegion(space: self, address: base, length: length, protection: protection, hugePages: hugePages,
+                            window: window)
+    }
+
+    func insert(_ r: NativeRegion) {
+        regionList.withLock { list in
+            let i = list.firstIndex { $0.address > r.address } ?? list.count
+            list.insert(r, at: i)
+        }
+    }
+
+    func remove(_ r: NativeRegion) {
+        regionList.withLock { list in list.removeAll { $0 === r } }
+    }
+
+    /// The live region containing `address` (any thread; the region list's lock is a leaf).
+    public func region(containing address: UInt64) -> NativeRegion? {
+        regionList.withLock { list in list.first { $0.contains(address) } }
+    }
+
+    /// The live regions.
+    public var regions: [NativeRegion] { regionList.withLock { $0 } }
+
+    /// Frees `region` (``NativeRegion/free()``).
+    func free(_ region: NativeRegion) {
+        let live = mmapLock.withWriteLock { () -> Bool in
+            guard regionList.withLock({ $0.contains { $0 === region } }) else { return false }
+            invalidating(region.address, region.end, .unmap, owner: nil) {
+                for i in 0..<region.pages { dropPage(region, i, to: .unmapped) }
+            }
+            remove(region)
+            return true
+        }
+        guard live else { return }
+        let bytes = UInt64(region.length)
+        if !hasExited { _ = Sys.unregister(uffd, region.address, bytes) }
+        try? machine.unregisterPagemap(region.window)
+        _ = Sys.munmap(region.address, bytes)
+    }
+
+    /// Changes a region's protection (``NativeRegion/protect(_:_:)``).
+    func protect(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64, _ protection: Protection) throws(HMMError) {
+        try mmapLock.withWriteLock { () throws(HMMError) in
+            try checkOpen()
+            invalidating(lo, hi, .protectionVMA, owner: nil) {}
+            let rc = Sys.mprotect(lo, hi - lo, protection)
+            guard rc == 0 else { throw HMMError.system(rc, "mprotect") }
+            region.setProtection(protection)
+            // Device copies of a page that is no longer writable must not be written by the device.
+            for i in region.index(lo)..<region.index(hi) where !protection.contains(.write) {
+                let s = region.lock(i)
+                region.setState(i, PageState(rawValue: s.rawValue & ~PageState.writableBit))
+            }
+        }
+    }
+
+    /// Drops what page `i` holds (its device or staging frame, or a split compound unit's share) and
+    /// leaves it `to` (``PageState/host`` or ``PageState/unmapped``), unlocked. Waits for the page's
+    /// lock. A compound unit is split first (each of its pages then holds its own reference).
+    func dropPage(_ region: NativeRegion, _ i: Int, to final: PageState) {
+        if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
+        let s = region.lock(i)
+        switch s.kind {
+        case .device, .exclusive:
+            machine.folioPut(machine.folioHead(s.pfn))
+            statistics.count(\.pagesDropped)
+        default:
+            break
+        }
+        region.setState(i, final)
+    }
+
+    /// Splits the compound device unit starting at page `first`: each of its 512 words then holds its own
+    /// reference on the device folio (which stays one folio until its last page is freed).
+    func splitUnit(_ region: NativeRegion, _ first: Int) {
+        guard first + PageSize.pagesPerPMD <= region.pages else { return }
+        var words: [PageState] = []
+        words.reserveCapacity(PageSize.pagesPerPMD)
+        for j in 0..<PageSize.pagesPerPMD { words.append(region.lock(first + j)) }
+        if words[0].isCompound && words[0].kind == .device {
+            let head = machine.folioHead(words[0].pfn)
+            for _ in 1..<PageSize.pagesPerPMD { machine.folioGet(head) }
+        }
+        for j in 0..<PageSize.pagesPerPMD {
+            region.setState(first + j, PageState(rawValue: words[j].rawValue & ~PageState.compoundBit).unlocked)
+        }
+    }
+
+    // MARK: invalidations
+
+    /// Runs `body` between the start and the end of an invalidation of `[lo, hi)`.
+    @inline(__always)
+    func invalidating<R, E: Error>(
+        _ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, owner: (any AnyObject & Sendable)?, _ body: () throws(E) -> R
+    ) throws(E) -> R {
+        let started = subscriptions.start(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner))
+        defer { subscriptions.end(started) }
+        return try body()
+    }
+
+    // MARK: the driver-facing protocol
+
+    /// Runs `body` with `mmapLock` held for reading.
+    /// - Throws: what `body` throws, `.noProcess` after close.
+    public func withMmapReadLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R {
+        try checkOpen()
+        return try mmapLock.withReadLock { () throws(HMMError) -> R in
+            try checkOpen()
+            return try body()
+        }
+    }
+
+    /// `mmu_interval_notifier_insert`. Takes `mmapLock` for writing: do not call with it held.
+    /// - Throws: `.invalidArgument` (empty or overflowing), `.noProcess` after close.
+    public func insertIntervalNotifier(
+        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
+    ) throws(HMMError) -> IntervalNotifier {
+        guard length > 0, start <= UInt64.max - length else {
+            throw HMMError(.invalidArgument, "interval notifier \(start)+\(length) is empty or overflows")
+        }
+        let n = IntervalNotifier(space: self, subscriptions: subscriptions, start: start, end: start + length,
+                                 operations: operations)
+        try mmapLock.withWriteLock { () throws(HMMError) in
+            try checkOpen()
+            subscriptions.insert(n)
+        }
+        return n
+    }
+
+    /// The region containing `address`, as a mapping (nil where nothing is, or the page was unmapped).
+    public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
+        guard let r = region(containing: address), r.state(r.index(address)).kind != .unmapped else { return nil }
+        return MappingInfo(start: r.address, end: r.end, protection: r.protection, shared: false, anonymous: true,
+                           hugetlb: false, hugePageAdvice: r.hugePages)
+    }
+
+    // MARK: PAGEMAP_SCAN
+
+    /// Calls `body(address, categories)` for every page of `[lo, hi)` (`PAGEMAP_SCAN` categories:
+    /// present, zero page, huge, swapped — a poison marker).
+    func scan(_ lo: UInt64, _ hi: UInt64, _ body: (UInt64, UInt64) throws(HMMError) -> Void) throws(HMMError) {
+        let mask = UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE | CU_PAGE_IS_SWAPPED)
+        try withUnsafeTemporaryAllocation(of: cu_page_region.self, capacity: 64) { (vec) throws(HMMError) in
+            var a = lo
+            while a < hi {
+                var walkEnd: UInt64 = 0
+                let n = cu_pagemap_scan(pagemapFD, a, hi, vec.baseAddress!, 64, mask, &walkEnd)
+                guard n >= 0 else { throw HMMError.system(Int32(n), "PAGEMAP_SCAN") }
+                for k in 0..<Int(n) {
+                    let r = vec[k]
+                    while a < r.start {  // not reported: nothing there
+                        try body(a, 0)
+                        a += Sys.page
+                    }
+                    while a < r.end {
+                        try body(a, r.categories)
+                        a += Sys.page
+                    }
+                }
+                // The walk stopped at `walkEnd` (the vector filled) or went to the end.
+                let stop = walkEnd > a ? min(walkEnd, hi) : (n < 64 ? hi : a)
+                while a < stop {
+                    try body(a, 0)
+                    a += Sys.page
+                }
+            }
+        }
+    }
+
+    // MARK: close
+
+    /// Evicts every device-resident page back to host memory (restoring exclusive ones), tells the
+    /// notifiers `release`, unregisters the regions — which stay mapped as ordinary memory — and stops
+    /// the threads and closes the userfaultfds. A page whose driver cannot give it back is poisoned:
+    /// touching it raises `SIGBUS`, it never reads as zeros. Idempotent.
+    /// - Throws: `.bus` naming how many pages had to be poisoned (the space is closed anyway).
+    public func close() throws(HMMError) {
+        let poisoned = closeLock.withLock { _ -> Int? in
+            guard !closedFlag.load(ordering: .acquiring) else { return nil }
+            let lost = evictAll()
+            mmapLock.withWriteLock {
+                closedFlag.store(true, ordering: .releasing)
+                invalidating(0, 0x8000_0000_0000, .release, owner: nil) {}
+                for r in regions {
+                    _ = Sys.unregister(uffd, r.address, UInt64(r.length))
+                    remove(r)
+                    try? machine.unregisterPagemap(r.window)
+                }
+            }
+            stopping.store(true, ordering: .releasing)
+            _ = cu_eventfd_signal(wakeFD)
+            faults.close()
+            events.close()
+            for t in threads { t.join() }
+            threads = []
+            let ram = UInt64(UInt(bitPattern: machine.ramBase))
+            _ = Sys.unregister(stagingUffd, ram, UInt64(machine.totalFrames) << UInt64(PageSize.shift))
+            for fd in [uffd, stagingUffd, pagemapFD, wakeFD] { _ = cu_close(fd) }
+            zeros.deallocate()
+            let id = ObjectIdentifier(machine)
+            _ = Self.machinesInUse.withLock { $0.remove(id) }
+            return lost
+        }
+        if let poisoned, poisoned > 0 {
+            throw HMMError(.bus, "\(poisoned) device page(s) could not come back and were poisoned (SIGBUS on touch)")
+        }
+    }
+
+    /// Brings every device and exclusive page back; returns how many had to be poisoned instead.
+    private func evictAll() -> Int {
+        var lost = 0
+        for r in regions {
+            var i = 0
+            while i < r.pages {
+                let s = r.state(i)
+                switch s.kind {
+                case .device, .exclusive:
+                    if !bringBack(r, i, write: false) { lost += 1 }
+                    if r.state(i).kind == .device || r.state(i).kind == .exclusive { continue }
+                default:
+                    break
+                }
+                i += 1
+            }
+        }
+        return lost
+    }
+}
+
+@_spi(Engine)
+extension NativeSpace: FrameReferenceHolder {
+    public func forEachHeldReference(_ body: (PFN) -> Void) {
+        for r in regions {
+            for i in 0..<r.pages {
+                let s = r.state(i)
+                switch s.kind {
+                case .device:
+                    // A compound unit holds one reference for its 512 pages, on its head.
+                    if !s.isCompound || machine.folioHead(s.pfn) == s.pfn { body(machine.folioHead(s.pfn)) }
+                case .exclusive:
+                    body(s.pfn)
+                default:
+                    break
+                }
+            }
+        }
+    }
+}
+
+/// The callbacks of a host window: its frames are never allocated, so none is ever called for real.
+final class HostWindowOperations: PagemapOperations, @unchecked Sendable {
+    func folioFree(_ head: PFN, order: Int) {}
+    func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
+        throw HMMError(.bus, "a host window page is already in host memory")
+    }
+}
+
+/// What the native engine did, counted.
+public final class NativeStatistics: @unchecked Sendable {
+    private let counters = Locked(Counters())
+
+    public struct Counters: Sendable, Equatable {
+        /// CPU faults the fault thread resolved.
+        public var cpuFaults = 0
+        /// Of those, fault-backs of device pages through a driver.
+        public var faultBacks = 0
+        /// Of those, first touches (or touches after `MADV_DONTNEED`) filled with zeros.
+        public var zeroFills = 0
+        /// Of those, device-exclusive pages restored.
+        public var exclusiveRestores = 0
+        /// Pages poisoned because their driver could not bring them back.
+        public var poisoned = 0
+        /// Non-cooperative events handled (unmap, remove, remap).
+        public var events = 0
+        /// Device or staging pages dropped by unmap, `MADV_DONTNEED` or free.
+        public var pagesDropped = 0
+        /// Pages moved out of the process to staging frames, and moved or copied back in.
+        public var pagesMovedOut = 0
+        public var pagesMovedIn = 0
+    }
+
+    func count(_ field: WritableKeyPath<Counters, Int>, _ n: Int = 1) {
+        counters.withLock { $0[keyPath: field] += n }
+    }
+
+    /// A snapshot of the counters.
+    public var snapshot: Counters { counters.withLock { $0 } }
+}

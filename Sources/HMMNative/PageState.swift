@@ -1,0 +1,60 @@
+import HMM
+
+/// What the host page table cannot say about one 4 KiB page of a native region: one 64-bit word,
+/// changed only by compare-and-swap, whose `migrating` bit is the page lock (DESIGN §4's folio lock,
+/// for pages the host owns).
+///
+/// ```
+/// bits 0-2  kind   host · device (a private or coherent device frame) · exclusive (parked in a staging
+///                  RAM frame) · revoked (a poison marker is installed) · unmapped
+/// bit  3    migrating: locked by a migration, a fault resolution or an event
+/// bit  4    writable: the device copy may be written (MIGRATE_PFN_WRITE of the migration)
+/// bit  5    compound: one of the 512 pages of a 2 MiB device folio held as one unit
+/// bits 12-  PFN: the device frame (device), the staging frame (exclusive), else 0
+/// ```
+///
+/// A `device` or `exclusive` word holds one reference on its frame's folio — a compound unit one for
+/// all 512 words, on its head. `host` means the host page table is the truth: the page may be present,
+/// the zero page, part of a THP, or never touched.
+struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    var rawValue: UInt64
+
+    enum Kind: UInt64 {
+        case host = 0
+        case device = 1
+        case exclusive = 3
+        case revoked = 4
+        case unmapped = 5
+    }
+
+    static let migratingBit: UInt64 = 1 << 3
+    static let writableBit: UInt64 = 1 << 4
+    static let compoundBit: UInt64 = 1 << 5
+    static let pfnShift: UInt64 = 12
+
+    static let host = PageState(rawValue: 0)
+    static let unmapped = PageState(rawValue: Kind.unmapped.rawValue)
+
+    init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    init(_ kind: Kind, pfn: PFN = PFN(0), writable: Bool = false, compound: Bool = false) {
+        rawValue = kind.rawValue | pfn.rawValue << Self.pfnShift | (writable ? Self.writableBit : 0)
+            | (compound ? Self.compoundBit : 0)
+    }
+
+    var kind: Kind { Kind(rawValue: rawValue & 7) ?? .host }
+    var isMigrating: Bool { rawValue & Self.migratingBit != 0 }
+    var isWritable: Bool { rawValue & Self.writableBit != 0 }
+    var isCompound: Bool { rawValue & Self.compoundBit != 0 }
+    var pfn: PFN { PFN(rawValue >> Self.pfnShift) }
+
+    /// The same word with the lock bit set.
+    var locked: PageState { PageState(rawValue: rawValue | Self.migratingBit) }
+    /// The same word with the lock bit clear.
+    var unlocked: PageState { PageState(rawValue: rawValue & ~Self.migratingBit) }
+
+    var description: String {
+        "\(kind)\(isMigrating ? " migrating" : "")\(isWritable ? " w" : "")\(isCompound ? " compound" : "")"
+            + (pfn.rawValue != 0 ? " \(pfn)" : "")
+    }
+}

@@ -1,0 +1,93 @@
+import CUserfaultfd
+import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The system calls of the native engine, behind one thin internal seam (as swift-system wraps its
+/// `system_*` calls): every function is one call of the C shim, returning 0 or a count on success and
+/// a negative errno on failure. Nothing above this file calls the shim's ioctls directly.
+enum Sys {
+    static let page = UInt64(PageSize.base)
+    static let pmd = UInt64(PageSize.pmd)
+
+    /// `UFFDIO_MOVE` of `length` bytes; the bytes moved come back even on a partial failure.
+    static func move(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64, allowHoles: Bool = false) -> (Int32, Int64) {
+        var moved: Int64 = 0
+        let rc = cu_move(fd, dst, src, length, allowHoles ? UInt64(CU_MOVE_ALLOW_SRC_HOLES) : 0, &moved)
+        return (rc, moved)
+    }
+
+    /// `UFFDIO_COPY` of `length` bytes from `src` (any readable memory) into the registered hole `dst`.
+    static func copy(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64) -> (Int32, Int64) {
+        var copied: Int64 = 0
+        let rc = cu_copy(fd, dst, src, length, 0, &copied)
+        return (rc, copied)
+    }
+
+    static func zeropage(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 {
+        var zeroed: Int64 = 0
+        return cu_zeropage(fd, start, length, &zeroed)
+    }
+
+    static func poison(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_poison(fd, start, length) }
+    static func wake(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_wake(fd, start, length) }
+    static func register(_ fd: Int32, _ start: UInt64, _ length: UInt64, missing: Bool) -> Int32 {
+        cu_register(fd, start, length, missing ? UInt64(CU_REGISTER_MISSING) : UInt64(CU_REGISTER_WP))
+    }
+    static func unregister(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_unregister(fd, start, length) }
+    static func madvise(_ start: UInt64, _ length: UInt64, _ advice: Int32) -> Int32 { cu_madvise(start, length, advice) }
+    static func munmap(_ start: UInt64, _ length: UInt64) -> Int32 { cu_munmap(start, length) }
+    static func mprotect(_ start: UInt64, _ length: UInt64, _ protection: Protection) -> Int32 {
+        cu_mprotect(start, length, protection.hostFlags)
+    }
+
+    /// Retries an ioctl that returned `EAGAIN` because a non-cooperative event is queued and unread
+    /// (`ctx->mmap_changing`): the service thread reads it within microseconds.
+    @inline(__always)
+    static func retryingAgain(_ body: () -> Int32) -> Int32 {
+        var rc = body()
+        var spins = 0
+        while rc == -EAGAIN {
+            spins += 1
+            if spins > 4 { sched_yield() }
+            if spins > 100_000 { return rc }
+            rc = body()
+        }
+        return rc
+    }
+
+    static let dontNeed = Int32(MADV_DONTNEED)
+    static let hugePage = Int32(MADV_HUGEPAGE)
+    static let noHugePage = Int32(MADV_NOHUGEPAGE)
+    static let dontFork = Int32(MADV_DONTFORK)
+    static let populateRead: Int32 = 22   // MADV_POPULATE_READ (5.14)
+    static let populateWrite: Int32 = 23  // MADV_POPULATE_WRITE (5.14)
+}
+
+extension Protection {
+    /// `PROT_*` bits.
+    var hostFlags: Int32 {
+        (contains(.read) ? PROT_READ : 0) | (contains(.write) ? PROT_WRITE : 0) | (contains(.execute) ? PROT_EXEC : 0)
+    }
+}
+
+extension HMMError {
+    /// The error a failed system call means, named after the call and the errno.
+    static func system(_ rc: Int32, _ what: String) -> HMMError {
+        let e = -rc
+        let code: HMMError.Code
+        switch e {
+        case EFAULT: code = .fault
+        case EPERM, EACCES: code = .permission
+        case EINVAL: code = .invalidArgument
+        case ENOENT: code = .noEntry
+        case ENOMEM: code = .outOfMemory
+        case EBUSY, EEXIST: code = .busy
+        case EAGAIN: code = .tryAgain
+        case ENOSYS, EOPNOTSUPP: code = .unsupported
+        default: code = .fault
+        }
+        return HMMError(code, "\(what): \(String(cString: strerror(e))) (errno \(e))")
+    }
+}

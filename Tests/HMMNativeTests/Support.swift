@@ -1,0 +1,65 @@
+import CUserfaultfd
+import HMM
+import HMMDevices
+import HMMNative
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why the native tests cannot run here (nil: they can): userfaultfd with MOVE and POISON, PAGEMAP_SCAN.
+let nativeUnavailable = NativeSpace.unsupportedReason()
+
+/// A machine, a native space and a device-private mirror device; ends with the space closed (every
+/// device page evicted) and the machine's invariants checked — with the space's references counted
+/// while it is open, and none left after.
+func withNativeSpace(
+    systemMemory: Int = 256 << 20, options: NativeSpace.Options = .init(), kind: PagemapKind = .devicePrivate,
+    _ body: (Machine, NativeSpace, MirrorDevice) throws -> Void
+) throws {
+    let machine = try Machine(.init(systemMemory: systemMemory))
+    let space = try NativeSpace(machine: machine, options: options)
+    let device = try MirrorDevice(machine: machine, minor: 0, kind: kind, chunkSize: 64 << 20)
+    do {
+        try body(machine, space, device)
+        try machine.checkInvariants()
+    } catch {
+        try? space.close()
+        throw error
+    }
+    try space.close()
+    #expect(device.pagesInUse == 0, "closing the space evicts every device page")
+    try machine.checkInvariants()
+}
+
+/// Fills a region with a per-page pattern: word `i` of the region is `seed &+ i`.
+func fill(_ region: NativeRegion, seed: UInt32) {
+    let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
+    for i in 0..<(region.length / 4) { words[i] = seed &+ UInt32(truncatingIfNeeded: i) }
+}
+
+/// The index of the first word that breaks the pattern of ``fill(_:seed:)``, or nil.
+func firstMismatch(_ region: NativeRegion, seed: UInt32, from: Int = 0, to: Int? = nil) -> Int? {
+    let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
+    for i in (from / 4)..<((to ?? region.length) / 4) where words[i] != seed &+ UInt32(truncatingIfNeeded: i) { return i }
+    return nil
+}
+
+/// Waits (up to 5 s) until `condition` holds — for effects of events the service threads handle.
+func eventually(_ condition: () -> Bool) -> Bool {
+    let deadline = ContinuousClock.now + .seconds(5)
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        usleep(1000)
+    }
+    return condition()
+}
+
+/// Whether the host gives transparent huge pages to `MADV_HUGEPAGE` regions (THP not `never`).
+let hostHasTHP: Bool = {
+    guard let f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r") else { return false }
+    defer { fclose(f) }
+    var line = [CChar](repeating: 0, count: 128)
+    guard fgets(&line, 128, f) != nil else { return false }
+    return !String(cString: line).contains("[never]")
+}()
