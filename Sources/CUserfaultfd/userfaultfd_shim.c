@@ -181,6 +181,14 @@ uint64_t cu_map_aligned(uint64_t len, uint64_t align, int prot, int *error) {
 }
 
 int cu_munmap(uint64_t start, uint64_t len) { return munmap((void *)(uintptr_t)start, len) ? -errno : 0; }
+uint64_t cu_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_address, int *error) {
+    void *p = mremap((void *)(uintptr_t)old, old_len, new_len, flags, (void *)(uintptr_t)new_address);
+    if (p == MAP_FAILED) {
+        if (error) *error = -errno;
+        return 0;
+    }
+    return (uint64_t)(uintptr_t)p;
+}
 int cu_mprotect(uint64_t start, uint64_t len, int prot) {
     return mprotect((void *)(uintptr_t)start, len, prot) ? -errno : 0;
 }

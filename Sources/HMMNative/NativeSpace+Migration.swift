@@ -377,8 +377,11 @@ extension NativeSpace: MigrationEngine {
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
                     } else {
+                        // Writable as the page was (its migration entry's kind); a hole as its region allows
+                        // (`migrate_vma_insert_page`).
+                        let writable = src.pfn == nil ? region.protection.contains(.write) : src.isWritable
                         for j in 0..<unit {
-                            region.setState(i + j, PageState(.device, pfn: d + j, writable: m.dst[k].isWritable,
+                            region.setState(i + j, PageState(.device, pfn: d + j, writable: writable,
                                                              compound: m.dst[k].isCompound))
                         }
                         machine.folioUnlock(d)

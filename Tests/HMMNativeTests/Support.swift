@@ -59,7 +59,8 @@ func eventually(_ condition: () -> Bool) -> Bool {
 let hostHasTHP: Bool = {
     guard let f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r") else { return false }
     defer { fclose(f) }
-    var line = [CChar](repeating: 0, count: 128)
-    guard fgets(&line, 128, f) != nil else { return false }
-    return !String(cString: line).contains("[never]")
+    var line = [UInt8](repeating: 0, count: 128)
+    guard line.withUnsafeMutableBufferPointer({ b in b.withMemoryRebound(to: CChar.self) { fgets($0.baseAddress, 128, f) } }) != nil
+    else { return false }
+    return !String(decoding: line.prefix { $0 != 0 }, as: UTF8.self).contains("[never]")
 }()

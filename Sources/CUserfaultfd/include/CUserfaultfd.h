@@ -95,6 +95,9 @@ int cu_madvise(uint64_t start, uint64_t len, int advice);
 /// (-errno in *error).
 uint64_t cu_map_aligned(uint64_t len, uint64_t align, int prot, int *error);
 int cu_munmap(uint64_t start, uint64_t len);
+/// mremap(old, old_len, new_len, flags[, new_address]); the new address, or 0 with -errno in *error.
+/// Flags: 1 MREMAP_MAYMOVE, 2 MREMAP_FIXED, 4 MREMAP_DONTUNMAP.
+uint64_t cu_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_address, int *error);
 int cu_mprotect(uint64_t start, uint64_t len, int prot);
 int cu_eventfd(void);
 int cu_eventfd_signal(int fd);

@@ -1,0 +1,95 @@
+import CUserfaultfd
+import HMM
+import HMMDevices
+import HMMNative
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// munmap, MADV_DONTNEED, MADV_FREE and mremap by plain system calls on device-resident ranges: the
+/// host's userfaultfd events become the kernel's notifier events, and device pages of ranges that lost
+/// their mapping are freed.
+@Suite("Native engine: host events", .enabled(if: nativeUnavailable == nil, "\(nativeUnavailable ?? "")"))
+struct NativeEventTests {
+    @Test("munmap of part of a device-resident region frees its device pages and tells the mirror")
+    func munmapFreesDevicePages() throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 64 << 12, hugePages: false, populate: true)
+            fill(region, seed: 1)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address, pages: 64, into: nil)
+            #expect(gpu.pagesInUse == 64)
+            #expect(file.mappedPages == 64)
+            #expect(munmap(region.pointer + 8 * 4096, 4 * 4096) == 0)
+            #expect(eventually { gpu.pagesInUse == 60 })
+            #expect(file.mappedPages < 64, "the mirror heard the unmap")
+            #expect(try region.residency((8 << 12)..<(12 << 12)).allSatisfy { $0 == .unmapped })
+            try machine.checkInvariants()
+            // The rest is intact (and comes back on touch).
+            #expect(firstMismatch(region, seed: 1, to: 8 << 12) == nil)
+            #expect(firstMismatch(region, seed: 1, from: 12 << 12) == nil)
+            region.free()
+            #expect(gpu.pagesInUse == 0)
+            #expect(space.region(containing: region.address) == nil)
+            file.close()
+        }
+    }
+
+    @Test("munmap of a whole region removes it from the space")
+    func munmapWholeRegion() throws {
+        try withNativeSpace { _, space, gpu in
+            let region = try space.allocate(length: 2 << 20, populate: true)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address, pages: 512, into: nil)
+            #expect(munmap(region.pointer, region.length) == 0)
+            #expect(eventually { space.region(containing: region.address) == nil })
+            #expect(gpu.pagesInUse == 0)
+            file.close()
+        }
+    }
+
+    @Test("MADV_DONTNEED and MADV_FREE of device-resident pages free them; the pages then read zeros", arguments: [MADV_DONTNEED, MADV_FREE])
+    func dropDevicePages(advice: Int32) throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 16 << 12, hugePages: false, populate: true)
+            fill(region, seed: 5)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address, pages: 16, into: nil)
+            #expect(madvise(region.pointer + 2 * 4096, 4 * 4096, advice) == 0)
+            #expect(eventually { gpu.pagesInUse == 12 })
+            try machine.checkInvariants()
+            let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
+            for page in 2..<6 { #expect(words[page * 1024 + 17] == 0) }
+            #expect(firstMismatch(region, seed: 5, to: 2 << 12) == nil)
+            #expect(firstMismatch(region, seed: 5, from: 6 << 12) == nil)
+            file.close()
+        }
+    }
+
+    @Test("mremap moves device-resident pages with the mapping; the new address reads the old data")
+    func mremapMovesDevicePages() throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 32 << 12, hugePages: false, populate: true)
+            fill(region, seed: 11)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address, pages: 32, into: nil)
+            // Somewhere else: a placeholder mapping the move replaces (MREMAP_MAYMOVE | MREMAP_FIXED).
+            var error: Int32 = 0
+            let target = cu_map_aligned(UInt64(region.length), 4096, PROT_NONE, &error)
+            #expect(target != 0)
+            let to = cu_mremap(region.address, UInt64(region.length), UInt64(region.length), 1 | 2, target, &error)
+            #expect(to == target)
+            #expect(to != 0, "mremap: errno \(-error)")
+            guard to != 0, let moved = UnsafeMutableRawPointer(bitPattern: UInt(to)) else { return }
+            #expect(eventually { space.region(containing: to) != nil && space.region(containing: region.address) == nil })
+            #expect(gpu.pagesInUse == 32, "the device pages moved with the mapping, none freed")
+            try machine.checkInvariants()
+            let words = moved.bindMemory(to: UInt32.self, capacity: region.length / 4)
+            for i in stride(from: 0, to: region.length / 4, by: 97) { #expect(words[i] == 11 &+ UInt32(i)) }
+            space.region(containing: to)?.free()
+            #expect(gpu.pagesInUse == 0)
+            file.close()
+        }
+    }
+}
