@@ -90,8 +90,8 @@ int cu_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int
     return r;
 }
 
-int cu_zeropage(int fd, uint64_t start, uint64_t len, int64_t *zeroed) {
-    struct uffdio_zeropage z = {.range = {.start = start, .len = len}};
+int cu_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed) {
+    struct uffdio_zeropage z = {.range = {.start = start, .len = len}, .mode = mode};
     int r = ioctl(fd, UFFDIO_ZEROPAGE, &z) ? -errno : 0;
     if (zeroed) *zeroed = z.zeropage;
     return r;

@@ -14,6 +14,9 @@ final class MessageQueue: @unchecked Sendable {
     private var closed = false
     /// Messages pushed and not yet finished by the worker (``finish()``).
     private var outstanding = 0
+    /// Messages pushed, and finished, since the queue was made (monotonic).
+    private var pushedTotal: UInt64 = 0
+    private var finishedTotal: UInt64 = 0
 
     init() {
         mutex = .allocate(capacity: 1)
@@ -30,11 +33,29 @@ final class MessageQueue: @unchecked Sendable {
         cond.deallocate()
     }
 
-    func push(_ m: cu_message) {
+    /// Appends `m`; returns how many messages were pushed so far, this one included.
+    @discardableResult
+    func push(_ m: cu_message) -> UInt64 {
         pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
         items.append(m)
         outstanding += 1
+        pushedTotal += 1
         pthread_cond_broadcast(cond)
+        return pushedTotal
+    }
+
+    /// How many messages were pushed so far.
+    var pushed: UInt64 {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return pushedTotal
+    }
+
+    /// Waits until the first `count` messages ever pushed are finished (or the queue closes).
+    func waitFinished(_ count: UInt64) {
+        pthread_mutex_lock(mutex)
+        while finishedTotal < count && !closed { pthread_cond_wait(cond, mutex) }
         pthread_mutex_unlock(mutex)
     }
 
@@ -57,6 +78,7 @@ final class MessageQueue: @unchecked Sendable {
     func finish() {
         pthread_mutex_lock(mutex)
         outstanding -= 1
+        finishedTotal += 1
         pthread_cond_broadcast(cond)
         pthread_mutex_unlock(mutex)
     }

@@ -17,7 +17,7 @@ import Synchronization
 public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     /// The space the region belongs to.
     public let space: NativeSpace
-    /// The first byte (2 MiB-aligned when the region asked for huge pages).
+    /// The first byte (2 MiB-aligned).
     public let address: UInt64
     /// Bytes, a multiple of 4 KiB.
     public let length: Int
@@ -32,6 +32,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     private let protectionWord = Atomic<UInt8>(0)
     /// Pages not yet unmapped; the region leaves its space when it reaches 0.
     let mappedPages: Atomic<Int>
+    /// Set by ``free()``.
+    let freed = Atomic<Bool>(false)
 
     init(space: NativeSpace, address: UInt64, length: Int, protection: Protection, hugePages: Bool, window: Pagemap) {
         self.space = space
@@ -64,27 +66,59 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
 
     @inline(__always) func state(_ i: Int) -> PageState { PageState(rawValue: states[i].load(ordering: .acquiring)) }
 
-    /// Sets page `i`'s word (the caller holds its lock, or owns the page otherwise).
-    @inline(__always) func setState(_ i: Int, _ s: PageState) { states[i].store(s.rawValue, ordering: .releasing) }
-
-    /// Locks page `i` if its word is `expected` (unlocked); false if it is locked or changed.
-    @inline(__always) func tryLock(_ i: Int, _ expected: PageState) -> Bool {
-        states[i].compareExchange(expected: expected.rawValue, desired: expected.locked.rawValue,
-                                  ordering: .acquiringAndReleasing).exchanged
+    /// Sets page `i`'s word (the caller holds its lock, or owns the page otherwise). A `zapped` mark the
+    /// service thread set meanwhile is kept; if the new word unlocks the page, the zap is applied now.
+    @inline(__always) func setState(_ i: Int, _ s: PageState) {
+        var old = states[i].load(ordering: .relaxed)
+        while true {
+            let new = s.rawValue | (old & PageState.zappedBit)
+            let (done, seen) = states[i].compareExchange(expected: old, desired: new, ordering: .acquiringAndReleasing)
+            if done { break }
+            old = seen
+        }
+        if old & PageState.zappedBit != 0 && !s.isMigrating { settle(i) }
     }
 
-    /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word.
+    /// Marks page `i` zapped (the service thread, for a remove event: lock-free, never waits).
+    @inline(__always) func markZapped(_ i: Int) {
+        states[i].bitwiseOr(PageState.zappedBit, ordering: .acquiringAndReleasing)
+    }
+
+    /// Locks page `i` if its word is `expected` (unlocked, not zapped); false if it is locked, changed,
+    /// or was zapped (the zap is applied then: look again).
+    @inline(__always) func tryLock(_ i: Int, _ expected: PageState) -> Bool {
+        if expected.isZapped {
+            settle(i)
+            return false
+        }
+        return states[i].compareExchange(expected: expected.rawValue, desired: expected.locked.rawValue,
+                                         ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word, with any
+    /// pending zap already applied.
     func lock(_ i: Int) -> PageState {
         var spins = 0
         while true {
             let s = state(i)
-            if !s.isMigrating && tryLock(i, s) { return s }
+            if !s.isMigrating && states[i].compareExchange(expected: s.rawValue, desired: s.locked.rawValue,
+                                                           ordering: .acquiringAndReleasing).exchanged {
+                return s.isZapped ? space.applyZap(self, i, s.locked) : s
+            }
             spins += 1
             if spins > 16 {
                 sched_yieldShim()
                 spins = 0
             }
         }
+    }
+
+    /// Applies a pending zap of page `i` if it is unlocked (locks, drops, unlocks).
+    func settle(_ i: Int) {
+        let s = state(i)
+        guard s.isZapped, !s.isMigrating else { return }
+        let w = lock(i)
+        states[i].store(w.unlocked.rawValue, ordering: .releasing)
     }
 
     /// The page-aligned, in-region range `offsets` names, as addresses.

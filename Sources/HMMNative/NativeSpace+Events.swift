@@ -8,30 +8,32 @@ import Glibc
 /// The host's non-cooperative userfaultfd events as the kernel's MMU-notifier events
 /// (native-mode.md §1a): `munmap` → UNMAP (after the fact), `MADV_DONTNEED`/`MADV_FREE` → REMOVE
 /// (before the zap), `mremap` → REMAP (after the move, followed by UNMAP of the old range unless
-/// `MREMAP_DONTUNMAP`). Each runs in the event thread with `mmapLock` held for writing.
+/// `MREMAP_DONTUNMAP`). Each runs in the event thread.
+///
+/// The event thread takes no `mmapLock`: a driver thread holding it for reading may be waiting on a
+/// CPU fault that the fault thread resolves only after the events read before it (see
+/// ``faultLoop()``). Page-state locks and the region list's lock are all it needs.
 extension NativeSpace {
     func handleEvent(_ m: cu_message) {
         statistics.count(\.events)
-        mmapLock.withWriteLock {
-            switch Int32(m.kind) {
-            case CU_MSG_UNMAP:
-                dropRange(m.a, m.b, .unmap, to: .unmapped)
-            case CU_MSG_REMOVE:
-                dropRange(m.a, m.b, .clear, to: .host)
-            case CU_MSG_REMAP:
-                remap(from: m.a, to: m.b, length: m.c)
-            case CU_MSG_FORK:
-                // Not requested (the fork policy is MADV_DONTFORK); never leak a child's descriptor.
-                _ = cu_close(Int32(truncatingIfNeeded: m.a))
-            default:
-                break
-            }
+        switch Int32(m.kind) {
+        case CU_MSG_UNMAP:
+            dropRange(m.a, m.b, .unmap, to: .unmapped)
+        case CU_MSG_REMOVE:
+            dropRange(m.a, m.b, .clear, to: .host)
+        case CU_MSG_REMAP:
+            remap(from: m.a, to: m.b, length: m.c)
+        case CU_MSG_FORK:
+            // Not requested (the fork policy is MADV_DONTFORK); never leak a child's descriptor.
+            _ = cu_close(Int32(truncatingIfNeeded: m.a))
+        default:
+            break
         }
     }
 
     /// `[lo, hi)` lost its pages (unmapped, or zapped by `MADV_DONTNEED`/`MADV_FREE`): the notifiers
     /// hear `event`, the device and staging pages there are freed and the pages become `final`. A
-    /// region with no mapped page left leaves the space. Requires `mmapLock` held for writing.
+    /// region with no mapped page left leaves the space.
     func dropRange(_ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, to final: PageState) {
         for region in regions where region.address < hi && lo < region.end {
             let a = max(lo, region.address) & ~PageSize.baseMaskValue
@@ -56,7 +58,7 @@ extension NativeSpace {
     /// state words of the pages the host does not hold (device, exclusive, revoked). The new range
     /// becomes a region of its own (``region(containing:)`` finds it); the old range's words become
     /// host holes, so the UNMAP that follows frees nothing that moved. Drivers hear `unmap` for the old
-    /// range. Requires `mmapLock` held for writing.
+    /// range.
     func remap(from: UInt64, to: UInt64, length: UInt64) {
         guard let old = region(containing: from), from + length <= old.end else { return }
         let first = old.index(from)

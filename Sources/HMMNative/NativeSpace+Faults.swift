@@ -18,17 +18,42 @@ extension NativeSpace {
         while !stoppingNow {
             let ready = cu_poll(uffd, wakeFD, 1000)
             guard ready > 0 else { continue }
+            readSequence.add(1, ordering: .acquiringAndReleasing)
             let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, 64) }
-            guard n > 0 else { continue }
-            for k in 0..<Int(n) {
-                if buffer[k].kind == UInt32(CU_MSG_PAGEFAULT) { faults.push(buffer[k]) } else { events.push(buffer[k]) }
+            // A remove event's caller zaps as soon as the event is read: mark its pages now, lock-free, so
+            // a migration putting bytes back into them learns of the zap (``waitForReader()``).
+            for k in 0..<max(0, Int(n)) where buffer[k].kind == UInt32(CU_MSG_REMOVE) {
+                markZapped(buffer[k].a, buffer[k].b)
             }
+            for k in 0..<max(0, Int(n)) {
+                if buffer[k].kind == UInt32(CU_MSG_PAGEFAULT) {
+                    // Stamp the fault with the events read before it: they are handled before it is.
+                    var m = buffer[k]
+                    m.c = events.pushed
+                    faults.push(m)
+                } else {
+                    events.push(buffer[k])
+                }
+            }
+            readSequence.add(1, ordering: .acquiringAndReleasing)
         }
     }
 
-    /// The fault thread.
+    /// Marks every page of `[lo, hi)` zapped.
+    private func markZapped(_ lo: UInt64, _ hi: UInt64) {
+        for region in regions where region.address < hi && lo < region.end {
+            let a = max(lo, region.address)
+            let b = min(hi, region.end)
+            for i in region.index(a)..<region.index(b + PageSize.baseMaskValue) { region.markZapped(i) }
+        }
+    }
+
+    /// The fault thread. A fault is resolved only after the events read before it: a thread that
+    /// returned from `MADV_DONTNEED` (released as soon as its event was read) and then touches the page
+    /// must see it dropped, not fault back the device copy the event is about to free.
     func faultLoop() {
         while let m = faults.pop() {
+            events.waitFinished(m.c)
             handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0)
             faults.finish()
         }
@@ -73,6 +98,7 @@ extension NativeSpace {
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
                 region.setState(i, .host)
+                _ = Sys.wake(uffd, a, Sys.page)
             case .device:
                 if !bringBack(region, i, write: write) { statistics.count(\.poisoned) }
             case .exclusive:
@@ -90,14 +116,15 @@ extension NativeSpace {
     }
 
     /// A first touch (or a touch after the page was dropped): zeros, as `do_anonymous_page` gives — the
-    /// zero page for a read, a fresh zeroed page for a write.
+    /// zero page for a read, a fresh zeroed page for a write. `EEXIST` (someone filled it) is fine.
     private func zeroFill(_ a: UInt64, write: Bool) {
         statistics.count(\.zeroFills)
         let zerosAddress = UInt64(UInt(bitPattern: zeros))
-        let rc = Sys.retryingAgain {
-            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page).0 : Sys.zeropage(uffd, a, Sys.page)
+        // Not woken here: the caller marks the page home first, then wakes.
+        _ = Sys.retryingAgain {
+            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
+                : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
         }
-        if rc == -EEXIST { _ = Sys.wake(uffd, a, Sys.page) }
     }
 
     /// Brings device page `i` of `region` back to host memory through its driver, as a CPU fault does
@@ -156,6 +183,7 @@ extension NativeSpace {
             }
             machine.folioUnlock(head)
             machine.folioPut(head)
+            wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))
             let now = region.state(i)
             if now.kind != .device || now.isMigrating { continue }
             attempts += 1
@@ -193,12 +221,14 @@ extension NativeSpace {
         }
         region.setState(i, .host)
         machine.folioPut(s.pfn)
+        wake(a, pages: 1)
     }
 
     /// Puts the bytes of RAM frames `frame…frame+pages` into the hole at `a`: `UFFDIO_MOVE` (no copy; a
     /// 2 MiB unit moves as one PMD) or `UFFDIO_COPY` (no TLB shootdown: the better choice for 4 KiB
     /// pages in a multi-threaded process), falling back to COPY where MOVE refuses (a read-only
-    /// region). Wakes the threads waiting on the range. Returns false if the address is gone.
+    /// region). Wakes nobody: the caller updates the pages' words, then ``wake(_:pages:)`` — so a
+    /// thread that resumes sees the page home. Returns false if the address is gone.
     @discardableResult
     func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool) -> Bool {
         let src = UInt64(UInt(bitPattern: (try? machine.framePointer(frame)) ?? machine.ramBase))
@@ -207,7 +237,7 @@ extension NativeSpace {
         if move {
             var moved: Int64 = 0
             let rc = Sys.retryingAgain {
-                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true)
+                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true, dontWake: true)
                 moved = r.1
                 if moved > 0 { done += UInt64(moved) }
                 return r.0
@@ -217,7 +247,7 @@ extension NativeSpace {
         while done < bytes {
             var copied: Int64 = 0
             let rc = Sys.retryingAgain {
-                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done)
+                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done, dontWake: true)
                 copied = r.1
                 if copied > 0 { done += UInt64(copied) }
                 return r.0
@@ -231,7 +261,21 @@ extension NativeSpace {
             return false  // ENOENT / EINVAL: the range was unmapped under us
         }
         statistics.count(\.pagesMovedIn, pages)
+        // A zap the host did while the bytes went in is marked before the caller unlocks the pages.
+        waitForReader()
         return true
+    }
+
+    /// Wakes the threads waiting on `[a, a + pages)`.
+    func wake(_ a: UInt64, pages: Int) {
+        _ = Sys.wake(uffd, a, UInt64(pages) << UInt64(PageSize.shift))
+    }
+
+    /// Waits until every event the service thread has read so far is handled: the page words then say
+    /// what the host did (an address the host reused is not mistaken for the old mapping's).
+    func catchUpWithEvents() {
+        waitForReader()
+        events.waitFinished(events.pushed)
     }
 
     private var stoppingNow: Bool { stopping.load(ordering: .acquiring) }

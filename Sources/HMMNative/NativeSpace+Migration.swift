@@ -194,7 +194,10 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     // Part of it may have moved: put that back and collect page by page.
-                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true) }
+                    if moved > 0 {
+                        installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true)
+                        wake(a, pages: Int(moved) >> PageSize.shift)
+                    }
                     try? machine.releaseMigrationPage(folio)
                 }
             }
@@ -326,8 +329,8 @@ extension NativeSpace: MigrationEngine {
         var puts: [PFN] = []
         func flushCopies() {
             guard copyBatch.count > 0 else { return }
-            installFrame(copyBatch.firstFrame, at: m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift),
-                         pages: copyBatch.count, move: false)
+            let at = m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift)
+            installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false)
             for k in copied {
                 region.setState(c.first + k, .host)
                 if let d = m.dst[k].pfn { releaseDestination(d) }
@@ -366,6 +369,7 @@ extension NativeSpace: MigrationEngine {
                     puts.append(machine.folioHead(s))
                 } else {
                     for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
+
                     if let d = dst { releaseDestination(d) }
                 }
             } else {
@@ -385,6 +389,7 @@ extension NativeSpace: MigrationEngine {
                                                              compound: m.dst[k].isCompound))
                         }
                         machine.folioUnlock(d)
+
                     }
                 } else {
                     if let s = src.pfn {
@@ -405,6 +410,10 @@ extension NativeSpace: MigrationEngine {
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }
         m.engineContext = nil
+        // Threads that touched the range resume only now, with every page home and every reference
+        // dropped; a CPU fault's own migration is woken by the fault thread, once it has dropped the
+        // fault's reference too.
+        if m.faultPage == nil { wake(m.start, pages: n) }
     }
 
     /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM

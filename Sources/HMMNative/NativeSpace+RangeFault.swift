@@ -85,10 +85,15 @@ extension NativeSpace {
                 let req = mayFault ? (words[k] & mask) | dflt : 0
                 let wantWrite = req & HMMPFN.requestWrite != 0
                 if wantWrite && !writableVMA { throw HMMError(.permission, "hmm_range_fault: write to read-only \(b)") }
-                let s = region.state(region.index(b))
+                var s = region.state(region.index(b))
+                while s.isMigrating {
+                    // On the move (a fault resolving, a migration): it settles in microseconds.
+                    sched_yield()
+                    s = region.state(region.index(b))
+                }
                 var out: UInt64 = 0
                 switch s.kind {
-                case .device where !s.isMigrating:
+                case .device:
                     if let owner, let pm = machine.pagemap(of: s.pfn), pm.owner === owner {
                         out = HMMPFN.valid | (s.isWritable && writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
                             | (s.isCompound ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
@@ -99,7 +104,7 @@ extension NativeSpace {
                 case .revoked:
                     if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) is poisoned") }
                     out = HMMPFN.error
-                case .host where !s.isMigrating && cat & present != 0:
+                case .host where cat & present != 0:
                     let isZero = cat & zero != 0
                     let isHuge = cat & huge != 0
                     if wantWrite && isZero {

@@ -74,6 +74,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let faults = MessageQueue()
     let events = MessageQueue()
     let stopping = Atomic<Bool>(false)
+    /// Odd while the service thread is between a `read` and marking the zapped pages of what it read.
+    let readSequence = Atomic<UInt64>(0)
     private var threads: [HostThread] = []
     /// The callbacks of the regions' host windows (never called for a window's frames).
     let windowOperations = HostWindowOperations()
@@ -198,7 +200,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     // MARK: regions
 
-    /// Allocates anonymous private memory that can migrate: `mmap` (2 MiB-aligned with `hugePages`),
+    /// Allocates anonymous private memory that can migrate: `mmap` (2 MiB-aligned),
     /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`, `MADV_DONTFORK` (a forked child gets `SIGSEGV` touching it,
     /// never device pages read as silent zeros), `MADV_POPULATE_WRITE` with `populate`, then
     /// `UFFDIO_REGISTER`. An unpopulated page's first touch is a userfaultfd round trip (zero fill).
@@ -211,8 +213,11 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to 1 TiB")
         }
         let bytes = UInt64(length)
+        // The host may hand out an address an unmapped region had: its events must be handled first.
+        catchUpWithEvents()
         var error: Int32 = 0
-        let base = cu_map_aligned(bytes, hugePages ? Sys.pmd : Sys.page, PROT_READ | PROT_WRITE, &error)
+        // 2 MiB-aligned either way: fault-around windows and compound units then line up with the region.
+        let base = cu_map_aligned(bytes, Sys.pmd, PROT_READ | PROT_WRITE, &error)
         guard base != 0 else { throw HMMError(.outOfMemory, "mmap of \(length) bytes failed (errno \(-error))") }
         var registered = false
         var region: NativeRegion?
@@ -274,21 +279,30 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// The live regions.
     public var regions: [NativeRegion] { regionList.withLock { $0 } }
 
-    /// Frees `region` (``NativeRegion/free()``).
+    /// Frees `region` (``NativeRegion/free()``): drivers hear `unmap`, its device pages are freed, and the
+    /// parts the user has not unmapped already are unregistered and unmapped — never an address range
+    /// the region no longer owns.
     func free(_ region: NativeRegion) {
-        let live = mmapLock.withWriteLock { () -> Bool in
-            guard regionList.withLock({ $0.contains { $0 === region } }) else { return false }
+        guard !region.freed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // Pages the user unmapped (or moved) themselves are known once their events are handled.
+        if !hasExited { catchUpWithEvents() }
+        var runs: [Range<UInt64>] = []
+        mmapLock.withWriteLock {
+            for i in 0..<region.pages where region.state(i).kind != .unmapped {
+                let a = region.pageAddress(i)
+                if let last = runs.last, last.upperBound == a { runs[runs.count - 1] = last.lowerBound..<(a + Sys.page) } else {
+                    runs.append(a..<(a + Sys.page))
+                }
+            }
+            guard regionList.withLock({ $0.contains { $0 === region } }) else { return }
             invalidating(region.address, region.end, .unmap, owner: nil) {
                 for i in 0..<region.pages { dropPage(region, i, to: .unmapped) }
             }
             remove(region)
-            return true
         }
-        guard live else { return }
-        let bytes = UInt64(region.length)
-        if !hasExited { _ = Sys.unregister(uffd, region.address, bytes) }
+        for run in runs where !hasExited { _ = Sys.unregister(uffd, run.lowerBound, run.upperBound - run.lowerBound) }
         try? machine.unregisterPagemap(region.window)
-        _ = Sys.munmap(region.address, bytes)
+        for run in runs { _ = Sys.munmap(run.lowerBound, run.upperBound - run.lowerBound) }
     }
 
     /// Changes a region's protection (``NativeRegion/protect(_:_:)``).
@@ -321,6 +335,46 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             break
         }
         region.setState(i, final)
+    }
+
+    /// Applies the zap of locked page `i` (word `s`, zapped): `MADV_DONTNEED` dropped the page while
+    /// someone held it, so its device or staging copy is freed and whatever is at its address — bytes a
+    /// migration put back after the host's zap — leaves the process. Returns the new word: host, still
+    /// locked. A compound unit is left to the event thread, which splits it first.
+    func applyZap(_ region: NativeRegion, _ i: Int, _ s: PageState) -> PageState {
+        let clean = PageState(rawValue: s.rawValue & ~PageState.zappedBit)
+        if s.isCompound {
+            region.states[i].store(clean.rawValue, ordering: .releasing)
+            return clean
+        }
+        switch s.kind {
+        case .device, .exclusive:
+            machine.folioPut(machine.folioHead(s.pfn))
+            statistics.count(\.pagesDropped)
+        case .host:
+            discardHostPage(region.pageAddress(i))
+        default:
+            break
+        }
+        let host = PageState.host.locked
+        region.states[i].store(host.rawValue, ordering: .releasing)
+        return host
+    }
+
+    /// Takes the page at `a` out of the process (into a staging frame that is then freed): no event,
+    /// no wait; a hole stays a hole.
+    func discardHostPage(_ a: UInt64) {
+        guard let frame = machine.allocateMigrationPage(zeroed: false) else { return }
+        let f = frameAddress(frame)
+        _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
+        _ = Sys.move(stagingUffd, to: f, from: a, Sys.page, allowHoles: true)
+        try? machine.releaseMigrationPage(frame)
+    }
+
+    /// Waits until the service thread is not between a `read` of the userfaultfd and marking the pages of
+    /// the remove events it read: after this, every zap the host has done is marked.
+    func waitForReader() {
+        while readSequence.load(ordering: .acquiring) & 1 != 0 { sched_yieldShim() }
     }
 
     /// Splits the compound device unit starting at page `first`: each of its 512 words then holds its own

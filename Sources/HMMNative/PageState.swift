@@ -10,6 +10,8 @@ import HMM
 /// bit  3    migrating: locked by a migration, a fault resolution or an event
 /// bit  4    writable: the device copy may be written (MIGRATE_PFN_WRITE of the migration)
 /// bit  5    compound: one of the 512 pages of a 2 MiB device folio held as one unit
+/// bit  6    zapped: a MADV_DONTNEED/MADV_FREE event covered the page; whoever locks it next (or the
+///           holder, as it unlocks) drops its contents first
 /// bits 12-  PFN: the device frame (device), the staging frame (exclusive), else 0
 /// ```
 ///
@@ -30,6 +32,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     static let migratingBit: UInt64 = 1 << 3
     static let writableBit: UInt64 = 1 << 4
     static let compoundBit: UInt64 = 1 << 5
+    static let zappedBit: UInt64 = 1 << 6
     static let pfnShift: UInt64 = 12
 
     static let host = PageState(rawValue: 0)
@@ -46,6 +49,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     var isMigrating: Bool { rawValue & Self.migratingBit != 0 }
     var isWritable: Bool { rawValue & Self.writableBit != 0 }
     var isCompound: Bool { rawValue & Self.compoundBit != 0 }
+    var isZapped: Bool { rawValue & Self.zappedBit != 0 }
     var pfn: PFN { PFN(rawValue >> Self.pfnShift) }
 
     /// The same word with the lock bit set.
@@ -54,7 +58,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     var unlocked: PageState { PageState(rawValue: rawValue & ~Self.migratingBit) }
 
     var description: String {
-        "\(kind)\(isMigrating ? " migrating" : "")\(isWritable ? " w" : "")\(isCompound ? " compound" : "")"
+        "\(kind)\(isMigrating ? " migrating" : "")\(isWritable ? " w" : "")\(isCompound ? " compound" : "")\(isZapped ? " zapped" : "")"
             + (pfn.rawValue != 0 ? " \(pfn)" : "")
     }
 }

@@ -12,22 +12,24 @@ enum Sys {
     static let pmd = UInt64(PageSize.pmd)
 
     /// `UFFDIO_MOVE` of `length` bytes; the bytes moved come back even on a partial failure.
-    static func move(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64, allowHoles: Bool = false) -> (Int32, Int64) {
+    static func move(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64, allowHoles: Bool = false,
+                     dontWake: Bool = false) -> (Int32, Int64) {
         var moved: Int64 = 0
-        let rc = cu_move(fd, dst, src, length, allowHoles ? UInt64(CU_MOVE_ALLOW_SRC_HOLES) : 0, &moved)
+        let mode = (allowHoles ? UInt64(CU_MOVE_ALLOW_SRC_HOLES) : 0) | (dontWake ? UInt64(CU_MODE_DONTWAKE) : 0)
+        let rc = cu_move(fd, dst, src, length, mode, &moved)
         return (rc, moved)
     }
 
     /// `UFFDIO_COPY` of `length` bytes from `src` (any readable memory) into the registered hole `dst`.
-    static func copy(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64) -> (Int32, Int64) {
+    static func copy(_ fd: Int32, to dst: UInt64, from src: UInt64, _ length: UInt64, dontWake: Bool = false) -> (Int32, Int64) {
         var copied: Int64 = 0
-        let rc = cu_copy(fd, dst, src, length, 0, &copied)
+        let rc = cu_copy(fd, dst, src, length, dontWake ? UInt64(CU_MODE_DONTWAKE) : 0, &copied)
         return (rc, copied)
     }
 
-    static func zeropage(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 {
+    static func zeropage(_ fd: Int32, _ start: UInt64, _ length: UInt64, dontWake: Bool = false) -> Int32 {
         var zeroed: Int64 = 0
-        return cu_zeropage(fd, start, length, &zeroed)
+        return cu_zeropage(fd, start, length, dontWake ? UInt64(CU_MODE_DONTWAKE) : 0, &zeroed)
     }
 
     static func poison(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_poison(fd, start, length) }

@@ -46,7 +46,8 @@ struct NativeMigrationTests {
             #expect(words[1024 * 5 + 3] == 7 &+ UInt32(1024 * 5 + 3))  // page 5: a plain load
             #expect(space.statistics.snapshot.faultBacks == before + 1)
             // Fault-around brought the aligned 16-page window home in that one fault.
-            #expect(try region.residency(0..<(16 << 12)).allSatisfy { $0 == .host(huge: false, zero: false) })
+            let home = try region.residency(0..<(16 << 12))
+            #expect(home.allSatisfy { $0 == .host(huge: false, zero: false) }, "\(home)")
             #expect(region.devicePages == 48)
             #expect(firstMismatch(region, seed: 7) == nil)
             #expect(region.devicePages == 0)

@@ -78,7 +78,7 @@ int cu_unregister(int fd, uint64_t start, uint64_t len);
 int cu_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied);
 /// UFFDIO_MOVE; *moved receives the bytes moved (also on a partial failure).
 int cu_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
-int cu_zeropage(int fd, uint64_t start, uint64_t len, int64_t *zeroed);
+int cu_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed);
 int cu_poison(int fd, uint64_t start, uint64_t len);
 int cu_wake(int fd, uint64_t start, uint64_t len);
 /// poll(fd, POLLIN) for up to `timeout_ms` (or an eventfd `wake_fd` >= 0): 1 readable, 0 timeout or woken.

@@ -1,0 +1,138 @@
+import CUserfaultfd
+import HMM
+import HMMDevices
+import HMMNative
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("Native engine: fork and concurrency", .enabled(if: nativeUnavailable == nil, "\(nativeUnavailable ?? "")"))
+struct NativeConcurrencyTests {
+    @Test("fork: the child gets SIGSEGV touching a region (MADV_DONTFORK), never device pages as zeros")
+    func forkPolicyDontFork() throws {
+        try withNativeSpace { _, space, gpu in
+            let region = try space.allocate(length: 16 << 12, hugePages: false, populate: true)
+            fill(region, seed: 91)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address + 8 << 12, pages: 8, into: nil)
+            var byte: UInt8 = 0
+            var code: Int32 = 0
+            _ = cu_probe_read(region.pointer, &byte, &code)  // installs the probe before fork
+            let host = region.pointer
+            let device = region.pointer + 9 * 4096
+            let pid = fork()
+            if pid == 0 {
+                // The child runs only async-signal-safe code: two probed loads and _exit.
+                var b: UInt8 = 0
+                var c: Int32 = 0
+                let onHost = cu_probe_read(host, &b, &c)
+                let onDevice = cu_probe_read(device, &b, &c)
+                _exit(onHost == SIGSEGV && onDevice == SIGSEGV ? 0 : 40 + (onDevice == 0 ? 1 : 0))
+            }
+            #expect(pid > 0)
+            var status: Int32 = 0
+            #expect(waitpid(pid, &status, 0) == pid)
+            #expect(status & 0x7f == 0, "the child exited instead of dying of a signal")
+            #expect((status >> 8) & 0xff == 0, "the child read a region page instead of faulting")
+            // The parent is unharmed: every byte, device-resident ones included.
+            #expect(firstMismatch(region, seed: 91) == nil)
+            file.close()
+        }
+    }
+
+    /// Stress: one thread stores and checks page checksums over a region while another migrates parts of
+    /// it to the device and back, snapshots it, drops pages with MADV_DONTNEED, and on a second region
+    /// migrates, mremaps and munmaps. Bounded by HMM_NATIVE_STRESS_MS (default 1500 ms).
+    @Test("stress: CPU stores with checksums race migrations, DONTNEED, mremap and munmap")
+    func twoThreadStress() throws {
+        let millis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
+        try withNativeSpace { machine, space, gpu in
+            let pages = 256
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            let file = try gpu.open(space)
+            // The model: page p holds the word (generation[p] << 16 | p) everywhere, or zeros after a drop.
+            let generation = Locked([UInt32](repeating: 0, count: pages))
+            let pageLocks = (0..<pages).map { _ in Locked(()) }
+            let base = UInt(bitPattern: region.pointer)
+            @Sendable func expected(_ p: Int, _ gen: UInt32) -> UInt32 { gen == UInt32.max ? 0 : gen << 16 | UInt32(p) }
+            @Sendable func writePage(_ p: Int, _ gen: UInt32) {
+                let w = UnsafeMutablePointer<UInt32>(bitPattern: base + UInt(p << 12))!
+                for i in 0..<1024 { w[i] = expected(p, gen) }
+            }
+            @Sendable func checkPage(_ p: Int, _ gen: UInt32) -> Bool {
+                let w = UnsafeMutablePointer<UInt32>(bitPattern: base + UInt(p << 12))!
+                let e = expected(p, gen)
+                for i in stride(from: 0, to: 1024, by: 61) where w[i] != e { return false }
+                return w[1023] == e
+            }
+            for p in 0..<pages { writePage(p, 0) }
+            let deadline = ContinuousClock.now + .milliseconds(millis)
+            let bad = Atomic<Int>(0)
+            let badRemap = Atomic<Int>(0)
+            let errors = Locked<[String]>([])
+            let cpu = HostThread {
+                var rng = UInt64(0x9E37_79B9)
+                while ContinuousClock.now < deadline {
+                    rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                    let p = Int(rng >> 33) % pages
+                    pageLocks[p].withLock { _ in
+                        let g = generation.withLock { $0[p] }
+                        if !checkPage(p, g) { bad.add(1, ordering: .relaxed) }
+                        let next = g == UInt32.max ? 1 : (g &+ 1) & 0x7FFF
+                        writePage(p, next)
+                        generation.withLock { $0[p] = next }
+                    }
+                }
+            }
+            let driver = HostThread {
+                var rng = UInt64(12345)
+                var scratch: [UInt8] = Array(repeating: 0, count: 32)
+                while ContinuousClock.now < deadline {
+                    rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                    let p = Int(rng >> 33) % (pages - 32)
+                    let n = 1 + Int(rng >> 20) % 32
+                    let a = region.address + UInt64(p) << 12
+                    do throws(HMMError) {
+                        switch (rng >> 50) % 6 {
+                        case 0, 1: _ = try file.migrateToDevice(a, pages: n, into: nil)
+                        case 2: _ = try file.migrateToSystem(a, pages: n)
+                        case 3: _ = try file.snapshot(a, pages: n, into: &scratch)
+                        case 4:
+                            pageLocks[p].withLock { _ in
+                                _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(a)), 4096, MADV_DONTNEED)
+                                generation.withLock { $0[p] = UInt32.max }
+                            }
+                        default:
+                            // A second region: to the device, mremap elsewhere, check, unmap half, free.
+                            let r2 = try space.allocate(length: 8 << 12, hugePages: false, populate: true)
+                            fill(r2, seed: UInt32(truncatingIfNeeded: rng))
+                            _ = try file.migrateToDevice(r2.address, pages: 8, into: nil)
+                            var e: Int32 = 0
+                            let target = cu_map_aligned(8 << 12, 4096, PROT_NONE, &e)
+                            let to = cu_mremap(r2.address, 8 << 12, 8 << 12, 3, target, &e)
+                            if to == 0 { errors.withLock { $0.append("mremap failed: \(e)") } ; r2.free() ; break }
+                            let w = UnsafeMutablePointer<UInt32>(bitPattern: UInt(to))!
+                            if w[1024 * 5 + 7] != UInt32(truncatingIfNeeded: rng) &+ UInt32(1024 * 5 + 7) { badRemap.add(1, ordering: .relaxed) }
+                            _ = munmap(UnsafeMutableRawPointer(bitPattern: UInt(to)), 4 << 12)
+                            _ = munmap(UnsafeMutableRawPointer(bitPattern: UInt(to + (4 << 12))), 4 << 12)
+                            r2.free()
+                        }
+                    } catch {
+                        errors.withLock { $0.append("\(error)") }
+                    }
+                }
+            }
+            cpu.join()
+            driver.join()
+            #expect(bad.load(ordering: .relaxed) == 0, "a page lost its bytes")
+            #expect(badRemap.load(ordering: .relaxed) == 0, "a remapped page lost its bytes")
+            #expect(errors.withLock { $0 } == [])
+            #expect(eventually { space.regions.count == 1 }, "the second regions left the space")
+            try machine.checkInvariants()
+            for p in 0..<pages { #expect(checkPage(p, generation.withLock { $0[p] }), "page \(p)") }
+            file.close()
+        }
+    }
+}
