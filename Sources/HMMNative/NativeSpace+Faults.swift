@@ -100,7 +100,7 @@ extension NativeSpace {
                 region.setState(i, .host)
                 _ = Sys.wake(uffd, a, Sys.page)
             case .device:
-                if !bringBack(region, i, write: write) { statistics.count(\.poisoned) }
+                _ = bringBack(region, i, write: write)
             case .exclusive:
                 guard region.tryLock(i, s) else { continue }
                 restoreExclusive(region, i, s)
@@ -183,9 +183,11 @@ extension NativeSpace {
             }
             machine.folioUnlock(head)
             machine.folioPut(head)
-            wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))
             let now = region.state(i)
-            if now.kind != .device || now.isMigrating { continue }
+            if now.kind != .device || now.isMigrating {
+                wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))
+                continue
+            }
             attempts += 1
             if attempts >= 3 || (failure != nil && ![.busy, .tryAgain, .outOfMemory].contains(failure!.code)) {
                 poison(region, i)
