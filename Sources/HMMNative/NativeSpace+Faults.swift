@@ -98,7 +98,6 @@ extension NativeSpace {
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
                 region.setState(i, .host)
-                _ = Sys.wake(uffd, a, Sys.page)
             case .device:
                 _ = bringBack(region, i, write: write)
             case .exclusive:
@@ -120,11 +119,10 @@ extension NativeSpace {
     private func zeroFill(_ a: UInt64, write: Bool) {
         statistics.count(\.zeroFills)
         let zerosAddress = UInt64(UInt(bitPattern: zeros))
-        // Not woken here: the caller marks the page home first, then wakes.
-        _ = Sys.retryingAgain {
-            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
-                : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
+        let rc = Sys.retryingAgain {
+            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page).0 : Sys.zeropage(uffd, a, Sys.page)
         }
+        if rc == -EEXIST { _ = Sys.wake(uffd, a, Sys.page) }
     }
 
     /// Brings device page `i` of `region` back to host memory through its driver, as a CPU fault does
@@ -169,7 +167,7 @@ extension NativeSpace {
                 let lo = a & ~PageSize.pmdMaskValue
                 unit = lo..<(lo + Sys.pmd)
             } else {
-                let window = UInt64(options.faultAroundPages) << UInt64(PageSize.shift)
+                let window = UInt64(faultAroundPages) << UInt64(PageSize.shift)
                 let lo = max(a & ~(window - 1), region.address)
                 unit = lo..<min(lo + window, region.end)
             }
@@ -219,18 +217,18 @@ extension NativeSpace {
         let a = region.pageAddress(i)
         statistics.count(\.exclusiveRestores)
         invalidating(a, a + Sys.page, .clear, owner: nil) {
+            region.setState(i, PageState.host.locked)
             _ = installFrame(s.pfn, at: a, pages: 1, move: true)
         }
         region.setState(i, .host)
         machine.folioPut(s.pfn)
-        wake(a, pages: 1)
     }
 
     /// Puts the bytes of RAM frames `frame…frame+pages` into the hole at `a`: `UFFDIO_MOVE` (no copy; a
     /// 2 MiB unit moves as one PMD) or `UFFDIO_COPY` (no TLB shootdown: the better choice for 4 KiB
     /// pages in a multi-threaded process), falling back to COPY where MOVE refuses (a read-only
-    /// region). Wakes nobody: the caller updates the pages' words, then ``wake(_:pages:)`` — so a
-    /// thread that resumes sees the page home. Returns false if the address is gone.
+    /// region). Wakes the threads waiting on the range: the caller marks the pages' words home (still
+    /// locked) first, so a thread that resumes sees them home. Returns false if the address is gone.
     @discardableResult
     func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool) -> Bool {
         let src = UInt64(UInt(bitPattern: (try? machine.framePointer(frame)) ?? machine.ramBase))
@@ -239,7 +237,7 @@ extension NativeSpace {
         if move {
             var moved: Int64 = 0
             let rc = Sys.retryingAgain {
-                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true, dontWake: true)
+                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true)
                 moved = r.1
                 if moved > 0 { done += UInt64(moved) }
                 return r.0
@@ -249,7 +247,7 @@ extension NativeSpace {
         while done < bytes {
             var copied: Int64 = 0
             let rc = Sys.retryingAgain {
-                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done, dontWake: true)
+                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done)
                 copied = r.1
                 if copied > 0 { done += UInt64(copied) }
                 return r.0

@@ -194,10 +194,7 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     // Part of it may have moved: put that back and collect page by page.
-                    if moved > 0 {
-                        installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true)
-                        wake(a, pages: Int(moved) >> PageSize.shift)
-                    }
+                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true) }
                     try? machine.releaseMigrationPage(folio)
                 }
             }
@@ -330,6 +327,8 @@ extension NativeSpace: MigrationEngine {
         func flushCopies() {
             guard copyBatch.count > 0 else { return }
             let at = m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift)
+            // The words say "home" (still locked) before the bytes land and wake the toucher.
+            for k in copied { region.setState(c.first + k, PageState.host.locked) }
             installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false)
             for k in copied {
                 region.setState(c.first + k, .host)
@@ -362,6 +361,7 @@ extension NativeSpace: MigrationEngine {
                         copied.append(k)
                     } else {
                         flushCopies()
+                        for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
                         installFrame(d, at: a, pages: unit, move: true)
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
@@ -377,6 +377,7 @@ extension NativeSpace: MigrationEngine {
                 if moved, let d = dst {
                     if machine.deviceKind(d) == nil {
                         flushCopies()
+                        for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
                         installFrame(d, at: a, pages: unit, move: unit > 1)
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
@@ -394,6 +395,7 @@ extension NativeSpace: MigrationEngine {
                 } else {
                     if let s = src.pfn {
                         flushCopies()
+                        for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
                         installFrame(s, at: a, pages: unit, move: true)
                     }
                     for j in 0..<unit { region.setState(i + j, .host) }
@@ -410,10 +412,6 @@ extension NativeSpace: MigrationEngine {
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }
         m.engineContext = nil
-        // Threads that touched the range resume only now, with every page home and every reference
-        // dropped; a CPU fault's own migration is woken by the fault thread, once it has dropped the
-        // fault's reference too.
-        if m.faultPage == nil { wake(m.start, pages: n) }
     }
 
     /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM

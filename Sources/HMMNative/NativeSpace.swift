@@ -50,6 +50,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     public let machine: Machine
     public let options: Options
+    private let faultAround: Atomic<Int>
     /// Whether the userfaultfd is user-mode-only (see ``Options/userModeOnly``).
     public let isUserModeOnly: Bool
     /// Counters of what the engine did.
@@ -106,6 +107,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
         self.machine = machine
         self.options = options
+        faultAround = Atomic(options.faultAroundPages)
 
         let required = UInt64(CU_FEATURE_EVENT_UNMAP | CU_FEATURE_EVENT_REMOVE | CU_FEATURE_EVENT_REMAP
                                   | CU_FEATURE_MOVE | CU_FEATURE_POISON)
@@ -190,6 +192,27 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     }
 
     public var description: String { "native space (uffd \(uffd)\(isUserModeOnly ? ", user-mode only" : ""))" }
+
+    /// Pages a CPU fault-back asks its driver for (``Options/faultAroundPages``, changeable at run time).
+    public var faultAroundPages: Int { faultAround.load(ordering: .relaxed) }
+
+    /// Changes ``faultAroundPages``.
+    /// - Throws: `.invalidArgument` unless a power of two from 1 to 512.
+    public func setFaultAroundPages(_ pages: Int) throws(HMMError) {
+        guard pages >= 1, pages <= PageSize.pagesPerPMD, pages & (pages - 1) == 0 else {
+            throw HMMError(.invalidArgument, "fault-around of \(pages) pages: a power of two up to 512")
+        }
+        faultAround.store(pages, ordering: .relaxed)
+    }
+
+    /// Waits until the fault and event threads have handled everything read so far: afterwards the
+    /// page words and frame references reflect every fault and host event that happened before the call.
+    public func waitUntilIdle() {
+        guard !hasExited else { return }
+        catchUpWithEvents()
+        faults.drain()
+        events.drain()
+    }
 
     /// Whether ``close()`` ran.
     public var hasExited: Bool { closedFlag.load(ordering: .acquiring) }
@@ -537,6 +560,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 @_spi(Engine)
 extension NativeSpace: FrameReferenceHolder {
     public func forEachHeldReference(_ body: (PFN) -> Void) {
+        // A toucher resumes as soon as its page is home; the fault thread then still drops references.
+        waitUntilIdle()
         for r in regions {
             for i in 0..<r.pages {
                 let s = r.state(i)

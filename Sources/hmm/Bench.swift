@@ -16,16 +16,17 @@ struct Bench: ParsableCommand {
     @Option(help: "Repetitions per figure; the median is reported.")
     var repetitions = 5
 
-    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), or all of core and device (default).")
+    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), native (the native engine on this process's memory through userfaultfd), or all of core and device (default).")
     var group: String?
 
     func run() throws {
         let reps = quick ? 1 : max(1, repetitions)
         let scale = quick ? 16 : 1
-        let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
-        guard group == nil || ["core", "device", "migration", "p2p"].contains(group!) else {
-            throw ValidationError("unknown benchmark group \(group!): use core, device, migration or p2p")
+        guard group == nil || ["core", "device", "migration", "p2p", "native"].contains(group!) else {
+            throw ValidationError("unknown benchmark group \(group!): use core, device, migration, p2p or native")
         }
+        if group == "native" { return try nativeBenchmarks(reps: reps, quick: quick) }
+        let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
         if group == "migration" { return try migrationTable(reps: quick ? 1 : 5, quick: quick) }
         if group == "p2p" { return try p2pBenchmarks(reps: reps, scale: scale) }
         if group == nil || group == "core" || group == "device" {

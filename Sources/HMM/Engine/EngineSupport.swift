@@ -6,7 +6,8 @@ import Synchronization
 @_spi(Engine)
 public protocol FrameReferenceHolder: AnyObject, Sendable {
     /// Calls `body` once per reference held, with the folio's head frame. Called only when no other
-    /// thread changes the holder (the invariant checker's contract).
+    /// thread changes the holder (the invariant checker's contract); a holder with threads of its own
+    /// lets them finish what is in flight first.
     func forEachHeldReference(_ body: (PFN) -> Void)
 }
 

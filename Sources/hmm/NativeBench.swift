@@ -1,0 +1,183 @@
+import CUserfaultfd
+import HMM
+import HMMDevices
+import HMMNative
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `hmm bench native`: the native engine on this process's real memory, each figure beside a baseline
+/// measured in the same run, rounds interleaved (the machine is noisy):
+/// - CPU fault-back of one 4 KiB page vs a bare userfaultfd round trip (a minimal handler thread
+///   resolving each fault with `UFFDIO_COPY`);
+/// - fault-back throughput with fault-around (16 pages) vs page by page, with 1 and 2 faulting threads;
+/// - migration to the device and back, 4 KiB and 2 MiB units, vs memcpy of the same bytes;
+/// - snapshot (`HMM_DMIRROR_SNAPSHOT`) pages/s vs a bare `PAGEMAP_SCAN` of the same range.
+extension Bench {
+    func nativeBenchmarks(reps: Int, quick: Bool) throws {
+        if let reason = NativeSpace.unsupportedReason() {
+            print("native benchmarks skipped: \(reason)")
+            return
+        }
+        let machine = try Machine(.init(systemMemory: quick ? 64 << 20 : 512 << 20))
+        let space = try NativeSpace(machine: machine)
+        defer { try? space.close() }
+        let gpu = try MirrorDevice(machine: machine, minor: 0, kind: .devicePrivate, chunkSize: quick ? 32 << 20 : 256 << 20)
+        let file = try gpu.open(space)
+        defer { file.close() }
+        print("swift-hmm native engine benchmarks (median of \(reps); ratios against baselines from this same run)")
+        print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")
+
+        // 1. Fault-back latency, one page per fault.
+        let pages = quick ? 256 : 4096
+        try space.setFaultAroundPages(1)
+        var native: [Double] = []
+        var bare: [Double] = []
+        for _ in 0..<reps {
+            bare.append(bareRoundTrip(pages: pages))
+            native.append(try faultBack(space, file, pages: pages, threads: 1))
+        }
+        let n1 = median(native)
+        let b1 = median(bare)
+        row("CPU fault-back, 1 page (µs/fault)", fixed(n1 / 1000), "bare uffd COPY \(fixed(b1 / 1000)) µs → \(fixed(n1 / b1))×")
+
+        // 2. Fault-around throughput.
+        for threads in [1, 2] {
+            var around: [Double] = []
+            var single: [Double] = []
+            for _ in 0..<reps {
+                try space.setFaultAroundPages(1)
+                single.append(try faultBack(space, file, pages: pages * 4, threads: threads))
+                try space.setFaultAroundPages(16)
+                around.append(try faultBack(space, file, pages: pages * 4, threads: threads))
+            }
+            let a = 1e9 / median(around)
+            let s = 1e9 / median(single)
+            row("fault-back, fault-around 16, \(threads) thread(s) (kpages/s)", fixed(a / 1000, 0),
+                "per page \(fixed(s / 1000, 0)) kpages/s → \(fixed(a / s))×")
+        }
+        try space.setFaultAroundPages(16)
+
+        // 3. Migration to the device and back.
+        let bytes = quick ? 8 << 20 : 64 << 20
+        for huge in [false, true] {
+            var to: [Double] = []
+            var back: [Double] = []
+            var copy: [Double] = []
+            let region = try space.allocate(length: bytes, hugePages: huge, populate: true)
+            memset(region.pointer, 5, bytes)
+            for _ in 0..<reps {
+                copy.append(memcpyBaseline(chunk: huge ? 2 << 20 : 4096, bytes: bytes, reps: 0, distinctSource: true)
+                                * Double(bytes / (huge ? 2 << 20 : 4096)))
+                var t = now()
+                _ = try file.migrateToDevice(region.address, pages: bytes >> 12, into: nil)
+                to.append(Double(now() - t))
+                t = now()
+                _ = try file.migrateToSystem(region.address, pages: bytes >> 12)
+                back.append(Double(now() - t))
+            }
+            let stillHuge = huge ? " (AnonHugePages \(cu_anon_huge_kb(region.address) >> 10) MiB of \(bytes >> 20))" : ""
+            region.free()
+            let gbps = { (ns: Double) in Double(bytes) / ns }
+            let c = gbps(median(copy))
+            let unit = huge ? "2 MiB" : "4 KiB"
+            row("migrate to device, \(unit) units (GB/s)", fixed(gbps(median(to))), "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(to)) / c))×")
+            row("migrate to system, \(unit) units (GB/s)", fixed(gbps(median(back))),
+                "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(back)) / c))×\(stillHuge)")
+        }
+
+        // 4. Snapshot vs a bare PAGEMAP_SCAN.
+        let snapPages = quick ? 4096 : 65536
+        let region = try space.allocate(length: snapPages << 12, hugePages: false, populate: true)
+        defer { region.free() }
+        var out = [UInt8](repeating: 0, count: snapPages)
+        var snap: [Double] = []
+        var scan: [Double] = []
+        let fd = open("/proc/self/pagemap", O_RDONLY)
+        defer { close(fd) }
+        var vec = [cu_page_region](repeating: cu_page_region(), count: 64)
+        for _ in 0..<reps {
+            var t = now()
+            var a = region.address
+            var walkEnd: UInt64 = 0
+            while a < region.end {
+                let n = cu_pagemap_scan(fd, a, region.end, &vec, 64, UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE), &walkEnd)
+                if n < 0 || walkEnd <= a { break }
+                a = walkEnd
+            }
+            scan.append(Double(now() - t))
+            t = now()
+            _ = try file.snapshot(region.address, pages: snapPages, into: &out)
+            snap.append(Double(now() - t))
+        }
+        let sp = Double(snapPages) / median(snap) * 1000
+        let bp = Double(snapPages) / median(scan) * 1000
+        row("snapshot, 4 KiB pages (Mpages/s)", fixed(sp), "bare PAGEMAP_SCAN \(fixed(bp)) Mpages/s → \(fixed(sp / bp))×")
+        try machine.checkInvariants()
+    }
+
+    /// Nanoseconds per page for `threads` threads touching every page of a region whose pages all sit on
+    /// the device (each thread its own part).
+    private func faultBack(_ space: NativeSpace, _ file: MirrorFile, pages: Int, threads: Int) throws -> Double {
+        let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+        defer { region.free() }
+        memset(region.pointer, 3, pages << 12)
+        _ = try file.migrateToDevice(region.address, pages: pages, into: nil)
+        let base = UInt(bitPattern: region.pointer)
+        let sum = Atomic<Int>(0)
+        let t = now()
+        let per = pages / threads
+        let workers = (0..<threads).map { k in
+            HostThread {
+                var s = 0
+                for p in (k * per)..<((k + 1) * per) {
+                    s &+= Int(UnsafePointer<UInt8>(bitPattern: base + UInt(p << 12) + 64)!.pointee)
+                }
+                sum.add(s, ordering: .relaxed)
+            }
+        }
+        for w in workers { w.join() }
+        let ns = Double(now() - t) / Double(pages)
+        precondition(sum.load(ordering: .relaxed) == 3 * pages, "fault-back returned wrong bytes")
+        return ns
+    }
+
+    /// Nanoseconds per fault for a minimal userfaultfd handler: a thread that polls, reads the fault and
+    /// resolves it with `UFFDIO_COPY` of 4 KiB from a source buffer — the bare cost of a round trip.
+    private func bareRoundTrip(pages: Int) -> Double {
+        var error: Int32 = 0
+        let bytes = UInt64(pages) << 12
+        let region = cu_map_aligned(bytes, 2 << 20, PROT_READ | PROT_WRITE, &error)
+        _ = cu_madvise(region, bytes, MADV_NOHUGEPAGE)
+        let fd = cu_uffd_open(0, 0, nil)
+        guard region != 0, fd >= 0, cu_register(fd, region, bytes, UInt64(CU_REGISTER_MISSING)) == 0 else { return .nan }
+        let source = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        memset(source, 3, 4096)
+        let src = UInt64(UInt(bitPattern: source))
+        let served = Atomic<Int>(0)
+        let handler = HostThread {
+            var msgs = [cu_message](repeating: cu_message(), count: 64)
+            while served.load(ordering: .relaxed) < pages {
+                guard cu_poll(fd, -1, 100) > 0 else { continue }
+                let n = msgs.withUnsafeMutableBufferPointer { cu_read_messages(fd, $0.baseAddress!, 64) }
+                for k in 0..<max(0, Int(n)) where msgs[k].kind == UInt32(CU_MSG_PAGEFAULT) {
+                    var copied: Int64 = 0
+                    _ = cu_copy(fd, msgs[k].a & ~4095, src, 4096, 0, &copied)
+                    served.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        let t = now()
+        var s = 0
+        for p in 0..<pages { s &+= Int(UnsafePointer<UInt8>(bitPattern: UInt(region) + UInt(p << 12) + 64)!.pointee) }
+        let ns = Double(now() - t) / Double(pages)
+        handler.join()
+        blackHole(s)
+        _ = cu_close(fd)
+        _ = cu_munmap(region, bytes)
+        source.deallocate()
+        return ns
+    }
+}
