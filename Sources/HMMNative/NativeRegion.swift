@@ -96,14 +96,21 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word, with any
-    /// pending zap already applied.
-    func lock(_ i: Int) -> PageState {
+    /// pending zap already applied — or, with `unmapped`, only forgotten (the address is gone and may
+    /// already belong to another mapping: nothing may be taken from it).
+    func lock(_ i: Int, unmapped: Bool = false) -> PageState {
         var spins = 0
         while true {
             let s = state(i)
             if !s.isMigrating && states[i].compareExchange(expected: s.rawValue, desired: s.locked.rawValue,
                                                            ordering: .acquiringAndReleasing).exchanged {
-                return s.isZapped ? space.applyZap(self, i, s.locked) : s
+                guard s.isZapped else { return s }
+                if unmapped {
+                    let clean = PageState(rawValue: s.rawValue & ~PageState.zappedBit)
+                    states[i].store(clean.locked.rawValue, ordering: .releasing)
+                    return clean
+                }
+                return space.applyZap(self, i, s.locked)
             }
             spins += 1
             if spins > 16 {

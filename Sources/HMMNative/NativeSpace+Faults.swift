@@ -99,7 +99,8 @@ extension NativeSpace {
                 zeroFill(a, write: write)
                 region.setState(i, .host)
             case .device:
-                _ = bringBack(region, i, write: write)
+                // Not home yet (a drop or another fault got there first): look again.
+                if bringBack(region, i, write: write) == .notOnDevice { continue }
             case .exclusive:
                 guard region.tryLock(i, s) else { continue }
                 restoreExclusive(region, i, s)
@@ -130,9 +131,10 @@ extension NativeSpace {
     /// (it is the migration's `faultPage`), and the driver is asked for a fault-around window — the
     /// whole 2 MiB for a compound page. A driver that fails transiently is retried; one that cannot
     /// bring the page back gets it poisoned, so the toucher sees `SIGBUS` and never zeros (the kernel's
-    /// `VM_FAULT_SIGBUS`). Returns false when the page was poisoned.
-    func bringBack(_ region: NativeRegion, _ i: Int, write: Bool) -> Bool {
+    /// `VM_FAULT_SIGBUS`).
+    func bringBack(_ region: NativeRegion, _ i: Int, write: Bool) -> BringBack {
         var attempts = 0
+        var tried = false
         while true {
             let s = region.state(i)
             if s.isMigrating {
@@ -140,19 +142,22 @@ extension NativeSpace {
                 continue
             }
             switch s.kind {
-            case .host, .unmapped, .revoked:
-                return s.kind != .revoked
+            case .host, .unmapped:
+                return tried ? .home : .notOnDevice
+            case .revoked:
+                return .poisoned
             case .exclusive:
                 guard region.tryLock(i, s) else { continue }
                 restoreExclusive(region, i, s)
-                return true
+                return .home
             case .device:
                 break
             }
+            tried = true
             let head = machine.folioHead(s.pfn)
             guard let ops = machine.pagemap(of: s.pfn)?.callbacks else {
                 poison(region, i)
-                return false
+                return .poisoned
             }
             // Lock the folio as `do_swap_page` does; a migration holding it finishes first.
             while !machine.folioTryLock(head) { sched_yieldShim() }
@@ -189,10 +194,20 @@ extension NativeSpace {
             attempts += 1
             if attempts >= 3 || (failure != nil && ![.busy, .tryAgain, .outOfMemory].contains(failure!.code)) {
                 poison(region, i)
-                return false
+                return .poisoned
             }
             usleep(UInt32(1000 * attempts))
         }
+    }
+
+    /// What ``bringBack(_:_:write:)`` did.
+    enum BringBack {
+        /// The page came home (and whoever waited on it was woken).
+        case home
+        /// It was not on a device when looked at: nothing was done, nobody woken.
+        case notOnDevice
+        /// It could not come back and is poisoned (waiters woken into `SIGBUS`).
+        case poisoned
     }
 
     /// The page is lost: a poison marker replaces it, so the next touch raises `SIGBUS` and a system

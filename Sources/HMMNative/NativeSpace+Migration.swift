@@ -337,6 +337,9 @@ extension NativeSpace: MigrationEngine {
             copied.removeAll(keepingCapacity: true)
             copyBatch = MoveBatch()
         }
+        // Pages a MADV_DONTNEED dropped while they were away get no bytes back (their zap is applied as
+        // they unlock); the marks of every remove event read so far are set once the reader is past it.
+        waitForReader()
         var k = 0
         while k < n {
             guard c.locked[k] else {
@@ -349,6 +352,15 @@ extension NativeSpace: MigrationEngine {
             let i = c.first + k
             let a = m.start + UInt64(k) << UInt64(PageSize.shift)
             let dst = m.dst[k].pfn
+            let zapped = unit == 1 && region.state(i).isZapped
+            if zapped, let s = src.pfn {
+                // Dropped while away: nothing comes back; the device copy or staging frame is freed.
+                if machine.deviceKind(s) != nil { puts.append(machine.folioHead(s)) } else { try? machine.releaseMigrationPage(s) }
+                if let d = dst { releaseDestination(d) }
+                region.setState(i, .host)
+                k += 1
+                continue
+            }
             let moved = accepted && src.isMigrating && dst != nil
             if let s = src.pfn, machine.deviceKind(s) != nil {
                 // Device → RAM.
@@ -385,11 +397,12 @@ extension NativeSpace: MigrationEngine {
                         // Writable as the page was (its migration entry's kind); a hole as its region allows
                         // (`migrate_vma_insert_page`).
                         let writable = src.pfn == nil ? region.protection.contains(.write) : src.isWritable
+                        // Unlocked first: a zap applied as the word unlocks may free the folio at once.
+                        machine.folioUnlock(d)
                         for j in 0..<unit {
                             region.setState(i + j, PageState(.device, pfn: d + j, writable: writable,
                                                              compound: m.dst[k].isCompound))
                         }
-                        machine.folioUnlock(d)
 
                     }
                 } else {

@@ -349,7 +349,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// lock. A compound unit is split first (each of its pages then holds its own reference).
     func dropPage(_ region: NativeRegion, _ i: Int, to final: PageState) {
         if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
-        let s = region.lock(i)
+        let s = region.lock(i, unmapped: final == .unmapped)
         switch s.kind {
         case .device, .exclusive:
             machine.folioPut(machine.folioHead(s.pfn))
@@ -385,12 +385,16 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     }
 
     /// Takes the page at `a` out of the process (into a staging frame that is then freed): no event,
-    /// no wait; a hole stays a hole.
+    /// no wait. Only a present page is moved (a hole or the zero page already reads zeros).
     func discardHostPage(_ a: UInt64) {
-        guard let frame = machine.allocateMigrationPage(zeroed: false) else { return }
+        var present = false
+        try? scan(a, a + Sys.page) { (_, cat) in
+            present = cat & UInt64(CU_PAGE_IS_PRESENT) != 0 && cat & UInt64(CU_PAGE_IS_PFNZERO) == 0
+        }
+        guard present, let frame = machine.allocateMigrationPage(zeroed: false) else { return }
         let f = frameAddress(frame)
         _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
-        _ = Sys.move(stagingUffd, to: f, from: a, Sys.page, allowHoles: true)
+        _ = Sys.move(stagingUffd, to: f, from: a, Sys.page)
         try? machine.releaseMigrationPage(frame)
     }
 
@@ -545,7 +549,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
                 let s = r.state(i)
                 switch s.kind {
                 case .device, .exclusive:
-                    if !bringBack(r, i, write: false) { lost += 1 }
+                    if bringBack(r, i, write: false) == .poisoned { lost += 1 }
                     if r.state(i).kind == .device || r.state(i).kind == .exclusive { continue }
                 default:
                     break
