@@ -270,7 +270,8 @@ static void probe_install(void) {
     sigaction(SIGSEGV, &sa, &previous_segv);
 }
 
-int cu_probe_read(const void *p, uint8_t *out, int *code) {
+// One probed access: a load into *out, or a store of `value`.
+static int probe_access(volatile uint8_t *p, int store, uint8_t value, uint8_t *out, int *code) {
     pthread_once(&probe_once, probe_install);
     int s = sigsetjmp(probe_jump, 1);
     if (s) {
@@ -278,21 +279,13 @@ int cu_probe_read(const void *p, uint8_t *out, int *code) {
         return s;
     }
     probe_armed = 1;
-    uint8_t v = *(const volatile uint8_t *)p;
+    if (store) *p = value; else *out = *p;
     probe_armed = 0;
-    *out = v;
     return 0;
 }
 
-int cu_probe_write(void *p, uint8_t value, int *code) {
-    pthread_once(&probe_once, probe_install);
-    int s = sigsetjmp(probe_jump, 1);
-    if (s) {
-        if (code) *code = probe_code;
-        return s;
-    }
-    probe_armed = 1;
-    *(volatile uint8_t *)p = value;
-    probe_armed = 0;
-    return 0;
+int cu_probe_read(const void *p, uint8_t *out, int *code) {
+    return probe_access((volatile uint8_t *)(uintptr_t)p, 0, 0, out, code);
 }
+
+int cu_probe_write(void *p, uint8_t value, int *code) { return probe_access(p, 1, value, NULL, code); }

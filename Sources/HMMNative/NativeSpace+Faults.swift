@@ -135,6 +135,7 @@ extension NativeSpace {
     func bringBack(_ region: NativeRegion, _ i: Int, write: Bool) -> BringBack {
         var attempts = 0
         var tried = false
+        let deadline = ContinuousClock.now + .seconds(10)
         while true {
             let s = region.state(i)
             if s.isMigrating {
@@ -191,12 +192,23 @@ extension NativeSpace {
                 wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))
                 continue
             }
-            attempts += 1
-            if attempts >= 3 || (failure != nil && ![.busy, .tryAgain, .outOfMemory].contains(failure!.code)) {
-                poison(region, i)
-                return .poisoned
+            if let failure {
+                // The driver failed: retry what may pass, poison what will not (VM_FAULT_SIGBUS).
+                attempts += 1
+                if attempts >= 3 || ![.busy, .tryAgain, .outOfMemory].contains(failure.code) {
+                    poison(region, i)
+                    return .poisoned
+                }
+                usleep(UInt32(1000 * attempts))
+            } else {
+                // The driver returned without moving it (its folio was busy in another migration): fault
+                // again, as the kernel would — for a bounded time.
+                if ContinuousClock.now > deadline {
+                    poison(region, i)
+                    return .poisoned
+                }
+                sched_yieldShim()
             }
-            usleep(UInt32(1000 * attempts))
         }
     }
 

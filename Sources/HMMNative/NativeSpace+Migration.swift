@@ -147,7 +147,7 @@ extension NativeSpace: MigrationEngine {
     /// Moves the locked host pages of the migration out of the process into staging RAM frames
     /// (`UFFDIO_MOVE` on the staging userfaultfd, so it never waits for events): a whole THP as one
     /// PMD into a 2 MiB folio, other present pages in runs of contiguous frames; holes and zero pages
-    /// stay bare `migrate` entries. A page the host refuses to move (shared after fork, a read-only
+    /// are bare `migrate` entries (a touch of a hole faults to us and waits). A page the host refuses to move (shared after fork, a read-only
     /// region) is unlocked and not collected.
     private func moveOut(_ m: MigrateVMA, _ c: NativeMigration, compound: Bool) {
         let region = c.region
@@ -173,7 +173,8 @@ extension NativeSpace: MigrationEngine {
                 && (k..<(k + PageSize.pagesPerPMD)).allSatisfy({ c.locked[$0] && m.engineSource[$0].isMigrating })
             {
                 let cats = categories[k..<(k + PageSize.pagesPerPMD)]
-                if cats.allSatisfy({ $0 & present == 0 || $0 & zero != 0 }) {
+                // Only true holes: a (huge) zero page could be written, and COW'd, behind our back.
+                if cats.allSatisfy({ $0 & present == 0 }) {
                     m.engineSource[k] = MigratePFN(rawValue: MigratePFN.migrate | MigratePFN.compound)
                     for j in 1..<PageSize.pagesPerPMD { m.engineSource[k + j] = .empty }
                     k += PageSize.pagesPerPMD
@@ -199,7 +200,9 @@ extension NativeSpace: MigrationEngine {
                 }
             }
             let cat = categories[k]
-            if cat & present != 0 && cat & zero == 0 {
+            // A present page — the zero page too: a store to it is a copy-on-write the kernel does
+            // without asking us, so it must leave the address like any page (it moves as the zero page).
+            if cat & present != 0 {
                 guard let frame = machine.allocateMigrationPage(zeroed: false) else {
                     // No staging frame: this page and the rest stay.
                     unlockHost(m, c, from: k)
@@ -329,7 +332,14 @@ extension NativeSpace: MigrationEngine {
             let at = m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift)
             // The words say "home" (still locked) before the bytes land and wake the toucher.
             for k in copied { region.setState(c.first + k, PageState.host.locked) }
-            installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false)
+            if anyZapped(region, c.first + copyBatch.first, copyBatch.count) {
+                // A MADV_DONTNEED came while they were away: those pages get nothing back.
+                for (j, k) in copied.enumerated() where !region.state(c.first + k).isZapped {
+                    installFrame(copyBatch.firstFrame + j, at: at + UInt64(j) << UInt64(PageSize.shift), pages: 1, move: false)
+                }
+            } else {
+                installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false)
+            }
             for k in copied {
                 region.setState(c.first + k, .host)
                 if let d = m.dst[k].pfn { releaseDestination(d) }
@@ -374,7 +384,7 @@ extension NativeSpace: MigrationEngine {
                     } else {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        installFrame(d, at: a, pages: unit, move: true)
+                        if !anyZapped(region, i, unit) { installFrame(d, at: a, pages: unit, move: true) }
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
                     }
@@ -390,7 +400,7 @@ extension NativeSpace: MigrationEngine {
                     if machine.deviceKind(d) == nil {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        installFrame(d, at: a, pages: unit, move: unit > 1)
+                        if !anyZapped(region, i, unit) { installFrame(d, at: a, pages: unit, move: unit > 1) }
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
                     } else {
@@ -409,7 +419,7 @@ extension NativeSpace: MigrationEngine {
                     if let s = src.pfn {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        installFrame(s, at: a, pages: unit, move: true)
+                        if !anyZapped(region, i, unit) { installFrame(s, at: a, pages: unit, move: true) }
                     }
                     for j in 0..<unit { region.setState(i + j, .host) }
                     if let d = dst { releaseDestination(d) }
@@ -425,6 +435,15 @@ extension NativeSpace: MigrationEngine {
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }
         m.engineContext = nil
+    }
+
+    /// Whether a remove event read so far covered one of `count` pages from `i` (waits until the reader
+    /// has marked what it read): checked right before bytes go back in, so a page `MADV_DONTNEED`
+    /// dropped while it was away is not refilled with its old bytes.
+    private func anyZapped(_ region: NativeRegion, _ i: Int, _ count: Int) -> Bool {
+        waitForReader()
+        for j in 0..<count where region.state(i + j).isZapped { return true }
+        return false
     }
 
     /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM

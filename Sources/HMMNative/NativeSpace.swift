@@ -427,9 +427,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     func invalidating<R, E: Error>(
         _ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, owner: (any AnyObject & Sendable)?, _ body: () throws(E) -> R
     ) throws(E) -> R {
-        let started = subscriptions.start(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner))
-        defer { subscriptions.end(started) }
-        return try body()
+        try subscriptions.invalidating(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner), body)
     }
 
     // MARK: the driver-facing protocol
@@ -563,6 +561,18 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
 @_spi(Engine)
 extension NativeSpace: FrameReferenceHolder {
+    /// `migrate_device_range` on frames this space's pages use: each such page comes home through its
+    /// driver, as a CPU touch would bring it (one that cannot is poisoned, never left as zeros).
+    public func evictFrames(in range: Range<UInt64>) {
+        guard !hasExited else { return }
+        for r in regions {
+            for i in 0..<r.pages {
+                let s = r.state(i)
+                if s.kind == .device && range.contains(s.pfn.rawValue) { _ = bringBack(r, i, write: false) }
+            }
+        }
+    }
+
     public func forEachHeldReference(_ body: (PFN) -> Void) {
         // A toucher resumes as soon as its page is home; the fault thread then still drops references.
         waitUntilIdle()

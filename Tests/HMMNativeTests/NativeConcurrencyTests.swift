@@ -78,7 +78,12 @@ struct NativeConcurrencyTests {
                     let p = Int(rng >> 33) % pages
                     pageLocks[p].withLock { _ in
                         let g = generation.withLock { $0[p] }
-                        if !checkPage(p, g) { bad.add(1, ordering: .relaxed) }
+                        if !checkPage(p, g) {
+                            bad.add(1, ordering: .relaxed)
+                            let w = UnsafeMutablePointer<UInt32>(bitPattern: base + UInt(p << 12))!
+                            let seen = (w[0], w[1023])
+                            errors.withLock { $0.append("page \(p): expected \(expected(p, g)), saw \(seen)") }
+                        }
                         let next = g == UInt32.max ? 1 : (g &+ 1) & 0x7FFF
                         writePage(p, next)
                         generation.withLock { $0[p] = next }

@@ -106,4 +106,22 @@ struct NativeMigrationTests {
             file.close()
         }
     }
+
+    @Test("releasing the device evicts its native pages home by physical range (migrate_device_range)")
+    func deviceReleaseEvictsNativePages() throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 4 << 20, populate: true)
+            fill(region, seed: 17)
+            let file = try gpu.open(space)
+            _ = try file.migrateToDevice(region.address, pages: 1024, into: nil)
+            #expect(region.devicePages == 1024)
+            try gpu.release()
+            #expect(region.devicePages == 0)
+            #expect(gpu.pagesInUse == 0)
+            #expect(gpu.chunkCount == 0, "every chunk was emptied and unregistered")
+            #expect(firstMismatch(region, seed: 17) == nil)
+            try machine.checkInvariants()
+            file.close()
+        }
+    }
 }

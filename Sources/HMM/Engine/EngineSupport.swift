@@ -9,6 +9,10 @@ public protocol FrameReferenceHolder: AnyObject, Sendable {
     /// thread changes the holder (the invariant checker's contract); a holder with threads of its own
     /// lets them finish what is in flight first.
     func forEachHeldReference(_ body: (PFN) -> Void)
+    /// A driver is about to evict the device frames `range` by physical address (``MigrateDevice``):
+    /// bring every page the holder keeps in one of them back to host memory first (through the frame's
+    /// driver, as a CPU fault would), since the reverse map cannot see the holder's references.
+    func evictFrames(in range: Range<UInt64>)
 }
 
 /// The frame operations an engine needs beyond the driver API: the folio lock and references

@@ -44,6 +44,11 @@ public final class MigrateDevice: @unchecked Sendable {
         }
         self.machine = machine
         self.callerReferences = callerReferences
+        // Pages another engine holds (native device-resident pages) have no reverse-map entry: that
+        // engine brings them home first.
+        let lo = pfns.map(\.rawValue).min()!
+        let hi = pfns.map(\.rawValue).max()! + 1
+        for holder in machine.liveReferenceHolders { holder.evictFrames(in: lo..<hi) }
         src = Array(repeating: .empty, count: pfns.count)
         dst = Array(repeating: .empty, count: pfns.count)
         let frames = machine.frames

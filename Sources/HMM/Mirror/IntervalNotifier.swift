@@ -219,6 +219,14 @@ public final class NotifierSubscriptions: @unchecked Sendable {
         return true
     }
 
+    /// Runs `body` between ``start(_:)`` and ``end(_:)`` of `range`: how either engine brackets a change.
+    @inline(__always)
+    public func invalidating<R, E: Error>(_ range: NotifierRange, _ body: () throws(E) -> R) throws(E) -> R {
+        let started = start(range)
+        defer { end(started) }
+        return try body()
+    }
+
     /// `mmu_notifier_invalidate_range_end`.
     public func end(_ started: Bool) {
         guard started else { return }
@@ -254,8 +262,6 @@ extension AddressSpace {
     func invalidating<R, E: Error>(
         _ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, owner: (any AnyObject & Sendable)? = nil, _ body: () throws(E) -> R
     ) throws(E) -> R {
-        let started = notifiers.start(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner, blockable: true))
-        defer { notifiers.end(started) }
-        return try body()
+        try notifiers.invalidating(NotifierRange(space: self, start: lo, end: hi, event: event, owner: owner), body)
     }
 }
