@@ -90,13 +90,6 @@ final class MessageQueue: @unchecked Sendable {
         pthread_mutex_unlock(mutex)
     }
 
-    /// Whether messages are waiting or in progress.
-    var isBusy: Bool {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return outstanding > 0
-    }
-
     func close() {
         pthread_mutex_lock(mutex)
         closed = true

@@ -34,8 +34,6 @@ extension Machine {
     /// `folio_put`: the last reference frees the folio (a device folio through its driver's
     /// ``PagemapOperations/folioFree(_:order:)``).
     public func folioPut(_ head: PFN) { putFolio(head) }
-    /// The folio's order (0 or 9).
-    public func folioOrder(_ head: PFN) -> Int { frames.order(head) }
 
     /// Adds `holder` to the references ``checkInvariants()`` accounts for; held weakly.
     public func addReferenceHolder(_ holder: any FrameReferenceHolder) {
