@@ -12,13 +12,19 @@ extension NativeSpace {
     /// The service thread: reads the userfaultfd and dispatches, and does nothing else — it takes no
     /// lock but the queues' and calls no user code, because every `munmap`, `MADV_DONTNEED` and `mremap`
     /// of a region in any thread waits until it has read the event (and every resolving ioctl returns
-    /// `EAGAIN` meanwhile).
+    /// `EAGAIN` meanwhile). It does wait for one thing, briefly: installs of bytes in flight, because the
+    /// host zaps a `MADV_DONTNEED` range as soon as the remove event is read (see ``enterInstall()``);
+    /// an install that hits `EAGAIN` steps aside so the reader can read.
     func serviceLoop() {
         var buffer = [cu_message](repeating: cu_message(), count: 64)
         while !stoppingNow {
             let ready = cu_poll(uffd, wakeFD, 1000)
             guard ready > 0 else { continue }
             readSequence.add(1, ordering: .acquiringAndReleasing)
+            // No install may be in flight while events are read: a remove event releases its caller's
+            // zap at once, and bytes going back must land either before that read (the zap removes
+            // them) or after the page is marked (the installer sees the mark and skips it).
+            while installing.load(ordering: .acquiring) > 0 { sched_yieldShim() }
             let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, 64) }
             // A remove event's caller zaps as soon as the event is read: mark its pages now, lock-free, so
             // a migration putting bytes back into them learns of the zap (``waitForReader()``).
@@ -245,7 +251,7 @@ extension NativeSpace {
         statistics.count(\.exclusiveRestores)
         invalidating(a, a + Sys.page, .clear, owner: nil) {
             region.setState(i, PageState.host.locked)
-            _ = installFrame(s.pfn, at: a, pages: 1, move: true)
+            _ = installFrame(s.pfn, at: a, pages: 1, move: true, unlessZapped: (region, i))
         }
         region.setState(i, .host)
         machine.folioPut(s.pfn)
@@ -257,29 +263,43 @@ extension NativeSpace {
     /// region). Wakes the threads waiting on the range: the caller marks the pages' words home (still
     /// locked) first, so a thread that resumes sees them home. Returns false if the address is gone.
     @discardableResult
-    func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool) -> Bool {
+    func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool,
+                      unlessZapped check: (NativeRegion, Int)? = nil) -> Bool {
         let src = UInt64(UInt(bitPattern: (try? machine.framePointer(frame)) ?? machine.ramBase))
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
+        // No remove event is read while bytes go in (the reader waits for `installing` to drain), so a
+        // zap either comes after the install — and removes what it put — or was marked before the
+        // check below.
+        func zapped() -> Bool {
+            guard let (region, first) = check else { return false }
+            for j in 0..<pages where region.state(first + j).isZapped { return true }
+            return false
+        }
+        enterInstall()
+        defer { leaveInstall() }
+        if zapped() { return false }
         var done: UInt64 = 0
-        if move {
-            var moved: Int64 = 0
-            let rc = Sys.retryingAgain {
-                let r = Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true)
-                moved = r.1
-                if moved > 0 { done += UInt64(moved) }
-                return r.0
+        /// One ioctl, retried while an event is queued unread (EAGAIN) — stepping aside for the reader.
+        func attempt(_ body: () -> (Int32, Int64)) -> Int32 {
+            while true {
+                let (rc, n) = body()
+                if n > 0 { done += UInt64(n) }
+                guard rc == -EAGAIN else { return rc }
+                leaveInstall()
+                sched_yieldShim()
+                enterInstall()
+                if zapped() { return -ECANCELED }
             }
+        }
+        if move {
+            let rc = attempt { Sys.move(uffd, to: a + done, from: src + done, bytes - done, allowHoles: true) }
             if rc == 0 { done = bytes }
+            if rc == -ECANCELED { return false }
         }
         while done < bytes {
-            var copied: Int64 = 0
-            let rc = Sys.retryingAgain {
-                let r = Sys.copy(uffd, to: a + done, from: src + done, bytes - done)
-                copied = r.1
-                if copied > 0 { done += UInt64(copied) }
-                return r.0
-            }
+            let rc = attempt { Sys.copy(uffd, to: a + done, from: src + done, bytes - done) }
             if rc == 0 { break }
+            if rc == -ECANCELED { return false }
             if rc == -EEXIST {
                 // Something is mapped there already (it cannot be our page): skip it.
                 done += Sys.page
@@ -288,10 +308,20 @@ extension NativeSpace {
             return false  // ENOENT / EINVAL: the range was unmapped under us
         }
         statistics.count(\.pagesMovedIn, pages)
-        // A zap the host did while the bytes went in is marked before the caller unlocks the pages.
-        waitForReader()
         return true
     }
+
+    /// Marks an install in progress, stepping aside while the reader is reading (see ``serviceLoop()``).
+    func enterInstall() {
+        while true {
+            installing.add(1, ordering: .acquiringAndReleasing)
+            if readSequence.load(ordering: .acquiring) & 1 == 0 { return }
+            installing.subtract(1, ordering: .acquiringAndReleasing)
+            while readSequence.load(ordering: .acquiring) & 1 != 0 { sched_yieldShim() }
+        }
+    }
+
+    func leaveInstall() { installing.subtract(1, ordering: .acquiringAndReleasing) }
 
     /// Wakes the threads waiting on `[a, a + pages)`.
     func wake(_ a: UInt64, pages: Int) {

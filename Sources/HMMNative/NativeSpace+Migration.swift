@@ -195,7 +195,7 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     // Part of it may have moved: put that back and collect page by page.
-                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true) }
+                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true, unlessZapped: (region, c.first + k)) }
                     try? machine.releaseMigrationPage(folio)
                 }
             }
@@ -332,13 +332,13 @@ extension NativeSpace: MigrationEngine {
             let at = m.start + UInt64(copyBatch.first) << UInt64(PageSize.shift)
             // The words say "home" (still locked) before the bytes land and wake the toucher.
             for k in copied { region.setState(c.first + k, PageState.host.locked) }
-            if anyZapped(region, c.first + copyBatch.first, copyBatch.count) {
-                // A MADV_DONTNEED came while they were away: those pages get nothing back.
-                for (j, k) in copied.enumerated() where !region.state(c.first + k).isZapped {
-                    installFrame(copyBatch.firstFrame + j, at: at + UInt64(j) << UInt64(PageSize.shift), pages: 1, move: false)
+            if !installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false,
+                             unlessZapped: (region, c.first + copyBatch.first)) {
+                // A MADV_DONTNEED came while some were away: those get nothing back, the others their bytes.
+                for (j, k) in copied.enumerated() {
+                    installFrame(copyBatch.firstFrame + j, at: at + UInt64(j) << UInt64(PageSize.shift), pages: 1,
+                                 move: false, unlessZapped: (region, c.first + k))
                 }
-            } else {
-                installFrame(copyBatch.firstFrame, at: at, pages: copyBatch.count, move: false)
             }
             for k in copied {
                 region.setState(c.first + k, .host)
@@ -384,7 +384,7 @@ extension NativeSpace: MigrationEngine {
                     } else {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        if !anyZapped(region, i, unit) { installFrame(d, at: a, pages: unit, move: true) }
+                        installFrame(d, at: a, pages: unit, move: true, unlessZapped: (region, i))
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
                     }
@@ -400,7 +400,7 @@ extension NativeSpace: MigrationEngine {
                     if machine.deviceKind(d) == nil {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        if !anyZapped(region, i, unit) { installFrame(d, at: a, pages: unit, move: unit > 1) }
+                        installFrame(d, at: a, pages: unit, move: unit > 1, unlessZapped: (region, i))
                         for j in 0..<unit { region.setState(i + j, .host) }
                         releaseDestination(d)
                     } else {
@@ -419,7 +419,7 @@ extension NativeSpace: MigrationEngine {
                     if let s = src.pfn {
                         flushCopies()
                         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
-                        if !anyZapped(region, i, unit) { installFrame(s, at: a, pages: unit, move: true) }
+                        installFrame(s, at: a, pages: unit, move: true, unlessZapped: (region, i))
                     }
                     for j in 0..<unit { region.setState(i + j, .host) }
                     if let d = dst { releaseDestination(d) }
@@ -435,15 +435,6 @@ extension NativeSpace: MigrationEngine {
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }
         m.engineContext = nil
-    }
-
-    /// Whether a remove event read so far covered one of `count` pages from `i` (waits until the reader
-    /// has marked what it read): checked right before bytes go back in, so a page `MADV_DONTNEED`
-    /// dropped while it was away is not refilled with its old bytes.
-    private func anyZapped(_ region: NativeRegion, _ i: Int, _ count: Int) -> Bool {
-        waitForReader()
-        for j in 0..<count where region.state(i + j).isZapped { return true }
-        return false
     }
 
     /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM

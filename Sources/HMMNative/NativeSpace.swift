@@ -18,8 +18,8 @@ import Glibc
 /// concurrent touch faults and waits), so drivers copy frame to frame exactly as on the simulated
 /// engine.
 ///
-/// Threads: a service thread reads the userfaultfd and never blocks on anything else (every `munmap`,
-/// `MADV_DONTNEED` and `mremap` of a region waits until it has read the event); a fault thread
+/// Threads: a service thread reads the userfaultfd and waits for nothing but installs of bytes in flight
+/// (every `munmap`, `MADV_DONTNEED` and `mremap` of a region waits until it has read the event); a fault thread
 /// resolves CPU faults (zero fill, fault-back through the driver's
 /// ``PagemapOperations/migrateToRAM(_:)``, exclusive restore); an event thread turns unmap, remove and
 /// remap events into notifier invalidations and frees device pages. Migrations a driver asks for run
@@ -77,6 +77,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let stopping = Atomic<Bool>(false)
     /// Odd while the service thread is between a `read` and marking the zapped pages of what it read.
     let readSequence = Atomic<UInt64>(0)
+    /// Installs of bytes into region pages in flight (``installFrame(_:at:pages:move:unlessZapped:)``).
+    let installing = Atomic<Int>(0)
     private var threads: [HostThread] = []
     /// The callbacks of the regions' host windows (never called for a window's frames).
     let windowOperations = HostWindowOperations()

@@ -120,22 +120,11 @@ struct NativeConcurrencyTests {
             cpu.join()
             driver.join()
             #expect(errors.withLock { $0 } == [])
-            // Known: the host releases MADV_DONTNEED as soon as its remove event is read, before the
-            // engine can act. A fault-back that was already copying the same page may put the old bytes
-            // in after the host's zap; they are dropped again microseconds later, and a load in that
-            // window sees them (a store there is dropped too). In a few percent of runs this stress hits
-            // it. The engine narrows the window (remove events are marked as they are read, and checked
-            // right before and after each install); closing it needs the zap to wait for the engine.
-            withKnownIssue("MADV_DONTNEED racing a fault-back of the same page can show its old bytes for microseconds",
-                           isIntermittent: true) {
-                #expect(bad.load(ordering: .relaxed) == 0, "\(mismatches.withLock { $0.prefix(3) })")
-            }
+            #expect(bad.load(ordering: .relaxed) == 0, "\(mismatches.withLock { $0.prefix(3) })")
             try machine.checkInvariants()
             // Every page still holds what the model says, or (after a drop) zeros — checked at rest.
             let end = (0..<pages).filter { p in !checkPage(p, generation.withLock { $0[p] }) }
-            withKnownIssue("a store in that window is dropped with the old bytes", isIntermittent: true) {
-                #expect(end.isEmpty, "pages \(end.prefix(8)) differ from the model at rest")
-            }
+            #expect(end.isEmpty, "pages \(end.prefix(8)) differ from the model at rest")
             file.close()
         }
     }
