@@ -36,12 +36,12 @@ extension NativeSpace {
     /// region with no mapped page left leaves the space.
     func dropRange(_ lo: UInt64, _ hi: UInt64, _ event: NotifierEvent, to final: PageState) {
         for region in regions where region.address < hi && lo < region.end {
-            let a = max(lo, region.address) & ~PageSize.baseMaskValue
+            let a = max(lo, region.address) & ~PageSize.baseMask
             let b = min(hi, region.end)
             guard a < b else { continue }
             invalidating(a, b, event, owner: nil) {
                 var unmapped = 0
-                for i in region.index(a)..<region.index(b + PageSize.baseMaskValue) {
+                for i in region.index(a)..<region.index(b + PageSize.baseMask) {
                     if final == .unmapped && region.state(i).kind == .unmapped { continue }
                     dropPage(region, i, to: final)
                     if final == .unmapped { unmapped += 1 }

@@ -50,7 +50,7 @@ extension NativeSpace {
         for region in regions where region.address < hi && lo < region.end {
             let a = max(lo, region.address)
             let b = min(hi, region.end)
-            for i in region.index(a)..<region.index(b + PageSize.baseMaskValue) { region.markZapped(i) }
+            for i in region.index(a)..<region.index(b + PageSize.baseMask) { region.markZapped(i) }
         }
     }
 
@@ -76,7 +76,7 @@ extension NativeSpace {
     /// Resolves one CPU fault on a registered page: the faulting thread sleeps in the kernel until a
     /// `UFFDIO_COPY`, `ZEROPAGE`, `MOVE`, `POISON` or `WAKE` of its page.
     func handleFault(_ address: UInt64, write: Bool) {
-        let a = address & ~PageSize.baseMaskValue
+        let a = address & ~PageSize.baseMask
         statistics.count(\.cpuFaults)
         var lookups = 0
         while true {
@@ -176,7 +176,7 @@ extension NativeSpace {
             let a = region.pageAddress(i)
             let unit: Range<UInt64>
             if s.isCompound {
-                let lo = a & ~PageSize.pmdMaskValue
+                let lo = a & ~PageSize.pmdMask
                 unit = lo..<(lo + Sys.pmd)
             } else {
                 let window = UInt64(faultAroundPages) << UInt64(PageSize.shift)
@@ -338,7 +338,3 @@ extension NativeSpace {
     private var stoppingNow: Bool { stopping.load(ordering: .acquiring) }
 }
 
-extension PageSize {
-    static let baseMaskValue = UInt64(base - 1)
-    static let pmdMaskValue = UInt64(pmd - 1)
-}

@@ -169,7 +169,7 @@ extension NativeSpace: MigrationEngine {
             }
             let a = m.start + UInt64(k) << UInt64(PageSize.shift)
             // A whole 2 MiB unit: one compound entry.
-            if compound && a & PageSize.pmdMaskValue == 0 && k + PageSize.pagesPerPMD <= n
+            if compound && a & PageSize.pmdMask == 0 && k + PageSize.pagesPerPMD <= n
                 && (k..<(k + PageSize.pagesPerPMD)).allSatisfy({ c.locked[$0] && m.engineSource[$0].isMigrating })
             {
                 let cats = categories[k..<(k + PageSize.pagesPerPMD)]

@@ -21,7 +21,7 @@ extension NativeSpace {
     ///   page, or a fault that failed), `.permission` (write requested on a read-only region),
     ///   `.invalidArgument` (malformed range, notifier of another space), `.noProcess` after close.
     public func rangeFault(_ range: inout HMMRange) throws(HMMError) {
-        guard range.start & PageSize.baseMaskValue == 0, range.end & PageSize.baseMaskValue == 0, range.start < range.end,
+        guard range.start & PageSize.baseMask == 0, range.end & PageSize.baseMask == 0, range.start < range.end,
             range.pfns.count == Int((range.end - range.start) >> UInt64(PageSize.shift))
         else { throw HMMError(.invalidArgument, "hmm_range \(range.start)..<\(range.end) is malformed") }
         guard range.notifier.space === self else { throw HMMError(.invalidArgument, "hmm_range notifier belongs to another space") }
@@ -69,7 +69,7 @@ extension NativeSpace {
                     let k = Int((b - range.start) >> UInt64(PageSize.shift))
                     let req = mayFault ? (words[k] & mask) | dflt : 0
                     if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) has no readable mapping") }
-                    words[k] = words[k] & HMMPFN.inOutFlags | HMMPFN.error
+                    words[k] = words[k] & HMMPFN.inOut | HMMPFN.error
                     b += Sys.page
                 }
                 a = stop
@@ -113,7 +113,7 @@ extension NativeSpace {
                     }
                     let pfn: PFN
                     if isZero {
-                        pfn = isHuge ? hugeZero + Int((b & PageSize.pmdMaskValue) >> UInt64(PageSize.shift)) : zeroPFN
+                        pfn = isHuge ? hugeZero + Int((b & PageSize.pmdMask) >> UInt64(PageSize.shift)) : zeroPFN
                     } else {
                         pfn = region.window.firstPFN + region.index(b)
                     }
@@ -126,7 +126,7 @@ extension NativeSpace {
                         return
                     }
                 }
-                words[k] = words[k] & HMMPFN.inOutFlags | out
+                words[k] = words[k] & HMMPFN.inOut | out
             }
             if let need { return need }
             a = stop
@@ -150,7 +150,7 @@ extension NativeSpace {
         _ address: UInt64, owner: (any AnyObject & Sendable)?, _ program: (PFN) -> Void
     ) throws(HMMError) {
         try checkOpen()
-        let a = address & ~PageSize.baseMaskValue
+        let a = address & ~PageSize.baseMask
         guard let region = region(containing: a) else { throw HMMError(.fault, "no native region at \(a)") }
         guard region.protection.contains(.write) else { throw HMMError(.fault, "\(a) is not writable") }
         let i = region.index(a)
@@ -213,7 +213,3 @@ private struct RangeRequest {
     let owner: (any AnyObject & Sendable)?
 }
 
-extension HMMPFN {
-    /// Flags kept from input to output (`HMM_PFN_INOUT_FLAGS`).
-    static let inOutFlags: UInt64 = dmaMapped | p2pdma | p2pdmaBus
-}

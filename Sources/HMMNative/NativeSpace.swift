@@ -186,7 +186,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         var walkEnd: UInt64 = 0
         var probe: UInt8 = 0
         let a = UInt64(UInt(bitPattern: withUnsafeMutablePointer(to: &probe) { UnsafeMutableRawPointer($0) }))
-            & ~PageSize.baseMaskValue
+            & ~PageSize.baseMask
         guard cu_pagemap_scan(fd, a, a + Sys.page, &region, 1, UInt64(CU_PAGE_IS_PRESENT), &walkEnd) >= 0 else {
             return "the kernel lacks PAGEMAP_SCAN"
         }

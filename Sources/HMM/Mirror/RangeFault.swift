@@ -24,7 +24,7 @@ public enum HMMPFN {
     /// `HMM_PFN_FLAGS`: every flag bit.
     public static let flagsMask: UInt64 = ~((1 << orderShift) - 1)
     /// Flags kept from input to output (`HMM_PFN_INOUT_FLAGS`).
-    static let inOut: UInt64 = dmaMapped | p2pdma | p2pdmaBus
+    @_spi(Engine) public static let inOut: UInt64 = dmaMapped | p2pdma | p2pdmaBus
 
     /// The frame of a word (`hmm_pfn_to_page`).
     public static func pfn(_ word: UInt64) -> PFN { PFN(word & ~flagsMask) }

@@ -27,6 +27,6 @@ public enum PageSize {
     public static let pmdOffset = UInt64(pmd)
     /// `pages` base pages as an address offset (`address + PageSize.offset(pages: 3)`).
     @inlinable public static func offset(pages: Int) -> UInt64 { UInt64(pages) << UInt64(shift) }
-    static let baseMask: UInt64 = UInt64(base - 1)
-    static let pmdMask: UInt64 = UInt64(pmd - 1)
+    @_spi(Engine) public static let baseMask: UInt64 = UInt64(base - 1)
+    @_spi(Engine) public static let pmdMask: UInt64 = UInt64(pmd - 1)
 }
