@@ -147,8 +147,9 @@ extension NativeSpace: MigrationEngine {
     /// Moves the locked host pages of the migration out of the process into staging RAM frames
     /// (`UFFDIO_MOVE` on the staging userfaultfd, so it never waits for events): a whole THP as one
     /// PMD into a 2 MiB folio, other present pages in runs of contiguous frames; holes and zero pages
-    /// are bare `migrate` entries (a touch of a hole faults to us and waits). A page the host refuses to move (shared after fork, a read-only
-    /// region) is unlocked and not collected.
+    /// are bare `migrate` entries (a touch of a hole faults to us and waits). Pages shared after `fork` and
+    /// read-only regions move too (``moveToStaging(_:from:to:_:)``); a page the host still refuses to
+    /// move (pinned) is unlocked and not collected.
     private func moveOut(_ m: MigrateVMA, _ c: NativeMigration, compound: Bool) {
         let region = c.region
         let n = c.locked.count
@@ -186,8 +187,8 @@ extension NativeSpace: MigrationEngine {
                     flush(&batch, m, c)
                     let frame = frameAddress(folio)
                     _ = Sys.madvise(frame, Sys.pmd, Sys.dontNeed)
-                    let (rc, moved) = Sys.move(stagingUffd, to: frame, from: a, Sys.pmd, allowHoles: true)
-                    if rc == 0 && moved == Int64(Sys.pmd) {
+                    let moved = moveToStaging(region, from: a, to: frame, Sys.pmd)
+                    if moved == Sys.pmd {
                         m.engineSource[k] = MigratePFN(folio, flags: MigratePFN.migrate | MigratePFN.compound | writeFlag)
                         for j in 1..<PageSize.pagesPerPMD { m.engineSource[k + j] = .empty }
                         statistics.count(\.pagesMovedOut, PageSize.pagesPerPMD)
@@ -195,7 +196,7 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     // Part of it may have moved: put that back and collect page by page.
-                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved) >> PageSize.shift, move: true, unlessZapped: (region, c.first + k)) }
+                    if moved > 0 { installFrame(folio, at: a, pages: Int(moved >> UInt64(PageSize.shift)), move: true, unlessZapped: (region, c.first + k)) }
                     try? machine.releaseMigrationPage(folio)
                 }
             }
@@ -227,10 +228,9 @@ extension NativeSpace: MigrationEngine {
         let a = m.start + UInt64(batch.first) << UInt64(PageSize.shift)
         let bytes = UInt64(batch.count) << UInt64(PageSize.shift)
         _ = Sys.madvise(frame, bytes, Sys.dontNeed)
-        let (rc, moved) = Sys.move(stagingUffd, to: frame, from: a, bytes, allowHoles: true)
-        let done = rc == 0 ? batch.count : max(0, Int(moved) >> PageSize.shift)
+        let done = Int(moveToStaging(c.region, from: a, to: frame, bytes) >> UInt64(PageSize.shift))
         statistics.count(\.pagesMovedOut, done)
-        // The host refused the rest (e.g. not exclusive after fork, or a read-only region): not collected.
+        // The host refused the rest (a pinned page): not collected.
         for j in done..<batch.count {
             let k = batch.first + j
             try? machine.releaseMigrationPage(batch.firstFrame + j)

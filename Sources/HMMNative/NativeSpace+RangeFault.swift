@@ -184,7 +184,7 @@ extension NativeSpace {
                 invalidating(a, a + Sys.page, .exclusive, owner: owner) {
                     let f = frameAddress(frame)
                     _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
-                    rc = Sys.move(stagingUffd, to: f, from: a, Sys.page).0
+                    rc = moveToStaging(region, from: a, to: f, Sys.page) == Sys.page ? 0 : -EBUSY
                 }
                 guard rc == 0 else {
                     try? machine.releaseMigrationPage(frame)

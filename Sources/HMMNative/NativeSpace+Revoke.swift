@@ -54,10 +54,10 @@ extension NativeSpace {
                         }
                         let f = frameAddress(frame)
                         _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
-                        let rc = Sys.move(stagingUffd, to: f, from: a, Sys.page, allowHoles: true).0
+                        let moved = moveToStaging(region, from: a, to: f, Sys.page)
                         try? machine.releaseMigrationPage(frame)
-                        guard rc == 0 else {
-                            failure = HMMError.system(rc, "revoke: the host would not give up \(a)")
+                        guard moved == Sys.page else {
+                            failure = HMMError(.busy, "revoke: the host would not give up \(a) (pinned)")
                             region.setState(i, s)
                             return
                         }

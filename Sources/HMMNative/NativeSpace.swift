@@ -377,7 +377,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             machine.folioPut(machine.folioHead(s.pfn))
             statistics.count(\.pagesDropped)
         case .host:
-            discardHostPage(region.pageAddress(i))
+            discardHostPage(region, region.pageAddress(i))
         default:
             break
         }
@@ -388,7 +388,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     /// Takes the page at `a` out of the process (into a staging frame that is then freed): no event,
     /// no wait. Only a present page is moved (a hole or the zero page already reads zeros).
-    func discardHostPage(_ a: UInt64) {
+    func discardHostPage(_ region: NativeRegion, _ a: UInt64) {
         var present = false
         try? scan(a, a + Sys.page) { (_, cat) in
             present = cat & UInt64(CU_PAGE_IS_PRESENT) != 0 && cat & UInt64(CU_PAGE_IS_PFNZERO) == 0
@@ -396,7 +396,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         guard present, let frame = machine.allocateMigrationPage(zeroed: false) else { return }
         let f = frameAddress(frame)
         _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
-        _ = Sys.move(stagingUffd, to: f, from: a, Sys.page)
+        _ = moveToStaging(region, from: a, to: f, Sys.page)
         try? machine.releaseMigrationPage(frame)
     }
 

@@ -124,4 +124,26 @@ struct NativeMigrationTests {
             file.close()
         }
     }
+    /// `UFFDIO_MOVE` refuses a read-only source (EINVAL): the engine makes the range writable for the
+    /// move only; the way back copies. Before the fallback no page of a read-only region was collected.
+    @Test("a read-only region migrates to the device and back; it stays read-only", arguments: [false, true])
+    func readOnlyRegionMigrates(huge: Bool) throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 4 << 20, hugePages: huge, populate: true)
+            fill(region, seed: 61)
+            try region.protect(0..<region.length, [.read])
+            let file = try gpu.open(space)
+            let r = try file.migrateToDevice(region.address, pages: 1024, into: nil)
+            #expect(r.cpages == 1024)
+            #expect(region.devicePages == 1024)
+            try machine.checkInvariants()
+            // Half comes back through the driver, half through CPU loads (fault-back copies).
+            _ = try file.migrateToSystem(region.address, pages: 512)
+            #expect(firstMismatch(region, seed: 61) == nil)
+            #expect(region.devicePages == 0)
+            var code: Int32 = 0
+            #expect(cu_probe_write(region.pointer + 5 * 4096, 1, &code) == SIGSEGV, "still read-only after the moves")
+            file.close()
+        }
+    }
 }

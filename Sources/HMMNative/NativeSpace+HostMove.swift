@@ -1,0 +1,65 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Taking host pages out of the process: the one way the native engine does it is `UFFDIO_MOVE` into
+/// staging RAM frames on the staging userfaultfd (no event, no wait — native-mode.md §1b), and this is
+/// where the host's refusals of a move are worked around, for every caller (migration, exclusive
+/// grant, revoke, discarding a zapped page).
+extension NativeSpace {
+    /// Moves the region pages `[a, a + bytes)` into the staging frames at address `frame`; holes are
+    /// skipped (`MOVE_ALLOW_SRC_HOLES`). The host refuses a move in two cases, handled here:
+    /// - `EINVAL` — MOVE moves only between writable mappings: a read-only region is made writable for
+    ///   the move and given its protection back after it (`mprotect` raises no userfaultfd event). A
+    ///   store to a page of the range in that window does not fault; the page is leaving anyway.
+    /// - `EBUSY` — the page is not exclusive to this process (shared with a child after `fork`, or
+    ///   pinned): its copy-on-write is broken first by a write fault (`MADV_POPULATE_WRITE`, which keeps
+    ///   its bytes), as the kernel's `FOLL_WRITE`/unshare does before it hands a page to a device. A
+    ///   pinned page stays refused.
+    ///
+    /// Returns the bytes moved from the start (holes count); the pages after them were refused. Must
+    /// not be called inside ``enterInstall()``.
+    func moveToStaging(_ region: NativeRegion, from a: UInt64, to frame: UInt64, _ bytes: UInt64) -> UInt64 {
+        let readOnly = !region.protection.contains(.write)
+        if readOnly {
+            guard Sys.mprotect(a, bytes, [.read, .write]) == 0 else { return 0 }
+        }
+        defer { if readOnly { _ = Sys.mprotect(a, bytes, region.protection) } }
+        var done: UInt64 = 0
+        var unsharedAt: UInt64?
+        while done < bytes {
+            let (rc, moved) = Sys.move(stagingUffd, to: frame + done, from: a + done, bytes - done, allowHoles: true)
+            if rc == 0 { return bytes }
+            if moved > 0 { done += UInt64(moved) }
+            guard rc == -EBUSY, unsharedAt != a + done, unshare(region, a + done, a + bytes) else { return done }
+            unsharedAt = a + done
+        }
+        return done
+    }
+
+    /// Breaks the copy-on-write sharing of the present pages of `[lo, hi)` with a write fault each. No
+    /// remove event is read meanwhile (the install exclusion), so no page of the range turns into a hole
+    /// under the write fault — which would wait for the service thread — except one already marked
+    /// zapped, and then nothing is done. Returns whether every present page was faulted.
+    private func unshare(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64) -> Bool {
+        enterInstall()
+        defer { leaveInstall() }
+        for i in region.index(lo)..<region.index(hi) where region.state(i).isZapped { return false }
+        var runs: [Range<UInt64>] = []
+        try? scan(lo, hi) { (p, cat) in
+            guard cat & UInt64(CU_PAGE_IS_PRESENT) != 0, cat & UInt64(CU_PAGE_IS_PFNZERO) == 0 else { return }
+            if let last = runs.last, last.upperBound == p {
+                runs[runs.count - 1] = last.lowerBound..<(p + Sys.page)
+            } else {
+                runs.append(p..<(p + Sys.page))
+            }
+        }
+        for run in runs where Sys.madvise(run.lowerBound, run.upperBound - run.lowerBound, Sys.populateWrite) != 0 {
+            return false
+        }
+        return !runs.isEmpty
+    }
+}
