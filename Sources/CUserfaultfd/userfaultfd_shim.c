@@ -1,4 +1,6 @@
-
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  // REG_ERR (the page-fault error code in the signal context)
+#endif
 #include "CUserfaultfd.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -6,12 +8,14 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/ucontext.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -251,7 +255,29 @@ static void chain(int sig, siginfo_t *si, void *uc) {
     raise(sig);
 }
 
+static _Atomic(cu_fault_hook) fault_hook;
+
+// Whether the faulting access was a store: the page-fault error code's W bit on x86-64; elsewhere a
+// store is assumed (the page then comes back writable, as a store needs).
+static int fault_was_write(void *uc) {
+#if defined(__x86_64__)
+    return (((ucontext_t *)uc)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+    (void)uc;
+    return 1;
+#endif
+}
+
 static void probe_handler(int sig, siginfo_t *si, void *uc) {
+    if (sig == SIGBUS && si->si_code == BUS_ADRERR) {
+        cu_fault_hook hook = atomic_load_explicit(&fault_hook, memory_order_acquire);
+        if (hook) {
+            int saved = errno;
+            int resolved = hook((uint64_t)(uintptr_t)si->si_addr, fault_was_write(uc));
+            errno = saved;
+            if (resolved) return;  // the access runs again and finds its page
+        }
+    }
     if (probe_armed) {
         probe_armed = 0;
         probe_code = si->si_code;
@@ -289,3 +315,8 @@ int cu_probe_read(const void *p, uint8_t *out, int *code) {
 }
 
 int cu_probe_write(void *p, uint8_t value, int *code) { return probe_access(p, 1, value, NULL, code); }
+
+cu_fault_hook cu_set_fault_hook(cu_fault_hook hook) {
+    pthread_once(&probe_once, probe_install);
+    return atomic_exchange_explicit(&fault_hook, hook, memory_order_acq_rel);
+}

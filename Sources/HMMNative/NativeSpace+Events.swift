@@ -24,8 +24,9 @@ extension NativeSpace {
         case CU_MSG_REMAP:
             remap(from: m.a, to: m.b, length: m.c)
         case CU_MSG_FORK:
-            // Not requested (the fork policy is MADV_DONTFORK); never leak a child's descriptor.
-            _ = cu_close(Int32(truncatingIfNeeded: m.a))
+            // Requested only by the `.share` fork policy; the child's descriptor is always closed.
+            let child = Int32(truncatingIfNeeded: m.a)
+            if options.forkPolicy == .share { copyIntoChild(child) } else { _ = cu_close(child) }
         default:
             break
         }

@@ -60,7 +60,7 @@ extension NativeSpace {
     func faultLoop() {
         while let m = faults.pop() {
             events.waitFinished(m.c)
-            handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0)
+            _ = faultGate.withReadLock { handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0) }
             faults.finish()
         }
     }
@@ -74,8 +74,9 @@ extension NativeSpace {
     }
 
     /// Resolves one CPU fault on a registered page: the faulting thread sleeps in the kernel until a
-    /// `UFFDIO_COPY`, `ZEROPAGE`, `MOVE`, `POISON` or `WAKE` of its page.
-    func handleFault(_ address: UInt64, write: Bool) {
+    /// `UFFDIO_COPY`, `ZEROPAGE`, `MOVE`, `POISON` or `WAKE` of its page (or, in-thread, runs this
+    /// itself). Returns false where the access must fail (a poisoned page), true where it may run again.
+    func handleFault(_ address: UInt64, write: Bool) -> Bool {
         let a = address & ~PageSize.baseMask
         statistics.count(\.cpuFaults)
         var lookups = 0
@@ -90,7 +91,7 @@ extension NativeSpace {
                 }
                 _ = Sys.retryingAgain { Sys.zeropage(uffd, a, Sys.page) }
                 _ = Sys.wake(uffd, a, Sys.page)
-                return
+                return true
             }
             let i = region.index(a)
             let s = region.state(i)
@@ -99,6 +100,7 @@ extension NativeSpace {
                 sched_yieldShim()
                 continue
             }
+            var retry = true
             switch s.kind {
             case .host:
                 guard region.tryLock(i, s) else { continue }
@@ -106,7 +108,11 @@ extension NativeSpace {
                 region.setState(i, .host)
             case .device:
                 // Not home yet (a drop or another fault got there first): look again.
-                if bringBack(region, i, write: write) == .notOnDevice { continue }
+                switch bringBack(region, i, write: write) {
+                case .notOnDevice: continue
+                case .poisoned: retry = false
+                case .home: break
+                }
             case .exclusive:
                 guard region.tryLock(i, s) else { continue }
                 restoreExclusive(region, i, s)
@@ -114,10 +120,11 @@ extension NativeSpace {
                 // The marker is there unless someone dropped it: make sure, then let the access fail.
                 _ = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
                 _ = Sys.wake(uffd, a, Sys.page)
+                retry = false
             case .unmapped:
                 _ = Sys.wake(uffd, a, Sys.page)
             }
-            return
+            return retry
         }
     }
 

@@ -16,7 +16,9 @@ extension NativeSpace {
     /// `devicePrivateOwner` as its device frame (never faulted). Requires `mmapLock` held for reading.
     ///
     /// The write bit comes from the region's protection and the zero page (`PAGEMAP_SCAN` has no
-    /// writable category; regions are never shared with a child, so present pages are exclusive).
+    /// writable category). A page shared with a child after a fork (``ForkPolicy/share``) is reported
+    /// writable too: a device write goes through the host window, a store of this process, so the host
+    /// copies the page first.
     /// - Throws: `.busy` (invalidated since `notifierSeq`), `.fault` (no region, not readable, a revoked
     ///   page, or a fault that failed), `.permission` (write requested on a read-only region),
     ///   `.invalidArgument` (malformed range, notifier of another space), `.noProcess` after close.
@@ -38,7 +40,7 @@ extension NativeSpace {
             guard let (a, write) = need else { return }
             rounds += 1
             if rounds > 64 { throw HMMError(.fault, "hmm_range_fault: \(a) would not stay faulted in") }
-            let rc = Sys.madvise(a, Sys.page, write ? Sys.populateWrite : Sys.populateRead)
+            let rc = faultIn(a, write: write)
             if rc != 0 && rc != -EAGAIN && rc != -EINTR {
                 throw rc == -ENOMEM ? HMMError(.fault, "hmm_range_fault: nothing mapped at \(a)")
                     : HMMError.system(rc, "hmm_range_fault: faulting \(a)")
@@ -198,7 +200,7 @@ extension NativeSpace {
                 return
             }
             // Not present (or on a device): a write fault brings it in, writable, through the fault thread.
-            let rc = Sys.madvise(a, Sys.page, Sys.populateWrite)
+            let rc = faultIn(a, write: true)
             if rc != 0 && rc != -EAGAIN && rc != -EINTR { throw HMMError.system(rc, "make_device_exclusive: faulting \(a)") }
         }
     }

@@ -45,6 +45,10 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         /// then fail with `EFAULT` instead of faulting the page back. Nil: only if the privileged open is
         /// refused.
         public var userModeOnly: Bool? = nil
+        /// What a child created by `fork` gets of the regions (``ForkPolicy``). Default `.deny`.
+        public var forkPolicy = ForkPolicy.deny
+        /// Which thread resolves CPU faults (``FaultMode``). Default `.handlerThread`.
+        public var faultMode = FaultMode.handlerThread
         public init() {}
     }
 
@@ -68,6 +72,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     /// `mmap_lock`: see the type's locking notes.
     let mmapLock = ReadWriteLock()
+    /// Held for reading around every CPU fault resolution and eviction, and for writing by a `fork`
+    /// under ``ForkPolicy/share`` (``ForkRegistry``): nothing then changes a page's word.
+    let faultGate = ReadWriteLock()
+    /// Whether the `fork` in progress holds `mmapLock` and `faultGate` (``ForkRegistry``).
+    let forkHeld = Atomic<Bool>(false)
+    /// Set in a forked child: this copy of the space has no threads.
+    let forkedAway = Atomic<Bool>(false)
     let subscriptions = NotifierSubscriptions()
     private let regionList = Locked<[NativeRegion]>([])
     private let closedFlag = Atomic<Bool>(false)
@@ -91,8 +102,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// service, fault and event threads.
     /// - Throws: `.unsupported` naming what the kernel lacks (userfaultfd, `UFFDIO_MOVE`,
     ///   `UFFDIO_POISON`, `PAGEMAP_SCAN`, the unmap/remove/remap events); `.permission` when the process
-    ///   may not open a userfaultfd at all; `.busy` if the machine already has a native space (its RAM
-    ///   arena can be one userfaultfd's staging pool only).
+    ///   may not open a userfaultfd at all, or a fork policy of `.share` without `CAP_SYS_PTRACE`;
+    ///   `.busy` if the machine already has a native space (its RAM arena can be one userfaultfd's
+    ///   staging pool only).
     public init(machine: Machine, options: Options = .init()) throws(HMMError) {
         guard options.faultAroundPages >= 1, options.faultAroundPages <= PageSize.pagesPerPMD,
             options.faultAroundPages & (options.faultAroundPages - 1) == 0
@@ -133,7 +145,15 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             throw fail(HMMError(.unsupported, "the kernel lacks \(missing.joined(separator: ", ")), which the native engine needs"))
         }
         isUserModeOnly = userModeOnly
-        uffd = cu_uffd_open(required | UInt64(CU_FEATURE_THREAD_ID), userModeOnly ? 1 : 0, nil)
+        let forkFeature = options.forkPolicy == .share ? UInt64(CU_FEATURE_EVENT_FORK) : 0
+        let sigbusFeature = options.faultMode == .inThread ? UInt64(CU_FEATURE_SIGBUS) : 0
+        guard sigbusFeature == 0 || supported & sigbusFeature != 0 else {
+            throw fail(HMMError(.unsupported, "the kernel lacks UFFD_FEATURE_SIGBUS, which in-thread fault mode needs"))
+        }
+        uffd = cu_uffd_open(required | forkFeature | sigbusFeature | UInt64(CU_FEATURE_THREAD_ID), userModeOnly ? 1 : 0, nil)
+        if uffd == -EPERM && forkFeature != 0 {
+            throw fail(HMMError(.permission, "fork policy .share needs UFFD_FEATURE_EVENT_FORK, which needs CAP_SYS_PTRACE"))
+        }
         guard uffd >= 0 else { throw fail(.system(uffd, "userfaultfd (regions)")) }
         let regionsFD = uffd
         cleanup.append { _ = cu_close(regionsFD) }
@@ -161,6 +181,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         zeros.initializeMemory(as: UInt8.self, repeating: 0, count: 16 * PageSize.base)
 
         machine.addReferenceHolder(self)
+        ForkRegistry.shared.add(self)
+        if options.faultMode == .inThread { InThreadFaults.add(self) }
         threads = [HostThread { [self] in serviceLoop() }, HostThread { [self] in faultLoop() },
                    HostThread { [self] in eventLoop() }]
     }
@@ -220,14 +242,18 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     public var hasExited: Bool { closedFlag.load(ordering: .acquiring) }
 
     func checkOpen() throws(HMMError) {
+        if forkedAway.load(ordering: .acquiring) {
+            throw HMMError(.noProcess, "the native space belongs to the parent of this forked process")
+        }
         if closedFlag.load(ordering: .acquiring) { throw HMMError(.noProcess, "the native space is closed") }
     }
 
     // MARK: regions
 
     /// Allocates anonymous private memory that can migrate: `mmap` (2 MiB-aligned),
-    /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`, `MADV_DONTFORK` (a forked child gets `SIGSEGV` touching it,
-    /// never device pages read as silent zeros), `MADV_POPULATE_WRITE` with `populate`, then
+    /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`, `MADV_DONTFORK` under the default fork policy (a forked
+    /// child gets `SIGSEGV` touching it, never device pages read as silent zeros; see ``ForkPolicy``),
+    /// `MADV_POPULATE_WRITE` with `populate`, then
     /// `UFFDIO_REGISTER`. An unpopulated page's first touch is a userfaultfd round trip (zero fill).
     /// - Throws: `.invalidArgument` (length not a positive multiple of 4 KiB up to 1 TiB),
     ///   `.outOfMemory`, `.noProcess` after close, what registration returns.
@@ -248,7 +274,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         var region: NativeRegion?
         do throws(HMMError) {
             _ = Sys.madvise(base, bytes, hugePages ? Sys.hugePage : Sys.noHugePage)
-            _ = Sys.madvise(base, bytes, Sys.dontFork)
+            if options.forkPolicy == .deny { _ = Sys.madvise(base, bytes, Sys.dontFork) }
             if populate {
                 let rc = Sys.madvise(base, bytes, Sys.populateWrite)
                 guard rc == 0 else { throw HMMError.system(rc, "MADV_POPULATE_WRITE") }
@@ -509,8 +535,15 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// touching it raises `SIGBUS`, it never reads as zeros. Idempotent.
     /// - Throws: `.bus` naming how many pages had to be poisoned (the space is closed anyway).
     public func close() throws(HMMError) {
+        if forkedAway.load(ordering: .acquiring) {
+            // A forked child's copy: no threads to stop, and the descriptors are the parent's too.
+            closedFlag.store(true, ordering: .releasing)
+            return
+        }
         let poisoned = closeLock.withLock { _ -> Int? in
             guard !closedFlag.load(ordering: .acquiring) else { return nil }
+            ForkRegistry.shared.remove(self)
+            InThreadFaults.spaces.remove(self)
             let lost = evictAll()
             mmapLock.withWriteLock {
                 closedFlag.store(true, ordering: .releasing)
@@ -549,7 +582,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
                 let s = r.state(i)
                 switch s.kind {
                 case .device, .exclusive:
-                    if bringBack(r, i, write: false) == .poisoned { lost += 1 }
+                    if faultGate.withReadLock({ bringBack(r, i, write: false) }) == .poisoned { lost += 1 }
                     if r.state(i).kind == .device || r.state(i).kind == .exclusive { continue }
                 default:
                     break
@@ -570,7 +603,9 @@ extension NativeSpace: FrameReferenceHolder {
         for r in regions {
             for i in 0..<r.pages {
                 let s = r.state(i)
-                if s.kind == .device && range.contains(s.pfn.rawValue) { _ = bringBack(r, i, write: false) }
+                if s.kind == .device && range.contains(s.pfn.rawValue) {
+                    _ = faultGate.withReadLock { bringBack(r, i, write: false) }
+                }
             }
         }
     }
@@ -625,6 +660,8 @@ public final class NativeStatistics: @unchecked Sendable {
         /// Pages moved out of the process to staging frames, and moved or copied back in.
         public var pagesMovedOut = 0
         public var pagesMovedIn = 0
+        /// Device-resident and exclusive pages copied into forked children (``ForkPolicy/share``).
+        public var pagesCopiedToChild = 0
     }
 
     func count(_ field: WritableKeyPath<Counters, Int>, _ n: Int = 1) {

@@ -12,6 +12,8 @@ import Glibc
 /// measured in the same run, rounds interleaved (the machine is noisy):
 /// - CPU fault-back of one 4 KiB page vs a bare userfaultfd round trip (a minimal handler thread
 ///   resolving each fault with `UFFDIO_COPY`);
+/// - the same in in-thread mode vs a bare in-thread resolution (`UFFD_FEATURE_SIGBUS`, a signal hook
+///   doing `UFFDIO_COPY`), and in-thread fault-around with 1 and 2 threads vs handler mode;
 /// - fault-back throughput with fault-around (16 pages) vs page by page, with 1 and 2 faulting threads;
 /// - migration to the device and back, 4 KiB and 2 MiB units, vs memcpy of the same bytes;
 /// - snapshot (`HMM_DMIRROR_SNAPSHOT`) pages/s vs a bare `PAGEMAP_SCAN` of the same range.
@@ -42,6 +44,41 @@ extension Bench {
         let n1 = median(native)
         let b1 = median(bare)
         row("CPU fault-back, 1 page (µs/fault)", fixed(n1 / 1000), "bare uffd COPY \(fixed(b1 / 1000)) µs → \(fixed(n1 / b1))×")
+
+        // 1b. In-thread mode: a second machine's space (one space per machine).
+        let machine2 = try Machine(.init(systemMemory: quick ? 64 << 20 : 512 << 20))
+        var options = NativeSpace.Options()
+        options.faultMode = .inThread
+        let inThread = try NativeSpace(machine: machine2, options: options)
+        defer { try? inThread.close() }
+        let gpu2 = try MirrorDevice(machine: machine2, minor: 1, kind: .devicePrivate, chunkSize: quick ? 32 << 20 : 256 << 20)
+        let file2 = try gpu2.open(inThread)
+        defer { file2.close() }
+        try inThread.setFaultAroundPages(1)
+        native = []
+        bare = []
+        for _ in 0..<reps {
+            bare.append(bareInThread(pages: pages))
+            native.append(try faultBack(inThread, file2, pages: pages, threads: 1))
+        }
+        let n2 = median(native)
+        let b2 = median(bare)
+        row("in-thread fault-back, 1 page (µs/fault)", fixed(n2 / 1000), "bare SIGBUS + COPY \(fixed(b2 / 1000)) µs → \(fixed(n2 / b2))×")
+        for threads in [1, 2] {
+            var mine: [Double] = []
+            var handler: [Double] = []
+            for _ in 0..<reps {
+                try space.setFaultAroundPages(16)
+                handler.append(try faultBack(space, file, pages: pages * 4, threads: threads))
+                try inThread.setFaultAroundPages(16)
+                mine.append(try faultBack(inThread, file2, pages: pages * 4, threads: threads))
+            }
+            let m = 1e9 / median(mine)
+            let h = 1e9 / median(handler)
+            row("in-thread fault-around 16, \(threads) thread(s) (kpages/s)", fixed(m / 1000, 0),
+                "handler mode \(fixed(h / 1000, 0)) kpages/s → \(fixed(m / h))×")
+        }
+        try space.setFaultAroundPages(1)
 
         // 2. Fault-around throughput.
         for threads in [1, 2] {
@@ -144,6 +181,43 @@ extension Bench {
         return ns
     }
 
+    /// Nanoseconds per fault for a minimal in-thread resolution: a userfaultfd with
+    /// `UFFD_FEATURE_SIGBUS`, and a signal hook (the one the engine uses, swapped in for the run) that
+    /// resolves each fault with `UFFDIO_COPY` of 4 KiB from a source buffer.
+    private func bareInThread(pages: Int) -> Double {
+        var error: Int32 = 0
+        let bytes = UInt64(pages) << 12
+        let region = cu_map_aligned(bytes, 2 << 20, PROT_READ | PROT_WRITE, &error)
+        _ = cu_madvise(region, bytes, MADV_NOHUGEPAGE)
+        let fd = cu_uffd_open(UInt64(CU_FEATURE_SIGBUS), 0, nil)
+        guard region != 0, fd >= 0, cu_register(fd, region, bytes, UInt64(CU_REGISTER_MISSING)) == 0 else { return .nan }
+        let source = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        memset(source, 3, 4096)
+        BareInThread.fd.store(fd, ordering: .releasing)
+        BareInThread.source.store(UInt64(UInt(bitPattern: source)), ordering: .releasing)
+        BareInThread.range.store(region, ordering: .releasing)
+        BareInThread.end.store(region + bytes, ordering: .releasing)
+        let previous = cu_set_fault_hook { address, _ in
+            guard address >= BareInThread.range.load(ordering: .acquiring), address < BareInThread.end.load(ordering: .acquiring)
+            else { return 0 }
+            var copied: Int64 = 0
+            let rc = cu_copy(BareInThread.fd.load(ordering: .acquiring), address & ~4095,
+                             BareInThread.source.load(ordering: .acquiring), 4096, 0, &copied)
+            return rc == 0 || rc == -EEXIST ? 1 : 0
+        }
+        let t = now()
+        var s = 0
+        for p in 0..<pages { s &+= Int(UnsafePointer<UInt8>(bitPattern: UInt(region) + UInt(p << 12) + 64)!.pointee) }
+        let ns = Double(now() - t) / Double(pages)
+        _ = cu_set_fault_hook(previous)
+        BareInThread.end.store(0, ordering: .releasing)
+        precondition(s == 3 * pages, "the bare in-thread handler returned wrong bytes")
+        _ = cu_close(fd)
+        _ = cu_munmap(region, bytes)
+        source.deallocate()
+        return ns
+    }
+
     /// Nanoseconds per fault for a minimal userfaultfd handler: a thread that polls, reads the fault and
     /// resolves it with `UFFDIO_COPY` of 4 KiB from a source buffer — the bare cost of a round trip.
     private func bareRoundTrip(pages: Int) -> Double {
@@ -180,4 +254,12 @@ extension Bench {
         source.deallocate()
         return ns
     }
+}
+
+/// The bare in-thread baseline's state, read by its signal hook (a C function pointer captures nothing).
+private enum BareInThread {
+    static let fd = Atomic<Int32>(-1)
+    static let source = Atomic<UInt64>(0)
+    static let range = Atomic<UInt64>(0)
+    static let end = Atomic<UInt64>(0)
 }

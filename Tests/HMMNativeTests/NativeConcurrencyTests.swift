@@ -42,13 +42,71 @@ struct NativeConcurrencyTests {
         }
     }
 
+    /// `.share`: the child reads every page as it was at the fork — host pages by the kernel's COW,
+    /// device-resident and exclusive pages copied in by the parent's event thread — and its stores stay
+    /// its own; afterwards the parent migrates pages it shares with no one but the exited child's
+    /// memory (MOVE refuses them: EBUSY) by breaking their copy-on-write first.
+    @Test("fork with the .share policy: the child reads every page as at the fork; the parent keeps its own")
+    func forkPolicyShare() throws {
+        var options = NativeSpace.Options()
+        options.forkPolicy = .share
+        try withNativeSpace(options: options) { machine, space, gpu in
+            let pages = 64
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            fill(region, seed: 23)
+            let file = try gpu.open(space)
+            #expect(try file.migrateToDevice(region.address + (16 << 12), pages: 32, into: nil).cpages == 32)
+            var mirror = [UInt8](repeating: 0, count: 2 << 12)
+            #expect(try file.makeExclusive(region.address + (60 << 12), pages: 2, into: &mirror).cpages == 2)
+            let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
+            let count = region.length / 4
+            var go: [Int32] = [0, 0]
+            #expect(pipe(&go) == 0)
+            let pid = fork()
+            if pid == 0 {
+                // The child: waits for the parent's device write, then plain loads and stores, and _exit.
+                var byte: UInt8 = 0
+                _ = read(go[0], &byte, 1)
+                var bad = 0
+                for i in 0..<count where words[i] != 23 &+ UInt32(truncatingIfNeeded: i) { bad += 1 }
+                for p in 0..<pages { words[p * 1024 + 1] = 0xDEAD_BEEF }
+                _exit(bad == 0 ? 0 : Int32(min(bad, 100)))
+            }
+            #expect(pid > 0)
+            // After the fork the device writes a device-resident page: the child must not see it.
+            let scribble = [UInt8](repeating: 0x5A, count: 4096)
+            #expect(try file.write(region.address + (20 << 12), pages: 1, from: scribble).cpages == 1)
+            var byte: UInt8 = 1
+            #expect(write(go[1], &byte, 1) == 1)
+            Glibc.close(go[0])
+            Glibc.close(go[1])
+            var status: Int32 = 0
+            #expect(waitpid(pid, &status, 0) == pid)
+            #expect(status & 0x7f == 0, "the child died of signal \(status & 0x7f)")
+            #expect((status >> 8) & 0xff == 0, "the child read \((status >> 8) & 0xff) words that differ from the parent's")
+            // 34 for this child (other tests forking meanwhile give their children these pages too).
+            #expect(space.statistics.snapshot.pagesCopiedToChild >= 34)
+            #expect(region.devicePages == 34, "the parent's device and exclusive pages stay where they were")
+            // Host pages the fork shared migrate (COW broken first), and every byte is the parent's.
+            #expect(try file.migrateToDevice(region.address, pages: 16, into: nil).cpages == 16)
+            try machine.checkInvariants()
+            #expect(firstMismatch(region, seed: 23, to: 20 << 12) == nil)
+            #expect(firstMismatch(region, seed: 23, from: 21 << 12) == nil)
+            #expect(words[20 * 1024 + 7] == 0x5A5A_5A5A, "the parent sees its device's write")
+            file.close()
+        }
+    }
+
     /// Stress: one thread stores and checks page checksums over a region while another migrates parts of
     /// it to the device and back, snapshots it and drops pages with MADV_DONTNEED. Bounded by
     /// HMM_NATIVE_STRESS_MS (default 1500 ms).
-    @Test("stress: CPU stores with checksums race migrations both ways, snapshots and MADV_DONTNEED")
-    func twoThreadStress() throws {
+    @Test("stress: CPU stores with checksums race migrations both ways, snapshots and MADV_DONTNEED",
+          arguments: [FaultMode.handlerThread, .inThread])
+    func twoThreadStress(mode: FaultMode) throws {
         let millis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
-        try withNativeSpace { machine, space, gpu in
+        var options = NativeSpace.Options()
+        options.faultMode = mode
+        try withNativeSpace(options: options) { machine, space, gpu in
             let pages = 256
             let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
             let file = try gpu.open(space)

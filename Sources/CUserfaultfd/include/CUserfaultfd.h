@@ -115,4 +115,12 @@ int cu_probe_read(const void *p, uint8_t *out, int *code);
 /// The same for a one-byte store of `value`.
 int cu_probe_write(void *p, uint8_t value, int *code);
 
+/// The in-thread fault hook (UFFD_FEATURE_SIGBUS): `hook(address, write)` runs in the thread whose
+/// access raised SIGBUS (BUS_ADRERR), inside the signal handler, before the probe and the chained
+/// handlers; it returns nonzero if the page is now in place and the access should run again, zero to
+/// let the signal take its course (a poisoned page). Installs the chaining handler if needed. Pass
+/// NULL to remove the hook. Returns the hook it replaced.
+typedef int (*cu_fault_hook)(uint64_t address, int write);
+cu_fault_hook cu_set_fault_hook(cu_fault_hook hook);
+
 #endif
