@@ -6,11 +6,21 @@ import Glibc
 /// A blocking FIFO of userfaultfd messages between the service thread (which reads the descriptor and
 /// must never block on anything else) and a worker thread. Its mutex is a leaf: held only to push or
 /// pop, never across a call out.
+///
+/// A fixed ring, allocated once: pushing never allocates. The service thread must not call `malloc`
+/// at all — glibc holds its allocator locks across the `fork` system call, and a `fork` of a process
+/// with a region under ``ForkPolicy/share`` waits until the service thread has read its FORK event
+/// (seen as a deadlock when a push grew the queue). The service thread reads only as many messages
+/// as the rings have ``room`` for; the host keeps the rest, and their senders wait.
 final class MessageQueue: @unchecked Sendable {
+    /// Messages the ring holds; far above any backlog seen (each sender waits until its message is read).
+    static let capacity = 4096
+
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
-    private var items: [cu_message] = []
+    private let ring: UnsafeMutablePointer<cu_message>
     private var head = 0
+    private var count = 0
     private var closed = false
     /// Messages pushed and not yet finished by the worker (``finish()``).
     private var outstanding = 0
@@ -23,7 +33,7 @@ final class MessageQueue: @unchecked Sendable {
         cond = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(cond, nil)
-        items.reserveCapacity(64)
+        ring = .allocate(capacity: Self.capacity)
     }
 
     deinit {
@@ -31,14 +41,25 @@ final class MessageQueue: @unchecked Sendable {
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
         cond.deallocate()
+        ring.deallocate()
     }
 
-    /// Appends `m`; returns how many messages were pushed so far, this one included.
+    /// How many more messages fit.
+    var room: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return Self.capacity - count
+    }
+
+    /// Appends `m`, which must fit (``room``); returns how many messages were pushed so far, this one
+    /// included.
     @discardableResult
     func push(_ m: cu_message) -> UInt64 {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        items.append(m)
+        precondition(count < Self.capacity, "message ring overflow: the reader must respect room")
+        ring[(head + count) % Self.capacity] = m
+        count += 1
         outstanding += 1
         pushedTotal += 1
         pthread_cond_broadcast(cond)
@@ -63,14 +84,11 @@ final class MessageQueue: @unchecked Sendable {
     func pop() -> cu_message? {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        while head == items.count && !closed { pthread_cond_wait(cond, mutex) }
-        guard head < items.count else { return nil }
-        let m = items[head]
-        head += 1
-        if head == items.count {
-            items.removeAll(keepingCapacity: true)
-            head = 0
-        }
+        while count == 0 && !closed { pthread_cond_wait(cond, mutex) }
+        guard count > 0 else { return nil }
+        let m = ring[head]
+        head = (head + 1) % Self.capacity
+        count -= 1
         return m
     }
 

@@ -209,7 +209,3 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-@inline(__always) func sched_yieldShim() { sched_yield() }
-#endif

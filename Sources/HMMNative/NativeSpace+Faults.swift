@@ -10,7 +10,8 @@ import Glibc
 /// `remove_device_exclusive_entry`).
 extension NativeSpace {
     /// The service thread: reads the userfaultfd and dispatches, and does nothing else — it takes no
-    /// lock but the queues' and calls no user code, because every `munmap`, `MADV_DONTNEED` and `mremap`
+    /// lock but the queues' and the region list's, allocates nothing (a `fork` holds the allocator's
+    /// locks until this thread has read its event) and calls no user code, because every `munmap`, `MADV_DONTNEED` and `mremap`
     /// of a region in any thread waits until it has read the event (and every resolving ioctl returns
     /// `EAGAIN` meanwhile). It does wait for one thing, briefly: installs of bytes in flight, because the
     /// host zaps a `MADV_DONTNEED` range as soon as the remove event is read (see ``enterInstall()``);
@@ -25,7 +26,14 @@ extension NativeSpace {
             // zap at once, and bytes going back must land either before that read (the zap removes
             // them) or after the page is marked (the installer sees the mark and skips it).
             while installing.load(ordering: .acquiring) > 0 { sched_yieldShim() }
-            let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, 64) }
+            // Only what both rings have room for (the service thread never allocates: MessageQueue).
+            let room = min(64, faults.room, events.room)
+            guard room > 0 else {
+                readSequence.add(1, ordering: .acquiringAndReleasing)
+                sched_yieldShim()
+                continue
+            }
+            let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, Int32(room)) }
             // A remove event's caller zaps as soon as the event is read: mark its pages now, lock-free, so
             // a migration putting bytes back into them learns of the zap (``waitForReader()``).
             for k in 0..<max(0, Int(n)) where buffer[k].kind == UInt32(CU_MSG_REMOVE) {
@@ -47,10 +55,13 @@ extension NativeSpace {
 
     /// Marks every page of `[lo, hi)` zapped.
     private func markZapped(_ lo: UInt64, _ hi: UInt64) {
-        for region in regions where region.address < hi && lo < region.end {
-            let a = max(lo, region.address)
-            let b = min(hi, region.end)
-            for i in region.index(a)..<region.index(b + PageSize.baseMask) { region.markZapped(i) }
+        // Under the list's lock: no copy of the list is made, so none is freed here.
+        withRegionsLocked { list in
+            for region in list where region.address < hi && lo < region.end {
+                let a = max(lo, region.address)
+                let b = min(hi, region.end)
+                for i in region.index(a)..<region.index(b + PageSize.baseMask) { region.markZapped(i) }
+            }
         }
     }
 
@@ -89,7 +100,7 @@ extension NativeSpace {
                     events.drain()
                     continue
                 }
-                _ = Sys.retryingAgain { Sys.zeropage(uffd, a, Sys.page) }
+                _ = retryingAgain { Sys.zeropage(uffd, a, Sys.page) }
                 _ = Sys.wake(uffd, a, Sys.page)
                 return true
             }
@@ -118,7 +129,7 @@ extension NativeSpace {
                 restoreExclusive(region, i, s)
             case .revoked:
                 // The marker is there unless someone dropped it: make sure, then let the access fail.
-                _ = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
+                _ = retryingAgain { Sys.poison(uffd, a, Sys.page) }
                 _ = Sys.wake(uffd, a, Sys.page)
                 retry = false
             case .unmapped:
@@ -133,7 +144,7 @@ extension NativeSpace {
     private func zeroFill(_ a: UInt64, write: Bool) {
         statistics.count(\.zeroFills)
         let zerosAddress = UInt64(UInt(bitPattern: zeros))
-        let rc = Sys.retryingAgain {
+        let rc = retryingAgain {
             write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page).0 : Sys.zeropage(uffd, a, Sys.page)
         }
         if rc == -EEXIST { _ = Sys.wake(uffd, a, Sys.page) }
@@ -243,7 +254,7 @@ extension NativeSpace {
         let a = region.pageAddress(i)
         invalidating(a, a + Sys.page, .clear, owner: nil) {
             if s.kind == .device || s.kind == .exclusive { machine.folioPut(machine.folioHead(s.pfn)) }
-            _ = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
+            _ = retryingAgain { Sys.poison(uffd, a, Sys.page) }
             region.setState(i, PageState(.revoked))
         }
         statistics.count(\.poisoned)
@@ -316,6 +327,21 @@ extension NativeSpace {
         }
         statistics.count(\.pagesMovedIn, pages)
         return true
+    }
+
+    /// Runs a resolving ioctl on the regions' userfaultfd until it stops returning `EAGAIN`: the host
+    /// refuses while a non-cooperative event is queued unread (`ctx->mmap_changing`), and the service
+    /// thread reads it within microseconds — unless the space is closing, when the last result is
+    /// returned. The caller must not be inside ``enterInstall()`` (the reader waits for installs).
+    func retryingAgain(_ body: () -> Int32) -> Int32 {
+        var rc = body()
+        var spins = 0
+        while rc == -EAGAIN && !stopping.load(ordering: .relaxed) {
+            spins += 1
+            if spins > 4 { sched_yieldShim() }
+            rc = body()
+        }
+        return rc
     }
 
     /// Marks an install in progress, stepping aside while the reader is reading (see ``serviceLoop()``).

@@ -28,13 +28,17 @@ public enum ForkPolicy: Sendable, Equatable {
     case share
 }
 
-/// The `pthread_atfork` hooks of every native space. `prepare` takes each `.share` space's `mmapLock`
-/// for writing (no migration, snapshot or exclusive grant runs — the kernel's `dup_mmap` holds the
+/// The `pthread_atfork` hooks of every native space. `prepare` takes each space's `mmapLock` for
+/// writing (no migration, snapshot or exclusive grant runs — the kernel's `dup_mmap` holds the
 /// parent's `mmap_lock` likewise), then its fault gate (no CPU fault resolution or eviction changes a
-/// page), and tells the notifiers `protectionPage` as `dup_mmap` does for copy-on-write mappings. The
-/// host's FORK event is read before `fork` returns; `parent` waits until the event thread has copied
-/// the child's device-resident pages (``NativeSpace/copyIntoChild(_:)``), then unlocks. `child` marks
-/// every space unusable in the child and unlocks the child's copies of the locks.
+/// page). So no `UFFDIO_MOVE` of the engine is in flight while the host copies the address space:
+/// `dup_mmap` write-locks every VMA and waits for the per-VMA read locks a MOVE holds, and a MOVE
+/// spinning on its retry path then stalls the fork — and every page fault of the process behind it
+/// (seen on 6.18). A `.share` space also tells its notifiers `protectionPage`, as `dup_mmap` does for
+/// copy-on-write mappings; the host's FORK event is read before `fork` returns, and `parent` waits
+/// until the event thread has copied the child's device-resident pages
+/// (``NativeSpace/copyIntoChild(_:)``). Then `parent` unlocks; `child` marks every space unusable in
+/// the child and unlocks the child's copies of the locks.
 ///
 /// All mmap locks are taken before any fault gate: a thread holding one space's `mmapLock` may be
 /// waiting on a CPU fault of another space's region, which that space's fault thread must resolve.
@@ -78,7 +82,7 @@ final class ForkRegistry: @unchecked Sendable {
 extension NativeSpace {
     /// `prepare`, first step (see ``ForkRegistry``).
     func forkPrepareLock() {
-        guard options.forkPolicy == .share, !hasExited else { return }
+        guard !hasExited else { return }
         mmapLock.writeLock()
         forkHeld.store(true, ordering: .relaxed)
     }
@@ -87,13 +91,14 @@ extension NativeSpace {
     func forkPrepareGate() {
         guard forkHeld.load(ordering: .relaxed) else { return }
         faultGate.writeLock()
+        guard options.forkPolicy == .share else { return }
         for r in regions { invalidating(r.address, r.end, .protectionPage, owner: nil) {} }
     }
 
     /// `parent`: the FORK event (read before `fork` returned) is handled — the child has its pages.
     func forkParent() {
         guard forkHeld.exchange(false, ordering: .relaxed) else { return }
-        catchUpWithEvents()
+        if options.forkPolicy == .share { catchUpWithEvents() }
         faultGate.unlock()
         mmapLock.unlock()
     }

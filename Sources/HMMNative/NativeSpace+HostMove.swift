@@ -8,7 +8,7 @@ import Glibc
 /// Taking host pages out of the process: the one way the native engine does it is `UFFDIO_MOVE` into
 /// staging RAM frames on the staging userfaultfd (no event, no wait — native-mode.md §1b), and this is
 /// where the host's refusals of a move are worked around, for every caller (migration, exclusive
-/// grant, revoke, discarding a zapped page).
+/// grant, revoke).
 extension NativeSpace {
     /// Moves the region pages `[a, a + bytes)` into the staging frames at address `frame`; holes are
     /// skipped (`MOVE_ALLOW_SRC_HOLES`). The host refuses a move in two cases, handled here:
@@ -21,7 +21,7 @@ extension NativeSpace {
     ///   pinned page stays refused.
     ///
     /// Returns the bytes moved from the start (holes count); the pages after them were refused. Must
-    /// not be called inside ``enterInstall()``.
+    /// not be called inside ``enterInstall()`` (it enters it around each move).
     func moveToStaging(_ region: NativeRegion, from a: UInt64, to frame: UInt64, _ bytes: UInt64) -> UInt64 {
         let readOnly = !region.protection.contains(.write)
         if readOnly {
@@ -31,7 +31,11 @@ extension NativeSpace {
         var done: UInt64 = 0
         var unsharedAt: UInt64?
         while done < bytes {
+            // No remove event is read during the move, so the host's zap of a `MADV_DONTNEED` never runs
+            // on the pages being moved (a MOVE racing that zap was seen to spin in the kernel, 6.18).
+            enterInstall()
             let (rc, moved) = Sys.move(stagingUffd, to: frame + done, from: a + done, bytes - done, allowHoles: true)
+            leaveInstall()
             if rc == 0 { return bytes }
             if moved > 0 { done += UInt64(moved) }
             guard rc == -EBUSY, unsharedAt != a + done, unshare(region, a + done, a + bytes) else { return done }
@@ -45,10 +49,13 @@ extension NativeSpace {
     /// under the write fault — which would wait for the service thread — except one already marked
     /// zapped, and then nothing is done. Returns whether every present page was faulted.
     private func unshare(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64) -> Bool {
+        // Allocated before the install exclusion: the reader waits on it, and nothing that waits on an
+        // allocation may hold it up (a `fork` holds the allocator — see ``MessageQueue``).
+        var runs: [Range<UInt64>] = []
+        runs.reserveCapacity(Int((hi - lo) >> UInt64(PageSize.shift)) / 2 + 1)
         enterInstall()
         defer { leaveInstall() }
         for i in region.index(lo)..<region.index(hi) where region.state(i).isZapped { return false }
-        var runs: [Range<UInt64>] = []
         try? scan(lo, hi) { (p, cat) in
             guard cat & UInt64(CU_PAGE_IS_PRESENT) != 0, cat & UInt64(CU_PAGE_IS_PFNZERO) == 0 else { return }
             if let last = runs.last, last.upperBound == p {

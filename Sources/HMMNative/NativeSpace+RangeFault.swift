@@ -23,10 +23,7 @@ extension NativeSpace {
     ///   page, or a fault that failed), `.permission` (write requested on a read-only region),
     ///   `.invalidArgument` (malformed range, notifier of another space), `.noProcess` after close.
     public func rangeFault(_ range: inout HMMRange) throws(HMMError) {
-        guard range.start & PageSize.baseMask == 0, range.end & PageSize.baseMask == 0, range.start < range.end,
-            range.pfns.count == Int((range.end - range.start) >> UInt64(PageSize.shift))
-        else { throw HMMError(.invalidArgument, "hmm_range \(range.start)..<\(range.end) is malformed") }
-        guard range.notifier.space === self else { throw HMMError(.invalidArgument, "hmm_range notifier belongs to another space") }
+        try range.validate(for: self)
         try checkOpen()
         var from = range.start
         var rounds = 0

@@ -62,7 +62,7 @@ extension NativeSpace {
                             return
                         }
                     }
-                    let rc = Sys.retryingAgain { Sys.poison(uffd, a, Sys.page) }
+                    let rc = retryingAgain { Sys.poison(uffd, a, Sys.page) }
                     if rc != 0 && rc != -EEXIST { failure = HMMError.system(rc, "UFFDIO_POISON \(a)") }
                     region.setState(i, PageState(.revoked))
                 }
@@ -82,7 +82,7 @@ extension NativeSpace {
                 let a = region.pageAddress(i)
                 let src = UInt64(UInt(bitPattern: base + Int(a - lo)))
                 // UFFDIO_COPY replaces the poison marker (measured: e_revoke).
-                let rc = Sys.retryingAgain { Sys.copy(uffd, to: a, from: src, Sys.page).0 }
+                let rc = retryingAgain { Sys.copy(uffd, to: a, from: src, Sys.page).0 }
                 region.setState(i, rc == 0 ? .host : s)
                 if rc != 0 { throw HMMError.system(rc, "recover: UFFDIO_COPY onto \(a)") }
             }

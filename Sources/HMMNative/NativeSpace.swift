@@ -20,15 +20,18 @@ import Glibc
 ///
 /// Threads: a service thread reads the userfaultfd and waits for nothing but installs of bytes in flight
 /// (every `munmap`, `MADV_DONTNEED` and `mremap` of a region waits until it has read the event); a fault thread
-/// resolves CPU faults (zero fill, fault-back through the driver's
+/// (or, in-thread, the faulting thread itself) resolves CPU faults (zero fill, fault-back through the driver's
 /// ``PagemapOperations/migrateToRAM(_:)``, exclusive restore); an event thread turns unmap, remove and
 /// remap events into notifier invalidations and frees device pages. Migrations a driver asks for run
 /// in the caller's thread, as `migrate_vma` runs in a driver's ioctl.
 ///
-/// Locking, in order: `mmapLock` (drivers hold it for reading around their phases; region changes and
-/// events take it for writing) → page-state lock bits (ascending page order) → folio locks → driver
-/// notifier locks; the region list and the message queues are leaves. The fault thread takes no
-/// `mmapLock`: a driver thread holding it for reading may be waiting on a fault it must resolve.
+/// Locking, in order: `mmapLock` (drivers hold it for reading around their phases; region changes take
+/// it for writing) → `faultGate` (held for reading around each fault resolution and eviction; a `fork`
+/// takes both for writing, ``ForkRegistry``) → page-state lock bits (ascending page order) → folio
+/// locks → driver notifier locks; the region list, the registries and the message queues are leaves.
+/// The fault thread and the event thread take no `mmapLock`: a driver thread holding it for reading
+/// may be waiting on a fault they must resolve. In-thread fault mode (``FaultMode/inThread``) runs the
+/// fault thread's work in the faulting thread, which may hold `mmapLock` for reading (a driver).
 ///
 /// Lifetime: call ``close()``. It evicts every device page first — a userfaultfd closed while pages
 /// are away would turn them into zeros — and only then stops the threads; until then the threads
@@ -311,15 +314,32 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
                             window: window)
     }
 
+    /// Adds `r` to the region list. The list is replaced whole, built outside its lock, and the old
+    /// array is released outside it too: the service thread takes that lock and must never wait for an
+    /// allocation (``serviceLoop()``).
     func insert(_ r: NativeRegion) {
-        regionList.withLock { list in
+        replaceRegions { list in
             let i = list.firstIndex { $0.address > r.address } ?? list.count
             list.insert(r, at: i)
         }
     }
 
     func remove(_ r: NativeRegion) {
-        regionList.withLock { list in list.removeAll { $0 === r } }
+        replaceRegions { list in list.removeAll { $0 === r } }
+    }
+
+    private func replaceRegions(_ change: (inout [NativeRegion]) -> Void) {
+        while true {
+            let old = regions
+            var new = old
+            change(&new)
+            let swapped = regionList.withLock { (list: inout [NativeRegion]) -> Bool in
+                guard list.count == old.count, zip(list, old).allSatisfy({ $0 === $1 }) else { return false }
+                list = new  // `old` still holds the previous buffer: it is freed after the lock
+                return true
+            }
+            if swapped { return }
+        }
     }
 
     /// The live region containing `address` (any thread; the region list's lock is a leaf).
@@ -329,6 +349,11 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     /// The live regions.
     public var regions: [NativeRegion] { regionList.withLock { $0 } }
+
+    /// Runs `body` on the region list under its lock (a leaf: `body` must not block or allocate).
+    func withRegionsLocked(_ body: ([NativeRegion]) -> Void) {
+        regionList.withLock { list in body(list) }
+    }
 
     /// Frees `region` (``NativeRegion/free()``): drivers hear `unmap`, its device pages are freed, and the
     /// parts the user has not unmapped already are unregistered and unmapped — never an address range
@@ -389,9 +414,14 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     }
 
     /// Applies the zap of locked page `i` (word `s`, zapped): `MADV_DONTNEED` dropped the page while
-    /// someone held it, so its device or staging copy is freed and whatever is at its address — bytes a
-    /// migration put back after the host's zap — leaves the process. Returns the new word: host, still
+    /// it was away or held, so its device or staging copy is freed. Returns the new word: host, still
     /// locked. A compound unit is left to the event thread, which splits it first.
+    ///
+    /// Whatever is at the page's address the host's own zap removes: the remove event comes before the
+    /// zap, and no bytes go back into a page once its remove event is read (installs and the reader
+    /// exclude each other, and an install checks the marks first — ``installFrame(_:at:pages:move:unlessZapped:)``).
+    /// So nothing is moved out here; a `UFFDIO_MOVE` racing the host's zap of the same page was seen
+    /// to spin in the kernel (6.18) and stall every `fork` and page fault of the process behind it.
     func applyZap(_ region: NativeRegion, _ i: Int, _ s: PageState) -> PageState {
         let clean = PageState(rawValue: s.rawValue & ~PageState.zappedBit)
         if s.isCompound {
@@ -402,28 +432,12 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         case .device, .exclusive:
             machine.folioPut(machine.folioHead(s.pfn))
             statistics.count(\.pagesDropped)
-        case .host:
-            discardHostPage(region, region.pageAddress(i))
         default:
             break
         }
         let host = PageState.host.locked
         region.states[i].store(host.rawValue, ordering: .releasing)
         return host
-    }
-
-    /// Takes the page at `a` out of the process (into a staging frame that is then freed): no event,
-    /// no wait. Only a present page is moved (a hole or the zero page already reads zeros).
-    func discardHostPage(_ region: NativeRegion, _ a: UInt64) {
-        var present = false
-        try? scan(a, a + Sys.page) { (_, cat) in
-            present = cat & UInt64(CU_PAGE_IS_PRESENT) != 0 && cat & UInt64(CU_PAGE_IS_PFNZERO) == 0
-        }
-        guard present, let frame = machine.allocateMigrationPage(zeroed: false) else { return }
-        let f = frameAddress(frame)
-        _ = Sys.madvise(f, Sys.page, Sys.dontNeed)
-        _ = moveToStaging(region, from: a, to: f, Sys.page)
-        try? machine.releaseMigrationPage(frame)
     }
 
     /// Waits until the service thread is not between a `read` of the userfaultfd and marking the pages of

@@ -44,21 +44,6 @@ enum Sys {
         cu_mprotect(start, length, protection.hostFlags)
     }
 
-    /// Retries an ioctl that returned `EAGAIN` because a non-cooperative event is queued and unread
-    /// (`ctx->mmap_changing`): the service thread reads it within microseconds.
-    @inline(__always)
-    static func retryingAgain(_ body: () -> Int32) -> Int32 {
-        var rc = body()
-        var spins = 0
-        while rc == -EAGAIN {
-            spins += 1
-            if spins > 4 { sched_yield() }
-            if spins > 100_000 { return rc }
-            rc = body()
-        }
-        return rc
-    }
-
     static let dontNeed = Int32(MADV_DONTNEED)
     static let hugePage = Int32(MADV_HUGEPAGE)
     static let noHugePage = Int32(MADV_NOHUGEPAGE)

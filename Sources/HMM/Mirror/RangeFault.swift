@@ -33,6 +33,18 @@ public enum HMMPFN {
 }
 
 /// `struct hmm_range`: what a device wants to mirror and how.
+extension HMMRange {
+    /// The checks `hmm_range_fault` makes of its arguments on every engine: page-aligned and non-empty,
+    /// below the top of user space, one word per page, and a notifier of `space`.
+    /// - Throws: `.invalidArgument`.
+    @_spi(Engine) public func validate(for space: any MirroredAddressSpace) throws(HMMError) {
+        guard start & PageSize.baseMask == 0, end & PageSize.baseMask == 0, start < end, end <= PageTableIndex.userTop,
+            pfns.count == Int((end - start) >> UInt64(PageSize.shift))
+        else { throw .invalid("hmm_range \(hex(start))..<\(hex(end)) is malformed") }
+        guard notifier.space === space else { throw .invalid("hmm_range notifier belongs to another space") }
+    }
+}
+
 public struct HMMRange: Sendable {
     /// The interval notifier covering the range; its space is the one walked.
     public let notifier: IntervalNotifier
@@ -95,11 +107,7 @@ extension AddressSpace {
     ///   `.permission` (write requested on a read-only VMA), `.invalidArgument` (unaligned or empty
     ///   range, wrong word count, notifier of another space), `.outOfMemory`, `.noProcess`.
     public func rangeFault(_ range: inout HMMRange) throws(HMMError) {
-        guard range.start & PageSize.baseMask == 0, range.end & PageSize.baseMask == 0, range.start < range.end,
-            range.end <= PageTableIndex.userTop,
-            range.pfns.count == Int((range.end - range.start) >> UInt64(PageSize.shift))
-        else { throw .invalid("hmm_range \(hex(range.start))..<\(hex(range.end)) is malformed") }
-        guard range.notifier.space === self else { throw .invalid("hmm_range notifier belongs to another space") }
+        try range.validate(for: self)
         try checkAlive()
         var last = range.start
         let seq = range.notifierSeq

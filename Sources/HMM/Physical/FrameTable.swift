@@ -154,5 +154,6 @@ final class FrameTable: @unchecked Sendable {
 
 #if canImport(Glibc)
 import Glibc
-@inline(__always) func sched_yieldShim() { sched_yield() }
+/// `sched_yield()`, its result discarded: what every spin-wait of the library (and of an engine) calls.
+@_spi(Engine) @inlinable @inline(__always) public func sched_yieldShim() { sched_yield() }
 #endif
