@@ -129,12 +129,23 @@ public final class AddressSpace: @unchecked Sendable {
     }
 
     /// Splits the VMA containing `address` so that a VMA boundary falls there (`split_vma`).
-    /// Requires `mmapLock` and `rmapLock` held for writing.
+    /// A huge PMD the new boundary cuts is split into PTEs first (`vma_adjust_trans_huge`): a huge entry
+    /// never spans two VMAs, or fork, mprotect and zap — which all work per VMA — would each handle it
+    /// whole. Requires `mmapLock` and `rmapLock` held for writing.
     func splitVMA(at address: UInt64) {
         guard let i = vmaIndex(containing: address), vmas[i].start < address else { return }
         let v = vmas[i]
+        if address & PageSize.pmdMask != 0, !v.isHugetlb { splitHugePMD(at: address) }
         vmas[i] = v.slice(v.start, address)
         vmas.insert(v.slice(address, v.end), at: i + 1)
+    }
+
+    /// `split_huge_pmd_address`: splits the huge PMD (THP, huge zero page, device-private or migration
+    /// entry) that maps `address`, if there is one. Requires `mmapLock` held for writing.
+    func splitHugePMD(at address: UInt64) {
+        guard root != 0, let pmdN = try? pmdNode(address, allocate: false), pmdN != 0 else { return }
+        let e = PageTableEntry(rawValue: pmdSlot(pmdN, address).pointee.load(ordering: .acquiring))
+        if e.isHuge && (e.isLeaf || e.isNonPresent) { splitHugePMD(pmdN, address) }
     }
 
     /// Merges neighbours that differ in nothing but their extent (`vma_merge`).
