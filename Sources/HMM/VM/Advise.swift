@@ -10,10 +10,13 @@ extension AddressSpace {
     /// - `.hugePage` / `.noHugePage` set or clear THP eligibility (splitting VMAs); a hugetlb VMA can
     ///   only be split at a huge-page boundary (`hugetlb_vm_op_split`).
     /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP; not for hugetlb.
+    ///   A block already PMD-mapped counts as done; an empty block, one with a non-present entry or one
+    ///   whose entries are all read-only (`SCAN_PAGE_RO`) fails with `.invalidArgument`.
     /// - Throws: `.invalidArgument` (unaligned, zero or overflowing length, advice the mapping cannot
     ///   take — `.free` or `.collapse` on hugetlb memory, a range that cuts a hugetlb page; then nothing
     ///   changes), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised,
-    ///   as the kernel does), `.tryAgain` if a block could not be collapsed, `.noProcess`.
+    ///   as the kernel does), for `.collapse` the last block's failure (`.invalidArgument`, `.tryAgain`
+    ///   for a pinned page, `.outOfMemory`), `.noProcess`.
     /// Takes `mmapLock` for writing.
     public func advise(_ address: UInt64, length: Int, _ advice: Advice) throws(HMMError) {
         let (lo, hi) = try validateRange(address, length, "madvise")
@@ -59,15 +62,19 @@ extension AddressSpace {
             for v in pieces where !v.isAnonymous || v.isShared || v.isHugetlb || v.flags.contains(.noHugePage) {
                 throw .invalid("MADV_COLLAPSE needs private anonymous memory without MADV_NOHUGEPAGE")
             }
+            // `madvise_collapse`: every block is tried; the last failure is reported, ahead of ENOMEM
+            // for an unmapped gap (as `madvise_walk_vmas` reports a VMA's error first).
+            var lastFailure: HMMError?
             for v in pieces {
                 var base = (v.start + PageSize.pmdMask) & ~PageSize.pmdMask
                 while base + UInt64(PageSize.pmd) <= v.end {
                     do {
                         try invalidating(base, base + UInt64(PageSize.pmd), .clear) { () throws(HMMError) in try collapse(v, base) }
-                    } catch { firstError = firstError ?? error }
+                    } catch { lastFailure = error }
                     base += UInt64(PageSize.pmd)
                 }
             }
+            if let lastFailure { throw lastFailure }
         }
         if let firstError { throw firstError }
     }
