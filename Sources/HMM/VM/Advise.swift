@@ -3,7 +3,8 @@ extension AddressSpace {
     /// Gives advice about `[address, address + length)` (`madvise`).
     ///
     /// - `.dontNeed` zaps the range: private anonymous memory reads as zero afterwards, file memory
-    ///   refaults from the page cache. On hugetlb memory the range must cover whole huge pages.
+    ///   refaults from the page cache. On hugetlb memory the range must start on a huge page; its end
+    ///   is rounded down to a huge page (Linux >= 6.1), and a range that rounds to nothing is a no-op.
     /// - `.free` marks exclusively owned anonymous pages clean and lazily freeable; without memory
     ///   pressure (no reclaim is modelled) their contents stay. Not for hugetlb memory
     ///   (`madvise_dontneed_free_valid_vma`).
@@ -13,7 +14,8 @@ extension AddressSpace {
     ///   A block already PMD-mapped counts as done; an empty block, one with a non-present entry or one
     ///   whose entries are all read-only (`SCAN_PAGE_RO`) fails with `.invalidArgument`.
     /// - Throws: `.invalidArgument` (unaligned, zero or overflowing length, advice the mapping cannot
-    ///   take — `.free` or `.collapse` on hugetlb memory, a range that cuts a hugetlb page; then nothing
+    ///   take — `.free` or `.collapse` on hugetlb memory, a range that cuts a hugetlb page (for `.dontNeed`,
+    ///   one that starts inside one); then nothing
     ///   changes), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised,
     ///   as the kernel does), for `.collapse` the last block's failure (`.invalidArgument`, `.tryAgain`
     ///   for a pinned page, `.outOfMemory`), `.noProcess`.
@@ -28,13 +30,22 @@ extension AddressSpace {
         let pieces = vmas.filter { $0.end > lo && $0.start < hi }.map { $0.slice(lo, hi) }
         switch advice {
         case .dontNeed:
-            for v in pieces {
+            var zaps: [VMA] = []
+            for var v in pieces {
                 if v.flags.contains(.mixedMap) { throw .invalid("MADV_DONTNEED on a driver mapping") }
-                if v.isHugetlb && (v.start | v.end) & PageSize.pmdMask != 0 {
-                    throw .invalid("MADV_DONTNEED must cover whole hugetlb pages")
+                if v.isHugetlb {
+                    // `madvise_dontneed_free_valid_vma` (Linux >= 6.1): the start must be huge-page
+                    // aligned; the end is rounded down, so a page-rounded length never frees a huge page
+                    // the caller did not name whole, and a range that rounds to nothing does nothing.
+                    guard v.start & PageSize.pmdMask == 0 else {
+                        throw .invalid("MADV_DONTNEED of hugetlb memory must start on a huge page")
+                    }
+                    v.end &= ~PageSize.pmdMask
+                    if v.end <= v.start { continue }
                 }
+                zaps.append(v)
             }
-            for v in pieces { invalidating(v.start, v.end, .clear) { zapVMA(v, v.start, v.end) } }
+            for v in zaps { invalidating(v.start, v.end, .clear) { zapVMA(v, v.start, v.end) } }
         case .free:
             for v in pieces where !v.isAnonymous || v.isShared || v.isHugetlb {
                 throw .invalid("MADV_FREE applies to private anonymous memory only, not shared, file or hugetlb")
