@@ -261,6 +261,13 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         removed.store(true, ordering: .releasing)
     }
 
+    /// What closing a file does (`dmirror_fops_release`): every chunk's pages are evicted to system
+    /// memory and the chunks kept. A chunk that cannot be emptied keeps what is left.
+    func evictPages() {
+        let chunks = allocator.withLock { $0.chunks }
+        for chunk in chunks { try? evict(chunk) }
+    }
+
     private func evictAll() throws(HMMError) {
         let chunks = allocator.withLock { a -> [Pagemap] in
             let c = a.chunks

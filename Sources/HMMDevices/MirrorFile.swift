@@ -91,11 +91,16 @@ public final class MirrorFile: @unchecked Sendable {
     // waiting — a file can be released inside an invalidation callback (the forwarder's temporary
     // reference was the last), where waiting for the invalidation to end would deadlock.
 
-    /// Closes the file: the notifier is removed and the device page table dropped. Idempotent.
+    /// Closes the file (`dmirror_fops_release`): the notifier is removed, the device page table dropped,
+    /// and — as the driver does since device THPs — every page of every chunk of the device is evicted
+    /// back to system memory (the chunks stay registered for later use). Pages that cannot move (system
+    /// memory exhausted, where the kernel's allocation cannot fail, or a pinned page) stay on the device.
+    /// Idempotent. Takes no lock of the caller's; must not be called with a space's locks held.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         notifier.remove()
         state.withLock { $0.table.removeAll() }
+        device.evictPages()
     }
 
     // MARK: notifier
@@ -125,6 +130,15 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     // MARK: entry checks
+
+    /// The check `dmirror_fops_unlocked_ioctl` makes for every command before it looks at the command:
+    /// `address` page-aligned and `address + pages` pages a non-empty range that does not wrap. RELEASE
+    /// and FLAGS carry an address too, and FLAGS passes its value as `pages` — so `FLAGS(0)` through the
+    /// ioctl is EINVAL (use ``setFlags(_:)`` with `[]` to clear the flags).
+    /// - Throws: `.invalidArgument`, `.badDescriptor` (closed), `.noDevice` (removed).
+    public func checkCommand(_ address: UInt64, pages: Int) throws(HMMError) {
+        _ = try check(address, pages)
+    }
 
     private func check(_ address: UInt64, _ pages: Int) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
@@ -449,9 +463,8 @@ public final class MirrorFile: @unchecked Sendable {
             case .deviceCoherent: b = local ? MirrorProtection.deviceCoherentLocal : MirrorProtection.deviceCoherentRemote
             default: b = 0
             }
-        } else if pfn == machine.zeroPFN || pfn.rawValue >= machine.hugeZeroPFN.rawValue
-            && pfn.rawValue < machine.hugeZeroPFN.rawValue + UInt64(PageSize.pagesPerPMD)
-        {
+        } else if pfn == machine.zeroPFN {
+            // `is_zero_pfn`: only the 4 KiB zero page; the huge zero page reads as plain READ | PMD.
             b = MirrorProtection.zero
         }
         b |= w & HMMPFN.write != 0 ? MirrorProtection.write : MirrorProtection.read

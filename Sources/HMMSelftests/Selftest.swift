@@ -135,9 +135,11 @@ public final class SelftestContext {
                 try file.checkExclusive(b.ptr, pages: npages)
                 r = MirrorResult()
             case .release:
+                try file.checkCommand(b.ptr, pages: npages)
                 try file.release()
                 r = MirrorResult()
             case .flags:
+                try file.checkCommand(b.ptr, pages: npages)
                 try file.setFlags(MirrorFlags(rawValue: UInt64(npages)))
                 r = MirrorResult()
             }
@@ -263,4 +265,12 @@ public enum Selftests {
             return .failed("\(error)")
         }
     }
+}
+
+/// A value handed to a ``HostThread`` that the compiler cannot prove `Sendable`: the selftest's
+/// context and buffers, which the thread uses only through thread-safe calls (address-space accesses)
+/// while the starting thread waits in `join`.
+struct Unchecked<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }

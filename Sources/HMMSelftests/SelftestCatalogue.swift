@@ -198,7 +198,8 @@ enum SelftestCatalogue {
     static func patternFile(_ t: SelftestContext) throws -> MemoryFile {
         let file = try t.machine.makeFile(size: t.bufferSize)
         let ints = (0..<(t.bufferSize / 4)).map { Int32($0) }
-        _ = try ints.withUnsafeBytes { b in try file.write(b, at: 0) }
+        let written = try ints.withUnsafeBytes { b in try file.write(b, at: 0) }
+        try t.expectEqual(written, t.bufferSize, "pwrite length")
         return file
     }
 
@@ -459,9 +460,22 @@ enum SelftestCatalogue {
         try t.fill(b.ptr, b.size) { Int32($0) }
         try t.expectSuccess(t.fd, .exclusive, b, npages)
         let child = try t.space.fork()
-        try incrementAll(t, b, in: child)
+        // Parent and child run at once, as the two processes do: the child on its own thread.
+        let shared = Unchecked((t, b, child))
+        let childFailure = Unchecked(Locked<(any Error)?>(nil))
+        let thread = HostThread {
+            do { try incrementAll(shared.value.0, shared.value.1, in: shared.value.2) } catch {
+                childFailure.value.withLock { $0 = error }
+            }
+        }
+        var parentFailure: (any Error)?
+        do { try incrementAll(t, b, in: t.space) } catch { parentFailure = error }
+        thread.join()
         child.exit()
-        try incrementAll(t, b, in: t.space)
+        if let parentFailure { throw parentFailure }
+        if let error = childFailure.value.withLock({ $0 }) {
+            throw SelftestFailure(message: "child: \(error)", line: #line)
+        }
     }
 
     // T28
