@@ -214,4 +214,30 @@ struct HugePageTests {
             #expect(m.freeFrames == free, "every frame came back")
         }
     }
+
+    /// Issue 10 item 3 (`copy_hugetlb_page_range`): the parent keeps the pinned page, the child gets a
+    /// copy from the pool; with none free, fork fails with ENOMEM and the parent is unchanged.
+    @Test("fork copies a possibly pinned hugetlb page for the child; with the pool empty, fork fails cleanly")
+    func forkCopiesPinnedHugetlbPage() throws {
+        try withMachine(.init(systemMemory: 64 << 20, hugetlbPages: 2)) { m in
+            let s = try m.makeAddressSpace()
+            let h = try s.map(length: PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+            try s.store(UInt8(5), at: h + 77)
+            let pin = try s.getUserPages(h, count: 1, flags: [.write, .pin, .longTerm])
+            let child = try s.fork()
+            #expect(m.freeHugetlbPages == 0 && m.statistics[.forkPinnedCopy] == 1)
+            #expect(try child.pagemap(at: h).pfn != s.pagemap(at: h).pfn)
+            try s.store(UInt8(6), at: h + 77)
+            #expect(try pin.withBytes(ofPage: 0) { $0[77] } == 6, "the parent still maps the pinned page")
+            #expect(try child.load(UInt8.self, at: h + 77) == 5)
+            try m.checkInvariants()
+            expectError(.outOfMemory) { try s.fork() }
+            #expect(m.liveSpaces.count == 2)
+            #expect(try s.load(UInt8.self, at: h + 77) == 6)
+            child.exit()
+            pin.release()
+            s.exit()
+            #expect(m.freeHugetlbPages == 2)
+        }
+    }
 }

@@ -10,6 +10,9 @@ extension AddressSpace {
     ///   (`madvise_dontneed_free_valid_vma`).
     /// - `.hugePage` / `.noHugePage` set or clear THP eligibility (splitting VMAs); a hugetlb VMA can
     ///   only be split at a huge-page boundary (`hugetlb_vm_op_split`).
+    /// - `.dontFork` / `.doFork` and `.wipeOnFork` / `.keepOnFork` set or clear what ``fork()`` does
+    ///   with the range (`VM_DONTCOPY`, `VM_WIPEONFORK`), splitting VMAs like `.hugePage`; wipe-on-fork
+    ///   is for private anonymous memory only.
     /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP; not for hugetlb.
     ///   A block already PMD-mapped counts as done; an empty block, one with a non-present entry or one
     ///   whose entries are all read-only (`SCAN_PAGE_RO`) fails with `.invalidArgument`.
@@ -51,20 +54,28 @@ extension AddressSpace {
                 throw .invalid("MADV_FREE applies to private anonymous memory only, not shared, file or hugetlb")
             }
             for v in pieces { lazyFree(v) }
-        case .hugePage, .noHugePage:
+        case .hugePage, .noHugePage, .dontFork, .doFork, .wipeOnFork, .keepOnFork:
+            if advice == .wipeOnFork {
+                for v in pieces where !v.isAnonymous || v.isShared {
+                    throw .invalid("MADV_WIPEONFORK applies to private anonymous memory only")
+                }
+            }
+            let (set, clear): (VMAFlags, VMAFlags) = switch advice {
+            case .hugePage: (.hugePage, .noHugePage)
+            case .noHugePage: (.noHugePage, .hugePage)
+            case .dontFork: (.dontCopy, [])
+            case .doFork: ([], .dontCopy)
+            case .wipeOnFork: (.wipeOnFork, [])
+            default: ([], .wipeOnFork)
+            }
             try checkHugetlbBoundaries(lo, hi)
             rmapLock.withWriteLock {
                 splitVMA(at: lo)
                 splitVMA(at: hi)
                 var i = firstVMA(endingAfter: lo)
                 while i < vmas.count && vmas[i].start < hi {
-                    if advice == .hugePage {
-                        vmas[i].flags.insert(.hugePage)
-                        vmas[i].flags.remove(.noHugePage)
-                    } else {
-                        vmas[i].flags.insert(.noHugePage)
-                        vmas[i].flags.remove(.hugePage)
-                    }
+                    vmas[i].flags.formUnion(set)
+                    vmas[i].flags.subtract(clear)
                     i += 1
                 }
                 mergeVMAs(around: lo, hi)

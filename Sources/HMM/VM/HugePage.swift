@@ -72,14 +72,15 @@ extension AddressSpace {
         }
         if e.isSpecial {
             lock.unlock()
-            if access == .unshare { return true }
-            // Write to the huge zero page: try a fresh THP, else split into small zero pages.
+            // Write to (or, for a long-term read-only pin, unshare of) the huge zero page
+            // (`do_huge_zero_wp_pmd`): try a fresh THP, else split into small zero pages.
             if let folio = machine.allocateFolio(order: PageSize.pmdOrder, zeroed: true) {
                 lock.lock()
                 if slot.pointee.load(ordering: .relaxed) == e.rawValue {
                     mapNewTHP(vma, folio, address & ~PageSize.pmdMask)
+                    let write = access == .write
                     slot.pointee.store(
-                        PageTableEntry.present(folio, writable: true, dirty: true, huge: true).rawValue,
+                        PageTableEntry.present(folio, writable: write, dirty: write, huge: true).rawValue,
                         ordering: .releasing)
                     lock.unlock()
                     machine.statistics.count(.faultTHP)

@@ -42,6 +42,15 @@ public enum Advice: Sendable {
     case noHugePage
     /// `MADV_COLLAPSE`: replace small pages by PMD-mapped huge pages now.
     case collapse
+    /// `MADV_DONTFORK`: a child created by ``AddressSpace/fork()`` does not get the range (`VM_DONTCOPY`).
+    case dontFork
+    /// `MADV_DOFORK`: undoes `.dontFork`.
+    case doFork
+    /// `MADV_WIPEONFORK`: a child gets the range empty — it reads zero — instead of a copy-on-write
+    /// copy (private anonymous memory only).
+    case wipeOnFork
+    /// `MADV_KEEPONFORK`: undoes `.wipeOnFork`.
+    case keepOnFork
 }
 
 /// Flags of a VMA beyond its protection (`vm_flags`).
@@ -55,6 +64,8 @@ struct VMAFlags: OptionSet, Hashable, Sendable {
     static let mixedMap = VMAFlags(rawValue: 1 << 4)
     /// `VM_DONTCOPY`: not inherited by fork.
     static let dontCopy = VMAFlags(rawValue: 1 << 5)
+    /// `VM_WIPEONFORK`: inherited by fork empty.
+    static let wipeOnFork = VMAFlags(rawValue: 1 << 6)
 }
 
 /// A virtual memory area (`struct vm_area_struct`). Stored by value in the address space's sorted VMA
