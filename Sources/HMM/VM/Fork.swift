@@ -25,9 +25,12 @@ extension AddressSpace {
                     if vma.flags.contains(.wipeOnFork) {
                         // `dup_mmap`: the child gets the VMA with no pages and an anon_vma of its own.
                         copy.anonVMA = AnonVMA(registry: machine.registry)
+                        copy.hadUncowedParents = false
                         child.rmapLock.withWriteLock { child.insertVMA(copy) }
                         continue
                     }
+                    // `anon_vma_fork`: a child of a VMA with an anon_vma gets a chain of two.
+                    if vma.anonVMA?.isAttached == true { copy.hadUncowedParents = true }
                     child.rmapLock.withWriteLock { child.insertVMA(copy) }
                     if vma.anonVMA != nil || vma.flags.contains(.mixedMap) {
                         try invalidating(vma.start, vma.end, .protectionPage) { () throws(HMMError) in

@@ -90,8 +90,11 @@ extension AddressSpace {
             vma.anonVMA = AnonVMA(registry: machine.registry)
             if file == nil { vma.pgoff = start >> UInt64(PageSize.shift) }
         }
-        rmapLock.withWriteLock { insertVMA(vma) }
-        if flags.contains(.populate) { populate(start, start + len, vma) }
+        rmapLock.withWriteLock {
+            insertVMA(vma)
+            mergeVMAs(around: start, start + len)  // `vma_merge_new_range`
+        }
+        if flags.contains(.populate), let vi = vmaIndex(containing: start) { populate(start, start + len, vmas[vi]) }
         return start
     }
 

@@ -84,6 +84,9 @@ struct VMA {
     var reservation: HugetlbReservation?
     /// The device file a driver mapping came from (P2PDMA's `allocate`), so the device can revoke it.
     var deviceFile: DeviceFile? = nil
+    /// `vma_had_uncowed_parents`: the VMA came through fork from a parent whose VMA had an anon_vma (its
+    /// `anon_vma_chain` is not singular), so it may not lend its anon_vma to a neighbour in a merge.
+    var hadUncowedParents = false
 
     var length: UInt64 { end - start }
     var isAnonymous: Bool { file == nil }
