@@ -305,7 +305,11 @@ public final class MirrorFile: @unchecked Sendable {
                 try m.setup()
                 do throws(HMMError) {
                     // Every error after setup finalizes: the sources go back where they were.
-                    var pool = try device.allocatePages(m.cpages, for: id)
+                    // Small pages for the small entries only: a compound entry takes a folio, or its own
+                    // 512 pages, so a device with exactly enough memory is not short by the pool.
+                    var small = 0
+                    for i in 0..<m.npages where m.src[i].isMigrating && !m.src[i].isCompound { small += 1 }
+                    var pool = small > 0 ? try device.allocatePages(small, for: id) : []
                     defer { device.giveBack(pool) }
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }

@@ -41,14 +41,17 @@ public struct Selftest: Sendable {
     public let pending: String?
     /// Variants in which the case fails upstream too, with the reason (kselftest's `XFAIL`).
     public let knownFailures: [SelftestVariant: String]
+    /// System RAM of the case's machine: 256 MiB, more for a case that needs it (T38 migrates 256 MiB).
+    public let systemMemory: Int
     let body: @Sendable (SelftestContext) throws -> Void
 
     init(name: String, fixture: SelftestFixture, pending: String?, knownFailures: [SelftestVariant: String] = [:],
-         body: @escaping @Sendable (SelftestContext) throws -> Void) {
+         systemMemory: Int = 256 << 20, body: @escaping @Sendable (SelftestContext) throws -> Void) {
         self.name = name
         self.fixture = fixture
         self.pending = pending
         self.knownFailures = knownFailures
+        self.systemMemory = systemMemory
         self.body = body
     }
 }
@@ -80,9 +83,10 @@ public final class SelftestContext {
     /// `HMM_BUFFER_SIZE`: 4 MiB.
     public let bufferSize = 4 << 20
 
-    init(variant: SelftestVariant, fixture: SelftestFixture) throws {
-        machine = try Machine(.init(systemMemory: 256 << 20, hugetlbPages: 2))
-        devices = try MirrorDeviceSet(machine: machine, chunkSize: 64 << 20)
+    init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20) throws {
+        machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: 2))
+        // `DEVMEM_CHUNK_SIZE`: a coherent device has this one chunk and no other.
+        devices = try MirrorDeviceSet(machine: machine, chunkSize: 256 << 20)
         self.variant = variant
         space = try machine.makeAddressSpace()
         let first = variant == .devicePrivate ? 0 : 2
@@ -253,7 +257,7 @@ public enum Selftests {
     private static func runBody(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
         if let pending = test.pending { return .skipped(pending) }
         do {
-            let ctx = try SelftestContext(variant: variant, fixture: test.fixture)
+            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory)
             try test.body(ctx)
             ctx.fd0.close()
             ctx.fd1?.close()
