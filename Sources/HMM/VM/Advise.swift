@@ -13,6 +13,7 @@ extension AddressSpace {
     /// - `.dontFork` / `.doFork` and `.wipeOnFork` / `.keepOnFork` set or clear what ``fork()`` does
     ///   with the range (`VM_DONTCOPY`, `VM_WIPEONFORK`), splitting VMAs like `.hugePage`; wipe-on-fork
     ///   is for private anonymous memory only.
+    /// - `.populateRead` / `.populateWrite` fault the range in now, as reading or writing each page would.
     /// - `.collapse` turns every fully covered PMD-aligned block into a PMD-mapped THP; not for hugetlb.
     ///   A block already PMD-mapped counts as done; an empty block, one with a non-present entry or one
     ///   whose entries are all read-only (`SCAN_PAGE_RO`) fails with `.invalidArgument`.
@@ -21,13 +22,17 @@ extension AddressSpace {
     ///   one that starts inside one); then nothing
     ///   changes), `.outOfMemory` if part of the range is unmapped (the mapped parts are still advised,
     ///   as the kernel does), for `.collapse` the last block's failure (`.invalidArgument`, `.tryAgain`
-    ///   for a pinned page, `.outOfMemory`), `.noProcess`.
+    ///   for a pinned page, `.outOfMemory`), for `.populateRead`/`.populateWrite` what `populate` throws
+    ///   (`.outOfMemory`, `.invalidArgument`, `.fault`), `.noProcess`.
     /// Takes `mmapLock` for writing.
     public func advise(_ address: UInt64, length: Int, _ advice: Advice) throws(HMMError) {
         let (lo, hi) = try validateRange(address, length, "madvise")
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
         try checkAlive()
+        if advice == .populateRead || advice == .populateWrite {
+            return try populate(lo, hi, write: advice == .populateWrite)
+        }
         var firstError: HMMError?
         do { try checkFullyMapped(lo, hi, "madvise") } catch { firstError = error }
         let pieces = vmas.filter { $0.end > lo && $0.start < hi }.map { $0.slice(lo, hi) }
@@ -54,6 +59,8 @@ extension AddressSpace {
                 throw .invalid("MADV_FREE applies to private anonymous memory only, not shared, file or hugetlb")
             }
             for v in pieces { lazyFree(v) }
+        case .populateRead, .populateWrite:
+            break  // handled above
         case .hugePage, .noHugePage, .dontFork, .doFork, .wipeOnFork, .keepOnFork:
             if advice == .wipeOnFork {
                 for v in pieces where !v.isAnonymous || v.isShared {
@@ -99,6 +106,32 @@ extension AddressSpace {
             if let lastFailure { throw lastFailure }
         }
         if let firstError { throw firstError }
+    }
+
+    /// `madvise_populate` (`faultin_page_range`): faults `[lo, hi)` in page by page (huge page by huge
+    /// page for hugetlb), as a read or write access would, stopping at the first failure — what was
+    /// populated stays. Requires `mmapLock` held.
+    /// - Throws: `.outOfMemory` (an unmapped page, or no memory), `.invalidArgument` (a mapping whose
+    ///   protection does not allow the access, e.g. `PROT_NONE`, or a write to a read-only mapping),
+    ///   `.fault` (the access would raise SIGBUS or SIGSEGV: past the end of a file, an exhausted
+    ///   hugetlb pool, poison).
+    private func populate(_ lo: UInt64, _ hi: UInt64, write: Bool) throws(HMMError) {
+        var a = lo
+        while a < hi {
+            guard let vi = vmaIndex(containing: a) else {
+                throw HMMError(.outOfMemory, "MADV_POPULATE: \(hex(a)) is not mapped")
+            }
+            let vma = vmas[vi]
+            if write ? !vma.writable : !vma.readable {
+                throw .invalid("MADV_POPULATE_\(write ? "WRITE" : "READ"): \(hex(a)) is \(vma.protection)")
+            }
+            do {
+                try handleFault(a, write ? .write : .read)
+            } catch where error.code == .segmentationFault || error.code == .bus {
+                throw HMMError(.fault, "MADV_POPULATE: \(error.message)")
+            }
+            a = vma.isHugetlb ? (a | PageSize.pmdMask) + 1 : a + UInt64(PageSize.base)
+        }
     }
 
     /// `madvise_free_pte_range`: clean and old for pages only this mapping uses.

@@ -28,6 +28,9 @@ public struct MapFlags: OptionSet, Hashable, Sendable {
     public static let hugetlb = MapFlags(rawValue: 1 << 4)
     /// `MAP_POPULATE`: fault every page in at map time.
     public static let populate = MapFlags(rawValue: 1 << 5)
+    /// `MAP_FIXED_NOREPLACE`: place the mapping exactly at the given address, failing with `.exists`
+    /// (`EEXIST`) instead of replacing what is there.
+    public static let fixedNoReplace = MapFlags(rawValue: 1 << 6)
 }
 
 /// `madvise` advice.
@@ -51,6 +54,12 @@ public enum Advice: Sendable {
     case wipeOnFork
     /// `MADV_KEEPONFORK`: undoes `.wipeOnFork`.
     case keepOnFork
+    /// `MADV_POPULATE_READ`: fault every page in readable now, as reading it would (the zero page for
+    /// untouched anonymous memory), without touching the data.
+    case populateRead
+    /// `MADV_POPULATE_WRITE`: fault every page in writable now, as writing it would (copy-on-write
+    /// broken), without changing the data.
+    case populateWrite
 }
 
 /// Flags of a VMA beyond its protection (`vm_flags`).
