@@ -189,7 +189,9 @@ struct CowSelftests {
         if fork {
             child = try a.s.fork()
         } else {
+            // Upstream clears soft-dirty in between, so mprotect cannot map the page writable again.
             try a.s.protect(a.mem, length: a.size, [.read])
+            try a.s.clearSoftDirty()
             try a.s.protect(a.mem, length: a.size, [.read, .write])
         }
         try a.s.write([UInt8](repeating: 0xFF, count: a.size), at: a.mem)
@@ -207,10 +209,9 @@ struct CowSelftests {
         case .shared: child = try a.s.fork()
         case .previouslyShared: try a.s.fork().exit()
         case .roExclusive:
-            // Upstream also clears soft-dirty between the two calls so that mprotect cannot map the page
-            // writable again at once; the model's mprotect does (can_change_pte_writable), which only makes
-            // the later pin easier — the assertion is the same.
+            // Soft-dirty cleared in between: mprotect cannot map the page writable again at once.
             try a.s.protect(a.mem, length: a.size, [.read])
+            try a.s.clearSoftDirty()
             try a.s.protect(a.mem, length: a.size, [.read, .write])
         }
         let pin = try a.s.getUserPages(a.mem, count: a.size / Int(page), flags: fast ? [.pin, .longTerm, .fast] : [.pin, .longTerm])

@@ -159,12 +159,14 @@ public final class AddressSpace: @unchecked Sendable {
         while i + 1 < vmas.count && vmas[i].start <= hi {
             let a = vmas[i]
             let b = vmas[i + 1]
-            if a.end == b.start, a.protection == b.protection, a.flags == b.flags, a.file === b.file,
+            if a.end == b.start, a.protection == b.protection,
+                a.flags.subtracting(.softDirty) == b.flags.subtracting(.softDirty), a.file === b.file,
                 a.reservation === b.reservation, a.deviceFile === b.deviceFile,
                 a.pgoff + a.length >> UInt64(PageSize.shift) == b.pgoff,
                 let keep = mergedAnonVMA(a, b)
             {
                 vmas[i].end = b.end
+                vmas[i].flags.formUnion(b.flags.intersection(.softDirty))
                 vmas[i].anonVMA = keep.anonVMA
                 vmas[i].hadUncowedParents = keep.hadUncowedParents
                 vmas.remove(at: i + 1)

@@ -79,7 +79,7 @@ extension AddressSpace {
             start = a
         }
         var vma = VMA(
-            start: start, end: start + len, protection: protection, flags: [], file: file,
+            start: start, end: start + len, protection: protection, flags: .softDirty, file: file,
             pgoff: UInt64(offset) >> UInt64(PageSize.shift), anonVMA: nil, reservation: nil)
         if flags.contains(.shared) { vma.flags.insert(.shared) }
         if hugetlb {

@@ -75,6 +75,9 @@ struct VMAFlags: OptionSet, Hashable, Sendable {
     static let dontCopy = VMAFlags(rawValue: 1 << 5)
     /// `VM_WIPEONFORK`: inherited by fork empty.
     static let wipeOnFork = VMAFlags(rawValue: 1 << 6)
+    /// `VM_SOFTDIRTY`: every page counts as soft-dirty (new VMAs, until `clear_refs` 4); not compared
+    /// when merging.
+    static let softDirty = VMAFlags(rawValue: 1 << 7)
 }
 
 /// A virtual memory area (`struct vm_area_struct`). Stored by value in the address space's sorted VMA
