@@ -146,6 +146,8 @@ struct ForkTests {
             again.exit()
             let shared = try s.map(length: Int(page), protection: [.read, .write], flags: [.shared, .anonymous])
             expectError(.invalidArgument) { try s.advise(shared, length: Int(page), .wipeOnFork) }
+            let huge = try s.map(length: PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+            expectError(.invalidArgument) { try s.advise(huge, length: PageSize.pmd, .wipeOnFork) }
             try m.checkInvariants()
             s.exit()
             #expect(m.freeFrames == free)

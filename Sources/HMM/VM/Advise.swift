@@ -63,8 +63,9 @@ extension AddressSpace {
             break  // handled above
         case .hugePage, .noHugePage, .dontFork, .doFork, .wipeOnFork, .keepOnFork:
             if advice == .wipeOnFork {
-                for v in pieces where !v.isAnonymous || v.isShared {
-                    throw .invalid("MADV_WIPEONFORK applies to private anonymous memory only")
+                // `vma->vm_file || VM_SHARED`: hugetlb memory has a hugetlbfs file behind it.
+                for v in pieces where !v.isAnonymous || v.isShared || v.isHugetlb {
+                    throw .invalid("MADV_WIPEONFORK applies to private anonymous (not hugetlb) memory only")
                 }
             }
             let (set, clear): (VMAFlags, VMAFlags) = switch advice {
