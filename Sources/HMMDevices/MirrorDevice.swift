@@ -34,8 +34,9 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     private let allocator = Locked(Allocator())
     private let openFiles = Locked<[Weak<MirrorFile>]>([])
     private let removed = Atomic<Bool>(false)
-    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`, one-shot: the next large allocation (device or system) fails.
-    let failNextLargeAllocation = Atomic<Bool>(false)
+    /// The identity the next open file gets; a device page's driver word holds the identity of the file
+    /// that migrated it there (`rpage->zone_device_data = dmirror`).
+    private let nextFileID = Atomic<UInt64>(1)
 
     /// Creates the device with its first chunk of `chunkSize` bytes (default 256 MiB, the kernel's
     /// `DEVMEM_CHUNK_SIZE`).
@@ -72,7 +73,8 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     /// - Throws: `.noDevice` after ``remove()``, `.noProcess` if the space has exited.
     public func open(_ space: any MirroredAddressSpace) throws(HMMError) -> MirrorFile {
         guard !isRemoved else { throw HMMError(.noDevice, "\(self) was removed") }
-        let file = try MirrorFile(device: self, space: space)
+        let file = try MirrorFile(device: self, space: space,
+                                  id: nextFileID.wrappingAdd(1, ordering: .relaxed).oldValue)
         openFiles.withLock { list in
             list.removeAll { $0.object == nil }
             list.append(Weak(file))
@@ -81,6 +83,13 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     }
 
     var files: [MirrorFile] { openFiles.withLock { $0.compactMap { $0.object } } }
+
+    /// The open file whose migration put `page` on the device (`BACKING_PAGE(page)->zone_device_data`),
+    /// if it is still open.
+    func file(owning page: PFN) -> MirrorFile? {
+        guard let id = machine.pagemap(of: page)?.driverData(page), id != 0 else { return nil }
+        return openFiles.withLock { list in list.first { $0.object?.id == id }?.object }
+    }
 
     // MARK: device memory allocator
 
@@ -103,28 +112,29 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         }
     }
 
-    /// A locked 2 MiB device folio with one reference, or nil (no memory, or fail-allocation was set).
-    func allocateFolio() -> PFN? {
-        if failNextLargeAllocation.exchange(false, ordering: .acquiringAndReleasing) { return nil }
-        return allocator.withLock { a -> PFN? in
+    /// A locked 2 MiB device folio with one reference, its pages marked as `owner`'s, or nil.
+    func allocateFolio(for owner: UInt64) -> PFN? {
+        allocator.withLock { a -> PFN? in
             if a.freeFolios.isEmpty { try? addChunk(&a, large: true) }
             guard let p = a.freeFolios.popLast(), let pm = a.chunks.last(where: { $0.contains(p) }),
                 (try? pm.initFolio(p, order: PageSize.pmdOrder)) != nil
             else { return nil }
+            for i in 0..<PageSize.pagesPerPMD { pm.setDriverData(p + i, owner) }
             a.allocated += PageSize.pagesPerPMD
             return p
         }
     }
 
-    /// `dmirror_devmem_alloc_page`: a locked device page with one reference, or nil.
-    func allocatePage() -> PFN? {
-        (try? allocatePages(1))?.first
+    /// `dmirror_devmem_alloc_page`: a locked device page with one reference, marked as `owner`'s, or nil.
+    func allocatePage(for owner: UInt64) -> PFN? {
+        (try? allocatePages(1, for: owner))?.first
     }
 
-    /// Up to `n` locked device pages with one reference each, under one lock (fewer if memory runs out).
+    /// Up to `n` locked device pages with one reference each, under one lock (fewer if memory runs out),
+    /// each page's driver word set to `owner` (the file that migrates into them).
     /// - Throws: `.outOfMemory` when not one page could be had and no chunk could be added (the PFN space
     ///   or the host is exhausted): running out is an error, never an empty migration.
-    func allocatePages(_ n: Int) throws(HMMError) -> [PFN] {
+    func allocatePages(_ n: Int, for owner: UInt64) throws(HMMError) -> [PFN] {
         try allocator.withLock { (a: inout Allocator) throws(HMMError) -> [PFN] in
             var out: [PFN] = []
             out.reserveCapacity(n)
@@ -135,6 +145,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
                 }
                 guard let p = a.free.popLast() else { break }
                 guard let pm = a.chunks.last(where: { $0.contains(p) }), (try? pm.initFolio(p, order: 0)) != nil else { continue }
+                pm.setDriverData(p, owner)
                 a.allocated += 1
                 out.append(p)
             }
@@ -178,7 +189,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
                                select: select, owner: self, faultPage: fault.page)
         do { try m.setup() } catch { throw HMMError(.bus, "migrate_to_ram setup failed: \(error.message)") }
         do throws(HMMError) {
-            try copyToSystem(m)
+            try copyToSystem(m, for: file(owning: fault.page))
             try m.pages()
         } catch {
             m.finalize()
@@ -189,19 +200,22 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     /// Device→RAM allocate-and-copy (`dmirror_devmem_fault_alloc_and_copy`), shared by the fault handler
     /// and `migrateToSystem`: a locked system page per migrating source, the data copied, and the
-    /// device's own mappings of the addresses dropped.
-    func copyToSystem(_ m: MigrateVMA) throws(HMMError) {
+    /// device's own mappings of the addresses dropped. `file` is the mirror whose flags apply — the
+    /// ioctl's file, or for a CPU fault the file that migrated the page: a pending
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC` is consumed by the first migrating entry, whatever its order; a
+    /// compound entry then falls back to small pages, an order-0 one fails as `VM_FAULT_OOM`.
+    /// - Throws: `.outOfMemory` (no system page, or the simulated allocation failure).
+    func copyToSystem(_ m: MigrateVMA, for file: MirrorFile?) throws(HMMError) {
         var moved: [(UInt64, PFN)] = []
         moved.reserveCapacity(m.npages)
         for i in 0..<m.npages where m.src[i].isMigrating {
             guard let s = m.src[i].pfn else { continue }
             let write = m.src[i].isWritable ? MigratePFN.write : 0
+            let fail = file?.consumeFailAllocation() ?? false
             var pages = 1
             if m.src[i].isCompound {
                 pages = PageSize.pagesPerPMD
-                if !failNextLargeAllocation.exchange(false, ordering: .acquiringAndReleasing),
-                    let folio = machine.allocateMigrationFolio(zeroed: false)
-                {
+                if !fail, let folio = machine.allocateMigrationFolio(zeroed: false) {
                     m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
                     try machine.copyPages(from: s, to: folio, count: pages)
                 } else {
@@ -215,6 +229,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
                     }
                 }
             } else {
+                if fail { throw HMMError(.outOfMemory, "HMM_DMIRROR_FLAG_FAIL_ALLOC: no system page for \(s)") }
                 guard let page = machine.allocateMigrationPage(zeroed: false) else {
                     throw HMMError(.outOfMemory, "no system page to migrate \(s) back")
                 }
@@ -244,6 +259,13 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
         guard !isRemoved else { return }
         try evictAll()
         removed.store(true, ordering: .releasing)
+    }
+
+    /// What closing a file does (`dmirror_fops_release`): every chunk's pages are evicted to system
+    /// memory and the chunks kept. A chunk that cannot be emptied keeps what is left.
+    func evictPages() {
+        let chunks = allocator.withLock { $0.chunks }
+        for chunk in chunks { try? evict(chunk) }
     }
 
     private func evictAll() throws(HMMError) {

@@ -17,7 +17,10 @@ public struct MirrorResult: Hashable, Sendable {
 public struct MirrorFlags: OptionSet, Hashable, Sendable {
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }
-    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next large allocation pretends to fail (one-shot).
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`, one-shot per open file: the next migrating entry of either
+    /// direction finds no destination page. A 2 MiB entry falls back to 512 small pages (the core
+    /// splits the source); an order-0 entry to the device is skipped (MIGRATE_TO_DEV then reports
+    /// `.noEntry`), one back to system fails (`VM_FAULT_OOM`, `.outOfMemory`).
     public static let failAllocation = MirrorFlags(rawValue: 1 << 0)
 }
 
@@ -55,9 +58,12 @@ public final class MirrorFile: @unchecked Sendable {
     private struct State {
         /// Device page table: virtual page number → `pfn << 2 | tag`.
         let table = SparsePageIndex()
-        var flags: MirrorFlags = []
     }
     private let state = Locked(State())
+    /// `dmirror->flags`: read and consumed per migrating entry, so an atomic rather than the table lock.
+    private let flagWord = Atomic<UInt64>(0)
+    /// This open's identity, written into the driver word of the device pages it migrates.
+    let id: UInt64
     private let closed = Atomic<Bool>(false)
 
     static let tagRead: UInt64 = 0
@@ -71,8 +77,9 @@ public final class MirrorFile: @unchecked Sendable {
     /// The device's machine, stored so per-page paths load it once.
     let machine: Machine
 
-    init(device: MirrorDevice, space: any MirroredAddressSpace) throws(HMMError) {
+    init(device: MirrorDevice, space: any MirroredAddressSpace, id: UInt64) throws(HMMError) {
         self.device = device
+        self.id = id
         self.space = space
         machine = device.machine
         let forwarder = WeakForwarder()
@@ -84,11 +91,16 @@ public final class MirrorFile: @unchecked Sendable {
     // waiting — a file can be released inside an invalidation callback (the forwarder's temporary
     // reference was the last), where waiting for the invalidation to end would deadlock.
 
-    /// Closes the file: the notifier is removed and the device page table dropped. Idempotent.
+    /// Closes the file (`dmirror_fops_release`): the notifier is removed, the device page table dropped,
+    /// and — as the driver does since device THPs — every page of every chunk of the device is evicted
+    /// back to system memory (the chunks stay registered for later use). Pages that cannot move (system
+    /// memory exhausted, where the kernel's allocation cannot fail, or a pinned page) stay on the device.
+    /// Idempotent. Takes no lock of the caller's; must not be called with a space's locks held.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         notifier.remove()
         state.withLock { $0.table.removeAll() }
+        device.evictPages()
     }
 
     // MARK: notifier
@@ -118,6 +130,15 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     // MARK: entry checks
+
+    /// The check `dmirror_fops_unlocked_ioctl` makes for every command before it looks at the command:
+    /// `address` page-aligned and `address + pages` pages a non-empty range that does not wrap. RELEASE
+    /// and FLAGS carry an address too, and FLAGS passes its value as `pages` — so `FLAGS(0)` through the
+    /// ioctl is EINVAL (use ``setFlags(_:)`` with `[]` to clear the flags).
+    /// - Throws: `.invalidArgument`, `.badDescriptor` (closed), `.noDevice` (removed).
+    public func checkCommand(_ address: UInt64, pages: Int) throws(HMMError) {
+        _ = try check(address, pages)
+    }
 
     private func check(_ address: UInt64, _ pages: Int) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
@@ -284,16 +305,23 @@ public final class MirrorFile: @unchecked Sendable {
                 try m.setup()
                 do throws(HMMError) {
                     // Every error after setup finalizes: the sources go back where they were.
-                    var pool = try device.allocatePages(m.cpages)
+                    // Small pages for the small entries only: a compound entry takes a folio, or its own
+                    // 512 pages, so a device with exactly enough memory is not short by the pool.
+                    var small = 0
+                    for i in 0..<m.npages where m.src[i].isMigrating && !m.src[i].isCompound { small += 1 }
+                    var pool = small > 0 ? try device.allocatePages(small, for: id) : []
                     defer { device.giveBack(pool) }
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }
                         let write = m.src[i].isWritable ? MigratePFN.write : 0
+                        // `dmirror_migrate_alloc_and_copy`: FAIL_ALLOC goes to the first migrating entry.
+                        let fail = consumeFailAllocation()
                         if m.src[i].isCompound {
-                            try fillCompound(m, i, write)
+                            try fillCompound(m, i, write, largeFails: fail)
                             continue
                         }
-                        guard let d = pool.popLast() ?? device.allocatePage() else { continue }
+                        if fail { continue }
+                        guard let d = pool.popLast() ?? device.allocatePage(for: id) else { continue }
                         m.dst[i] = MigratePFN(d, flags: write)
                         if let s = m.src[i].pfn { try machine.copyPage(from: s, to: d) } else { try machine.zeroPage(d) }
                     }
@@ -321,11 +349,11 @@ public final class MirrorFile: @unchecked Sendable {
         return MirrorResult(cpages: n)
     }
 
-    /// A compound source: one 2 MiB device folio, or — when none can be had (or fail-allocation is set)
-    /// — 512 small device pages, which makes the core split the source.
-    private func fillCompound(_ m: MigrateVMA, _ i: Int, _ write: UInt64) throws(HMMError) {
+    /// A compound source: one 2 MiB device folio, or — when none can be had (or `largeFails`) — 512
+    /// small device pages, which makes the core split the source.
+    private func fillCompound(_ m: MigrateVMA, _ i: Int, _ write: UInt64, largeFails: Bool) throws(HMMError) {
         let s = m.src[i].pfn
-        if let folio = device.allocateFolio() {
+        if !largeFails, let folio = device.allocateFolio(for: id) {
             m.dst[i] = MigratePFN(folio, flags: write | MigratePFN.compound)
             if let s {
                 try machine.copyPages(from: s, to: folio, count: PageSize.pagesPerPMD)
@@ -334,7 +362,7 @@ public final class MirrorFile: @unchecked Sendable {
             }
             return
         }
-        let pages = (try? device.allocatePages(PageSize.pagesPerPMD)) ?? []
+        let pages = (try? device.allocatePages(PageSize.pagesPerPMD, for: id)) ?? []
         guard pages.count == PageSize.pagesPerPMD else {
             device.giveBack(pages)
             return
@@ -359,7 +387,7 @@ public final class MirrorFile: @unchecked Sendable {
                 let m = try MigrateVMA(space: space, start: a, end: next, select: select, owner: device)
                 try m.setup()
                 do throws(HMMError) {
-                    try device.copyToSystem(m)
+                    try device.copyToSystem(m, for: self)
                     try m.pages()
                 } catch {
                     m.finalize()
@@ -439,9 +467,8 @@ public final class MirrorFile: @unchecked Sendable {
             case .deviceCoherent: b = local ? MirrorProtection.deviceCoherentLocal : MirrorProtection.deviceCoherentRemote
             default: b = 0
             }
-        } else if pfn == machine.zeroPFN || pfn.rawValue >= machine.hugeZeroPFN.rawValue
-            && pfn.rawValue < machine.hugeZeroPFN.rawValue + UInt64(PageSize.pagesPerPMD)
-        {
+        } else if pfn == machine.zeroPFN {
+            // `is_zero_pfn`: only the 4 KiB zero page; the huge zero page reads as plain READ | PMD.
             b = MirrorProtection.zero
         }
         b |= w & HMMPFN.write != 0 ? MirrorProtection.write : MirrorProtection.read
@@ -496,16 +523,29 @@ public final class MirrorFile: @unchecked Sendable {
         try device.release()
     }
 
-    /// `HMM_DMIRROR_FLAGS`.
+    /// `HMM_DMIRROR_FLAGS`: replaces this file's flags (`dmirror->flags = npages`), so `[]` cancels a
+    /// pending ``MirrorFlags/failAllocation``.
     /// - Throws: `.badDescriptor`.
     public func setFlags(_ flags: MirrorFlags) throws(HMMError) {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
-        state.withLock { $0.flags = flags }
-        if flags.contains(.failAllocation) { device.failNextLargeAllocation.store(true, ordering: .releasing) }
+        flagWord.store(flags.rawValue, ordering: .releasing)
     }
 
-    /// The flags set by ``setFlags(_:)``.
-    public var flags: MirrorFlags { state.withLock { $0.flags } }
+    /// The flags set by ``setFlags(_:)``, less a fail-allocation already consumed.
+    public var flags: MirrorFlags { MirrorFlags(rawValue: flagWord.load(ordering: .acquiring)) }
+
+    /// Clears a pending ``MirrorFlags/failAllocation`` and says whether there was one: the migrating
+    /// entry that calls this gets no destination page.
+    func consumeFailAllocation() -> Bool {
+        var current = flagWord.load(ordering: .relaxed)
+        while current & MirrorFlags.failAllocation.rawValue != 0 {
+            let (done, seen) = flagWord.compareExchange(
+                expected: current, desired: current & ~MirrorFlags.failAllocation.rawValue, ordering: .acquiringAndReleasing)
+            if done { return true }
+            current = seen
+        }
+        return false
+    }
 
     /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
     /// - Throws: as ``AddressSpace/mapDriverPages(length:protection:shared:)``, `.badDescriptor`;

@@ -39,7 +39,21 @@ public struct Selftest: Sendable {
     public let fixture: SelftestFixture
     /// Why the case is not run yet, if it is not.
     public let pending: String?
+    /// Variants in which the case fails upstream too, with the reason (kselftest's `XFAIL`).
+    public let knownFailures: [SelftestVariant: String]
+    /// System RAM of the case's machine: 256 MiB, more for a case that needs it (T38 migrates 256 MiB).
+    public let systemMemory: Int
     let body: @Sendable (SelftestContext) throws -> Void
+
+    init(name: String, fixture: SelftestFixture, pending: String?, knownFailures: [SelftestVariant: String] = [:],
+         systemMemory: Int = 256 << 20, body: @escaping @Sendable (SelftestContext) throws -> Void) {
+        self.name = name
+        self.fixture = fixture
+        self.pending = pending
+        self.knownFailures = knownFailures
+        self.systemMemory = systemMemory
+        self.body = body
+    }
 }
 
 /// The outcome of one case in one variant.
@@ -47,6 +61,8 @@ public enum SelftestOutcome: Sendable, Equatable {
     case passed
     case skipped(String)
     case failed(String)
+    /// Failed as the case fails upstream too (kselftest `XFAIL`): the known reason, then what failed.
+    case expectedFailure(String)
 }
 
 /// What a case runs against: a fresh machine with the four mirror devices, the test "process" (an
@@ -67,9 +83,10 @@ public final class SelftestContext {
     /// `HMM_BUFFER_SIZE`: 4 MiB.
     public let bufferSize = 4 << 20
 
-    init(variant: SelftestVariant, fixture: SelftestFixture) throws {
-        machine = try Machine(.init(systemMemory: 256 << 20, hugetlbPages: 2))
-        devices = try MirrorDeviceSet(machine: machine, chunkSize: 64 << 20)
+    init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20) throws {
+        machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: 2))
+        // `DEVMEM_CHUNK_SIZE`: a coherent device has this one chunk and no other.
+        devices = try MirrorDeviceSet(machine: machine, chunkSize: 256 << 20)
         self.variant = variant
         space = try machine.makeAddressSpace()
         let first = variant == .devicePrivate ? 0 : 2
@@ -122,9 +139,11 @@ public final class SelftestContext {
                 try file.checkExclusive(b.ptr, pages: npages)
                 r = MirrorResult()
             case .release:
+                try file.checkCommand(b.ptr, pages: npages)
                 try file.release()
                 r = MirrorResult()
             case .flags:
+                try file.checkCommand(b.ptr, pages: npages)
                 try file.setFlags(MirrorFlags(rawValue: UInt64(npages)))
                 r = MirrorResult()
             }
@@ -199,11 +218,46 @@ public enum Selftests {
     /// Every case, in the kernel file's order.
     public static var all: [Selftest] { SelftestCatalogue.cases }
 
-    /// Runs `test` in `variant` on a fresh machine and checks the machine's invariants afterwards.
+    /// Runs `test` in `variant` on a fresh machine and checks the machine's invariants afterwards. A
+    /// failure the case lists as known for `variant` is an ``SelftestOutcome/expectedFailure(_:)``; a
+    /// pass where a failure was expected is a failure (the list is out of date).
     public static func run(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
+        let outcome = runBody(test, variant)
+        guard let known = test.knownFailures[variant] else { return outcome }
+        switch outcome {
+        case .failed(let message): return .expectedFailure("\(known) — \(message)")
+        case .passed: return .failed("expected to fail (\(known)) but passed")
+        default: return outcome
+        }
+    }
+
+    /// The kselftest harness's name of a case in a variant: `fixture.variant.case`
+    /// (`hmm.hmm_device_private.anon_read`).
+    public static func harnessName(_ test: Selftest, _ variant: SelftestVariant) -> String {
+        let caseName = test.name.dropFirst(test.fixture.rawValue.count + 1)
+        return "\(test.fixture.rawValue).\(variant.name(test.fixture)).\(caseName)"
+    }
+
+    /// The TAP 13 lines for one result, as the kselftest harness prints them: `ok N name`, a skip as
+    /// `ok N name # SKIP reason` and an expected failure as `ok N name # XFAIL reason` (the directive
+    /// after ` # ` is what TAP parsers count), a failure as a `# message` diagnostic then `not ok N name`.
+    /// Each line ends with a newline.
+    public static func tapLines(number: Int, _ test: Selftest, _ variant: SelftestVariant,
+                                _ outcome: SelftestOutcome) -> String {
+        let name = harnessName(test, variant)
+        func oneLine(_ s: String) -> String { String(s.map { $0 == "\n" || $0 == "#" ? " " : $0 }) }
+        switch outcome {
+        case .passed: return "ok \(number) \(name)\n"
+        case .skipped(let reason): return "ok \(number) \(name) # SKIP \(oneLine(reason))\n"
+        case .expectedFailure(let reason): return "ok \(number) \(name) # XFAIL \(oneLine(reason))\n"
+        case .failed(let message): return "# \(oneLine(message))\nnot ok \(number) \(name)\n"
+        }
+    }
+
+    private static func runBody(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
         if let pending = test.pending { return .skipped(pending) }
         do {
-            let ctx = try SelftestContext(variant: variant, fixture: test.fixture)
+            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory)
             try test.body(ctx)
             ctx.fd0.close()
             ctx.fd1?.close()
@@ -215,4 +269,12 @@ public enum Selftests {
             return .failed("\(error)")
         }
     }
+}
+
+/// A value handed to a ``HostThread`` that the compiler cannot prove `Sendable`: the selftest's
+/// context and buffers, which the thread uses only through thread-safe calls (address-space accesses)
+/// while the starting thread waits in `join`.
+struct Unchecked<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }

@@ -15,23 +15,18 @@ struct SelftestsCommand: ParsableCommand {
             .flatMap { t in SelftestVariant.allCases.map { (t, $0) } }
         print("TAP version 13")
         print("1..\(runs.count)")
-        var passed = 0, skipped = 0, failed = 0
+        var passed = 0, skipped = 0, failed = 0, expectedFailures = 0
         for (n, (test, variant)) in runs.enumerated() {
-            let label = "\(test.name) # \(variant.name(test.fixture))"
-            switch Selftests.run(test, variant) {
-            case .passed:
-                passed += 1
-                print("ok \(n + 1) \(label)")
-            case .skipped(let reason):
-                skipped += 1
-                print("ok \(n + 1) \(label) SKIP \(reason)")
-            case .failed(let message):
-                failed += 1
-                print("# \(message)")
-                print("not ok \(n + 1) \(label)")
+            let outcome = Selftests.run(test, variant)
+            switch outcome {
+            case .passed: passed += 1
+            case .skipped: skipped += 1
+            case .expectedFailure: expectedFailures += 1
+            case .failed: failed += 1
             }
+            print(Selftests.tapLines(number: n + 1, test, variant, outcome), terminator: "")
         }
-        print("# Totals: pass:\(passed) fail:\(failed) xfail:0 xpass:0 skip:\(skipped) error:0")
+        print("# Totals: pass:\(passed) fail:\(failed) xfail:\(expectedFailures) xpass:0 skip:\(skipped) error:0")
         if failed > 0 { throw ExitCode.failure }
     }
 }

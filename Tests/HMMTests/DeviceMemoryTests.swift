@@ -611,4 +611,30 @@ struct DeviceTHPTests {
             for fd in fds { fd.close() }
         }
     }
+
+    /// Issue 10 item 1 for a device-private PMD: a VMA split inside it splits it into device-private PTEs,
+    /// so fork shares the pages per VMA and nothing leaks.
+    @Test("a VMA split inside a device-private PMD splits it; fork and exit leak nothing")
+    func vmaSplitSplitsDevicePMD() throws {
+        try withDevices { m, devices, s in
+            let free = m.freeFrames
+            let dev = try devices.device(0)
+            let fd = try dev.open(s)
+            let (base, w) = try thp(s) { UInt8(($0 * 7) & 0xFF) }
+            #expect(try fd.migrateToDevice(w, pages: 512, into: nil).cpages == 512)
+            #expect(pmdEntry(s, w).isDevicePrivate)
+            try s.advise(w + 3 * page, length: Int(page), .noHugePage)
+            #expect(pmdEntry(s, w).isTable, "the device-private PMD was split at the VMA boundary")
+            let child = try s.fork()
+            try m.checkInvariants()
+            #expect(try child.read(count: 1, at: w + 300 * page) == [UInt8((300 * 7) & 0xFF)])
+            child.exit()
+            #expect(try s.read(count: 1, at: w + 5 * page) == [UInt8((5 * 7) & 0xFF)])
+            fd.close()
+            try s.unmap(base, length: 2 * PageSize.pmd)
+            #expect(dev.pagesInUse == 0)
+            s.exit()
+            #expect(m.freeFrames == free, "every frame came back")
+        }
+    }
 }

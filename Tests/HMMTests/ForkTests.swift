@@ -97,4 +97,60 @@ struct ForkTests {
             parent.exit()
         }
     }
+
+    @Test("MADV_DONTFORK leaves a range out of the child, MADV_DOFORK brings it back; VMAs split and merge")
+    func dontForkDoFork() throws {
+        try withMachine { m in
+            let s = try m.makeAddressSpace()
+            let p = try s.map(length: 4 * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
+            for i in 0..<4 { try s.store(UInt8(i + 1), at: p + UInt64(i) * page) }
+            try s.advise(p + page, length: 2 * Int(page), .dontFork)
+            #expect(s.mappings.count == 3)
+            let child = try s.fork()
+            #expect(child.mappings.map { [$0.start, $0.end] } == [[p, p + page], [p + 3 * page, p + 4 * page]])
+            expectError(.segmentationFault) { try child.load(UInt8.self, at: p + page) }
+            #expect(try child.load(UInt8.self, at: p + 3 * page) == 4)
+            child.exit()
+            try s.advise(p, length: 4 * Int(page), .doFork)
+            #expect(s.mappings.count == 1)
+            let second = try s.fork()
+            #expect(try second.load(UInt8.self, at: p + page) == 2)
+            second.exit()
+            s.exit()
+        }
+    }
+
+    @Test("MADV_WIPEONFORK: the child gets the range empty (zero), the parent keeps its data; KEEPONFORK undoes it")
+    func wipeOnFork() throws {
+        try withMachine { m in
+            let free = m.freeFrames
+            let s = try m.makeAddressSpace()
+            let p = try s.map(length: 2 * Int(page), protection: [.read, .write], flags: [.private, .anonymous])
+            try s.store(UInt8(7), at: p)
+            try s.store(UInt8(8), at: p + page)
+            try s.advise(p, length: Int(page), .wipeOnFork)
+            let child = try s.fork()
+            #expect(try child.load(UInt8.self, at: p) == 0)
+            #expect(try child.load(UInt8.self, at: p + page) == 8)
+            #expect(try s.load(UInt8.self, at: p) == 7)
+            try child.store(UInt8(9), at: p)
+            #expect(try s.load(UInt8.self, at: p) == 7)
+            // The flag is inherited: the child's own child gets the range empty too.
+            let grandchild = try child.fork()
+            #expect(try grandchild.load(UInt8.self, at: p) == 0)
+            grandchild.exit()
+            child.exit()
+            try s.advise(p, length: Int(page), .keepOnFork)
+            let again = try s.fork()
+            #expect(try again.load(UInt8.self, at: p) == 7)
+            again.exit()
+            let shared = try s.map(length: Int(page), protection: [.read, .write], flags: [.shared, .anonymous])
+            expectError(.invalidArgument) { try s.advise(shared, length: Int(page), .wipeOnFork) }
+            let huge = try s.map(length: PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+            expectError(.invalidArgument) { try s.advise(huge, length: PageSize.pmd, .wipeOnFork) }
+            try m.checkInvariants()
+            s.exit()
+            #expect(m.freeFrames == free)
+        }
+    }
 }

@@ -250,9 +250,12 @@ struct Fuzzer {
             note("protect(\(hex(a)), \(n), \(p.rawValue))")
             try? s.protect(a, length: n, p)
         case 4:
-            let advices: [Advice] = [.dontNeed, .free, .hugePage, .noHugePage, .collapse]
+            let advices: [Advice] = [
+                .dontNeed, .free, .hugePage, .noHugePage, .collapse, .dontFork, .doFork, .wipeOnFork, .keepOnFork,
+                .populateRead, .populateWrite,
+            ]
             let a = address(in: si), n = length(), adv = advices[below(advices.count)]
-            if hitsCanary(si, a, n) && (adv == .dontNeed || adv == .free) { return }
+            if hitsCanary(si, a, n) && [.dontNeed, .free, .dontFork, .wipeOnFork].contains(adv) { return }
             note("advise(\(hex(a)), \(n), \(adv))")
             try? s.advise(a, length: n, adv)
         case 5:

@@ -179,4 +179,65 @@ struct HugePageTests {
             #expect(m.freeHugetlbPages == 2)
         }
     }
+
+    /// Issue 10 item 1: every path that cuts a VMA inside a PMD-mapped THP (`__split_vma` →
+    /// `vma_adjust_trans_huge`) splits the PMD, so a later fork copies PTEs per VMA instead of the huge
+    /// PMD once per VMA (which left "entire mapcount 3, mapped by 2 PMDs" and leaked 512 frames).
+    @Test("a VMA split inside a huge PMD splits the PMD: advise, protect, map over; fork and exit leak nothing",
+          arguments: ["noHugePage", "hugePage", "protect", "mapFixed", "hugeZero"])
+    func vmaSplitSplitsPMD(_ how: String) throws {
+        try withMachine { m in
+            let free = m.freeFrames
+            let s = try m.makeAddressSpace()
+            let p = try hugeWindow(s, fill: how != "hugeZero")
+            if how == "hugeZero" { #expect(try s.load(UInt8.self, at: p) == 0) }
+            #expect(try s.pagemap(at: p).level == .pmd)
+            switch how {
+            case "noHugePage": try s.advise(p, length: Int(page), .noHugePage)
+            case "hugePage": try s.advise(p + pmdSize - page, length: Int(page), .noHugePage)
+            case "protect": try s.protect(p + 3 * page, length: Int(page), [.read, .write, .execute])
+            case "mapFixed":
+                try s.map(at: p + 5 * page, length: Int(page), protection: [.read, .write],
+                          flags: [.private, .anonymous, .fixed])
+            default: try s.advise(p + 7 * page, length: Int(page), .noHugePage)
+            }
+            #expect(try s.pagemap(at: p).level == .pte)
+            #expect(try s.pagemap(at: p + pmdSize - page).level == .pte)
+            let child = try s.fork()
+            try m.checkInvariants()
+            if how != "hugeZero" {
+                #expect(try child.load(UInt8.self, at: p + 100) == pattern(100))
+                #expect(try child.load(UInt8.self, at: p + pmdSize - 1) == pattern(PageSize.pmd - 1))
+            }
+            child.exit()
+            s.exit()
+            #expect(m.freeFrames == free, "every frame came back")
+        }
+    }
+
+    /// Issue 10 item 3 (`copy_hugetlb_page_range`): the parent keeps the pinned page, the child gets a
+    /// copy from the pool; with none free, fork fails with ENOMEM and the parent is unchanged.
+    @Test("fork copies a possibly pinned hugetlb page for the child; with the pool empty, fork fails cleanly")
+    func forkCopiesPinnedHugetlbPage() throws {
+        try withMachine(.init(systemMemory: 64 << 20, hugetlbPages: 2)) { m in
+            let s = try m.makeAddressSpace()
+            let h = try s.map(length: PageSize.pmd, protection: [.read, .write], flags: [.private, .anonymous, .hugetlb])
+            try s.store(UInt8(5), at: h + 77)
+            let pin = try s.getUserPages(h, count: 1, flags: [.write, .pin, .longTerm])
+            let child = try s.fork()
+            #expect(m.freeHugetlbPages == 0 && m.statistics[.forkPinnedCopy] == 1)
+            #expect(try child.pagemap(at: h).pfn != s.pagemap(at: h).pfn)
+            try s.store(UInt8(6), at: h + 77)
+            #expect(try pin.withBytes(ofPage: 0) { $0[77] } == 6, "the parent still maps the pinned page")
+            #expect(try child.load(UInt8.self, at: h + 77) == 5)
+            try m.checkInvariants()
+            expectError(.outOfMemory) { try s.fork() }
+            #expect(m.liveSpaces.count == 2)
+            #expect(try s.load(UInt8.self, at: h + 77) == 6)
+            child.exit()
+            pin.release()
+            s.exit()
+            #expect(m.freeHugetlbPages == 2)
+        }
+    }
 }

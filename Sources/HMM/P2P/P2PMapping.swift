@@ -43,8 +43,8 @@ extension AddressSpace {
         // Like every frame handed to a user mapping, the pages start zeroed: nothing an earlier user
         // (another process, a driver) left in the BAR can leak. One chunk, so the bytes are contiguous.
         machine.pointer(first).initializeMemory(as: UInt8.self, repeating: 0, count: pages << PageSize.shift)
-        var vma = VMA(start: start, end: start + len, protection: protection, flags: [.shared, .mixedMap], file: nil,
-                      pgoff: 0, anonVMA: nil, reservation: nil)
+        var vma = VMA(start: start, end: start + len, protection: protection, flags: [.shared, .mixedMap, .softDirty],
+                      file: nil, pgoff: 0, anonVMA: nil, reservation: nil)
         vma.deviceFile = provider.file
         rmapLock.withWriteLock { insertVMA(vma) }
         var inserted = 0

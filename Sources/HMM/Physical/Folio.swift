@@ -158,6 +158,7 @@ extension Machine {
 
     /// Records that `pfn` (one page) is now mapped by an anonymous mapping at linear index `index`.
     func setAnonRmap(_ pfn: PFN, anonVMA: AnonVMA, index: UInt64, exclusive: Bool) {
+        anonVMA.attach()
         let r = frames.record(pfn)
         r.pointee.mapping.store(anonVMA.handle, ordering: .relaxed)
         r.pointee.index.store(index, ordering: .relaxed)

@@ -34,6 +34,8 @@ public struct HMMError: Error, Hashable, Sendable, CustomStringConvertible {
         case badDescriptor
         /// `ENODEV`: the device was removed.
         case noDevice
+        /// `EEXIST`: the object already exists (a `MAP_FIXED_NOREPLACE` range that is already mapped).
+        case exists
         /// `SIGSEGV`: a CPU access the mapping does not allow, or an access to no mapping at all.
         case segmentationFault
         /// `SIGBUS`: a CPU access to memory that cannot be provided (past the end of a file,
@@ -67,6 +69,7 @@ public struct HMMError: Error, Hashable, Sendable, CustomStringConvertible {
         case .noProcess: return ESRCH
         case .badDescriptor: return EBADF
         case .noDevice: return ENODEV
+        case .exists: return EEXIST
         }
     }
 

@@ -129,29 +129,63 @@ public final class AddressSpace: @unchecked Sendable {
     }
 
     /// Splits the VMA containing `address` so that a VMA boundary falls there (`split_vma`).
-    /// Requires `mmapLock` and `rmapLock` held for writing.
+    /// A huge PMD the new boundary cuts is split into PTEs first (`vma_adjust_trans_huge`): a huge entry
+    /// never spans two VMAs, or fork, mprotect and zap — which all work per VMA — would each handle it
+    /// whole. Requires `mmapLock` and `rmapLock` held for writing.
     func splitVMA(at address: UInt64) {
         guard let i = vmaIndex(containing: address), vmas[i].start < address else { return }
         let v = vmas[i]
+        if address & PageSize.pmdMask != 0, !v.isHugetlb { splitHugePMD(at: address) }
         vmas[i] = v.slice(v.start, address)
         vmas.insert(v.slice(address, v.end), at: i + 1)
     }
 
-    /// Merges neighbours that differ in nothing but their extent (`vma_merge`).
+    /// `split_huge_pmd_address`: splits the huge PMD (THP, huge zero page, device-private or migration
+    /// entry) that maps `address`, if there is one. Requires `mmapLock` held for writing.
+    func splitHugePMD(at address: UInt64) {
+        guard root != 0, let pmdN = try? pmdNode(address, allocate: false), pmdN != 0 else { return }
+        let e = PageTableEntry(rawValue: pmdSlot(pmdN, address).pointee.load(ordering: .acquiring))
+        if e.isHuge && (e.isLeaf || e.isNonPresent) { splitHugePMD(pmdN, address) }
+    }
+
+    /// Merges neighbours around `[lo, hi)` that differ in nothing but their extent (`vma_merge`):
+    /// same protection, flags, file (or reservation, device file) with contiguous `pgoff`, and compatible
+    /// anon_vmas — the same one, or one side without any (no page ever attached, as before the kernel's
+    /// first anonymous fault), provided the side that has one did not inherit it through fork
+    /// (`is_mergeable_anon_vma`). The merged VMA keeps the anon_vma that has pages.
+    /// Requires `mmapLock` and `rmapLock` held for writing.
     func mergeVMAs(around lo: UInt64, _ hi: UInt64) {
         var i = max(0, firstVMA(endingAfter: lo) - 1)
         while i + 1 < vmas.count && vmas[i].start <= hi {
             let a = vmas[i]
             let b = vmas[i + 1]
-            if a.end == b.start, a.protection == b.protection, a.flags == b.flags, a.file === b.file,
-                a.anonVMA === b.anonVMA, a.reservation === b.reservation, a.deviceFile === b.deviceFile,
-                a.pgoff + a.length >> UInt64(PageSize.shift) == b.pgoff
+            if a.end == b.start, a.protection == b.protection,
+                a.flags.subtracting(.softDirty) == b.flags.subtracting(.softDirty), a.file === b.file,
+                a.reservation === b.reservation, a.deviceFile === b.deviceFile,
+                a.pgoff + a.length >> UInt64(PageSize.shift) == b.pgoff,
+                let keep = mergedAnonVMA(a, b)
             {
                 vmas[i].end = b.end
+                vmas[i].flags.formUnion(b.flags.intersection(.softDirty))
+                vmas[i].anonVMA = keep.anonVMA
+                vmas[i].hadUncowedParents = keep.hadUncowedParents
                 vmas.remove(at: i + 1)
             } else {
                 i += 1
             }
+        }
+    }
+
+    /// `is_mergeable_anon_vma`: which of `a` and `b` lends the merged VMA its anon_vma, or nil if they
+    /// cannot merge.
+    private func mergedAnonVMA(_ a: VMA, _ b: VMA) -> VMA? {
+        if a.anonVMA === b.anonVMA { return a.hadUncowedParents ? a : b }
+        guard let x = a.anonVMA, let y = b.anonVMA else { return nil }
+        switch (x.isAttached, y.isAttached) {
+        case (false, false): return a
+        case (true, false): return a.hadUncowedParents ? nil : a
+        case (false, true): return b.hadUncowedParents ? nil : b
+        case (true, true): return nil
         }
     }
 

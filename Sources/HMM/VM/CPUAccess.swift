@@ -4,7 +4,8 @@
 /// the bytes, and on anything the entry does not allow calls ``handleFault`` and retries.
 extension AddressSpace {
     /// Loads a value at `address` (any alignment, may cross pages).
-    /// - Throws: `.segmentationFault` (no mapping, no access), `.bus`, `.outOfMemory`, `.noProcess`.
+    /// - Throws: `.segmentationFault` (no mapping, no access), `.bus`, `.outOfMemory` (a fault failing
+    ///   with it twice in a row: the first is retried, as `pagefault_out_of_memory` retries), `.noProcess`.
     /// Takes `mmapLock` for reading.
     @inlinable
     public func load<T: BitwiseCopyable>(_ type: T.Type = T.self, at address: UInt64) throws(HMMError) -> T {
@@ -78,12 +79,21 @@ extension AddressSpace {
         defer { mmapLock.unlock() }
         try checkAlive()
         var done = 0
+        var retriedOOM = false
         while done < length {
             let a = address + UInt64(done)
             let base = done
             let n = try accessChunk(a, length - done, write) { p, chunkOffset, c in body(p, base + chunkOffset, c) }
             if n == 0 {
-                try handleFault(a, write ? .write : .read)
+                do {
+                    try handleFault(a, write ? .write : .read)
+                } catch where error.code == .outOfMemory && !retriedOOM {
+                    // `pagefault_out_of_memory`: a VM_FAULT_OOM reaching a user access retries the
+                    // fault (a driver's transient failure clears); a second one in a row is reported.
+                    retriedOOM = true
+                }
+            } else {
+                retriedOOM = false
             }
             done += n
         }

@@ -230,11 +230,8 @@ extension AddressSpace {
         let lock = pool.lock(pteN)
         let pfn = e.pfn
         if e.isSpecial {
-            // The zero page: a read-only pin may keep it; a write gets a fresh zeroed page.
-            if access == .unshare {
-                lock.unlock()
-                return true
-            }
+            // The zero page: a write gets a fresh zeroed page; so does an unshare, which only a
+            // long-term read-only pin asks for (`gup_must_unshare`), so later writes reach the pin.
             lock.unlock()
             return try replacePage(vma, pteN, slot, e, address, source: nil, access)
         }

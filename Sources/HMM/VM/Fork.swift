@@ -1,11 +1,15 @@
 /// `fork` (`kernel/fork.c` dup_mmap, `mm/memory.c` copy_page_range).
 extension AddressSpace {
-    /// Creates a child address space (`fork`). Shared mappings stay shared (the child faults their
+    /// Creates a child address space (`fork`). Ranges advised `.dontFork` are left out and ranges
+    /// advised `.wipeOnFork` come to the child empty. Shared mappings stay shared (the child faults their
     /// pages from the same file); private mappings become copy-on-write: both sides lose write access
     /// and anon-exclusivity, except that a page that may be DMA-pinned is copied for the child at once
-    /// so the pin stays coherent with the parent (`page_needs_cow_for_dma`).
+    /// so the pin stays coherent with the parent (`page_needs_cow_for_dma`) — a 4 KiB page, or a whole
+    /// hugetlb page taken from the pool (`copy_hugetlb_page_range`); a possibly pinned THP is split and
+    /// copied page by page.
     /// - Returns: the child.
-    /// - Throws: `.outOfMemory` (the child is torn down; the parent is unchanged apart from entries
+    /// - Throws: `.outOfMemory` — including no free hugetlb page to copy a pinned one into — (the child
+    ///   is torn down; the parent is unchanged apart from entries
     ///   already write-protected, which the next write fault restores), `.noProcess`.
     /// Takes this space's `mmapLock` for writing.
     public func fork() throws(HMMError) -> AddressSpace {
@@ -18,6 +22,15 @@ extension AddressSpace {
                 for vma in vmas where !vma.flags.contains(.dontCopy) {
                     var copy = vma
                     copy.reservation = nil
+                    if vma.flags.contains(.wipeOnFork) {
+                        // `dup_mmap`: the child gets the VMA with no pages and an anon_vma of its own.
+                        copy.anonVMA = AnonVMA(registry: machine.registry)
+                        copy.hadUncowedParents = false
+                        child.rmapLock.withWriteLock { child.insertVMA(copy) }
+                        continue
+                    }
+                    // `anon_vma_fork`: a child of a VMA with an anon_vma gets a chain of two.
+                    if vma.anonVMA?.isAttached == true { copy.hadUncowedParents = true }
                     child.rmapLock.withWriteLock { child.insertVMA(copy) }
                     if vma.anonVMA != nil || vma.flags.contains(.mixedMap) {
                         try invalidating(vma.start, vma.end, .protectionPage) { () throws(HMMError) in
@@ -63,6 +76,12 @@ extension AddressSpace {
             return false
         }
         let childPMD = try child.pmdNode(a, allocate: true)
+        if hugetlb && !e.isSpecial && frames.flags(e.pfn).contains(.anon) && machine.maybeDMAPinned(e.pfn) {
+            let copy = try copyPinnedHugetlbPage(vma, e.pfn, a)
+            child.pmdSlot(childPMD, a).pointee.store(copy.rawValue, ordering: .releasing)
+            machine.statistics.count(.forkPinnedCopy)
+            return true
+        }
         if !hugetlb {
             guard pool.deposit() else { throw HMMError(.outOfMemory, "no page table to deposit for the child") }
         }

@@ -51,6 +51,29 @@ public final class PinnedPages: @unchecked Sendable {
     }
 }
 
+extension AddressSpace {
+    /// `gup_must_unshare` for a read-only pin of the page `pfn` that entry `e` maps: an anonymous page
+    /// others may share would go stale (the next write fault copies it away from the pin); and, for a
+    /// long-term pin in a private mapping (`is_cow_mapping`, Linux >= 6.2), so would any page that is not
+    /// anonymous — the shared zero page, the huge zero page, a page-cache page — since the first write
+    /// replaces it with an anonymous copy. Such a page is first replaced by an exclusive anonymous copy
+    /// (an unshare fault). `vma` nil means GUP-fast, which cannot tell and must fall back. Driver
+    /// (`VM_MIXEDMAP`) and peer-to-peer pages are left as they are.
+    func mustUnshare(_ e: PageTableEntry, _ pfn: PFN, _ vma: VMA?, longTerm: Bool) -> Bool {
+        if e.isWritable { return false }
+        let head = frames.head(of: pfn)
+        let headFlags = frames.flags(head)
+        let f = frames.flags(pfn)
+        if f.contains(.anon) {
+            return !(f.contains(.anonExclusive) || (headFlags.contains(.hugetlb) && headFlags.contains(.anonExclusive)))
+        }
+        guard longTerm else { return false }
+        guard let vma else { return true }
+        guard vma.isCOW, !vma.flags.contains(.mixedMap) else { return false }
+        return headFlags.contains(.zero) || (!e.isSpecial && vma.file != nil && machine.deviceKind(pfn) == nil)
+    }
+}
+
 extension Machine {
     /// Takes a GUP reference on the page `pfn` (its folio). The zero pages are never counted.
     func takeGUPReference(_ pfn: PFN, pin: Bool) {
@@ -74,7 +97,10 @@ extension AddressSpace {
     /// Takes references on `count` pages starting at `address` (`get_user_pages`, `pin_user_pages`,
     /// their `_fast` variants). Pages are faulted in as needed: `.write` breaks copy-on-write; a pin of a
     /// shared anonymous page unshares it first, so the pinned page cannot later diverge from what the
-    /// process sees. All or nothing: on error every reference taken so far is dropped.
+    /// process sees, and so does a read-only long-term pin of the zero page, the huge zero page or a
+    /// page-cache page in a private mapping (`gup_must_unshare`, Linux >= 6.2): it pins an exclusive
+    /// anonymous copy, which later writes through the mapping reach. All or nothing: on error every
+    /// reference taken so far is dropped.
     ///
     /// Device-private pages are faulted back to RAM (the driver's `migrateToRAM`); a long-term pin of a
     /// device-coherent page first moves it to a system page (`migrate_device_coherent_folio`). Long-term
@@ -118,7 +144,7 @@ extension AddressSpace {
                     throw HMMError(.fault, "GUP: \(hex(a)) does not allow \(flags.contains(.write) ? "write" : "read")")
                 }
                 while true {
-                    if let pfn = try followPage(a, flags: flags) {
+                    if let pfn = try followPage(a, vma, flags: flags) {
                         if flags.contains(.longTerm), machine.deviceKind(pfn) == .deviceCoherent {
                             // Coherent memory must stay evictable: move it to RAM, then pin that page.
                             let head = frames.head(of: pfn)
@@ -149,7 +175,7 @@ extension AddressSpace {
     /// `follow_page_mask` + `try_grab_folio`: the page at `a` with a reference taken under the
     /// page-table lock, or nil if a fault is needed first.
     /// - Throws: `.remoteIO` for a P2PDMA page without `.pciP2PDMA`.
-    private func followPage(_ a: UInt64, flags: GUPFlags) throws(HMMError) -> PFN? {
+    private func followPage(_ a: UInt64, _ vma: VMA, flags: GUPFlags) throws(HMMError) -> PFN? {
         let write = flags.contains(.write)
         let pin = flags.contains(.pin)
         guard let pmdN = try? pmdNode(a, allocate: false), pmdN != 0 else { return nil }
@@ -177,14 +203,7 @@ extension AddressSpace {
         if !flags.contains(.pciP2PDMA), machine.deviceKind(pfn) == .pciP2PDMA {
             throw HMMError(.remoteIO, "GUP: \(hex(a)) is PCI peer-to-peer memory and FOLL_PCI_P2PDMA is not set")
         }
-        if pin && !e.isSpecial {
-            // `gup_must_unshare`: a pin of an anonymous page that others may share would go stale.
-            let head = frames.head(of: pfn)
-            let headFlags = frames.flags(head)
-            let exclusive = frames.flags(pfn).contains(.anonExclusive)
-                || (headFlags.contains(.hugetlb) && headFlags.contains(.anonExclusive))
-            if frames.flags(pfn).contains(.anon) && !exclusive { return nil }
-        }
+        if pin && !write && mustUnshare(e, pfn, vma, longTerm: flags.contains(.longTerm)) { return nil }
         machine.takeGUPReference(pfn, pin: pin)
         if write && !e.isDirty { slot.pointee.store(e.dirty(true).rawValue, ordering: .relaxed) }
         return pfn

@@ -56,14 +56,14 @@ extension AddressSpace {
         let head = frames.head(of: pfn)
         guard machine.tryGetFolio(head) else { return nil }
         // From here the folio cannot be freed under us; everything else is re-validated.
-        let f = frames.flags(pfn)
         let headFlags = frames.flags(head)
         let kind = machine.deviceKind(pfn)
         var ok = frames.head(of: pfn) == head && !headFlags.contains(.zero)
         ok = ok && (kind != .pciP2PDMA || flags.contains(.pciP2PDMA))
         ok = ok && (kind != .deviceCoherent || !flags.contains(.longTerm))
-        if ok && flags.contains(.pin) && f.contains(.anon) {
-            ok = f.contains(.anonExclusive) || (headFlags.contains(.hugetlb) && headFlags.contains(.anonExclusive))
+        if ok && flags.contains(.pin) && !flags.contains(.write) {
+            // `gup_must_unshare` without the VMA: a long-term pin of a non-anonymous page falls back.
+            ok = !mustUnshare(e, pfn, nil, longTerm: flags.contains(.longTerm))
         }
         ok = ok && pmdSlot.pointee.load(ordering: .acquiring) == pmd.rawValue
         ok = ok && leafSlot.pointee.load(ordering: .acquiring) == e.rawValue

@@ -72,14 +72,15 @@ extension AddressSpace {
         }
         if e.isSpecial {
             lock.unlock()
-            if access == .unshare { return true }
-            // Write to the huge zero page: try a fresh THP, else split into small zero pages.
+            // Write to (or, for a long-term read-only pin, unshare of) the huge zero page
+            // (`do_huge_zero_wp_pmd`): try a fresh THP, else split into small zero pages.
             if let folio = machine.allocateFolio(order: PageSize.pmdOrder, zeroed: true) {
                 lock.lock()
                 if slot.pointee.load(ordering: .relaxed) == e.rawValue {
                     mapNewTHP(vma, folio, address & ~PageSize.pmdMask)
+                    let write = access == .write
                     slot.pointee.store(
-                        PageTableEntry.present(folio, writable: true, dirty: true, huge: true).rawValue,
+                        PageTableEntry.present(folio, writable: write, dirty: write, huge: true).rawValue,
                         ordering: .releasing)
                     lock.unlock()
                     machine.statistics.count(.faultTHP)
@@ -197,38 +198,47 @@ extension AddressSpace {
         return true
     }
 
-    /// `MADV_COLLAPSE` of one PMD-aligned block: copies its small pages (none and zero entries read
-    /// as zero) into a new THP and maps it with one PMD. Requires `mmapLock` held for writing.
-    /// - Throws: `.tryAgain` if a page is pinned or not present (migration, device), `.outOfMemory`.
+    /// `MADV_COLLAPSE` of one PMD-aligned block (`hpage_collapse_scan_pmd` + `collapse_huge_page`):
+    /// copies its small pages (none and zero entries read as zero) into a new THP and maps it with one
+    /// PMD. A block a huge PMD already maps — a THP or the huge zero page — counts as done
+    /// (`SCAN_PMD_MAPPED`). Requires `mmapLock` held for writing.
+    /// - Throws: `.invalidArgument` — no page table (`SCAN_PMD_NULL`/`SCAN_PMD_NONE`, an empty range), a
+    ///   non-present entry (`SCAN_PTE_NON_PRESENT`: migration, device), no writable entry at all
+    ///   (`SCAN_PAGE_RO`, e.g. every page copy-on-write shared after fork); `.tryAgain` if a page may be
+    ///   pinned (`SCAN_PAGE_COUNT`); `.outOfMemory` (`SCAN_ALLOC_HUGE_PAGE_FAIL`).
     func collapse(_ vma: VMA, _ base: UInt64) throws(HMMError) {
-        let pmdN = try pmdNode(base, allocate: true)
+        let pmdN = try pmdNode(base, allocate: false)
+        guard pmdN != 0 else { throw .invalid("MADV_COLLAPSE: no page table at \(hex(base)) (SCAN_PMD_NULL)") }
         let slot = pmdSlot(pmdN, base)
         let pmd = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
-        if pmd.isLeaf && !pmd.isSpecial { return }
-        var sources = [PFN?](repeating: nil, count: PageSize.pagesPerPMD)
-        var pteNode: UInt32 = 0
-        var anyPresent = false
-        if pmd.isTable {
-            pteNode = pmd.node
-            let ptes = pool.entries(pteNode)
-            for i in 0..<PageSize.pagesPerPMD {
-                let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
-                if e.isNone { continue }
-                guard e.isPresent else {
-                    throw HMMError(.tryAgain, "page at \(hex(base + UInt64(i << PageSize.shift))) is not present")
-                }
-                anyPresent = true
-                if e.isSpecial { continue }
-                let head = frames.head(of: e.pfn)
-                guard frames.flags(e.pfn).contains(.anon), !machine.maybeDMAPinned(head) else {
-                    throw HMMError(.tryAgain, "page at \(hex(base + UInt64(i << PageSize.shift))) is pinned")
-                }
-                sources[i] = e.pfn
-            }
-        } else if !pmd.isNone && !pmd.isSpecial {
-            throw HMMError(.tryAgain, "PMD at \(hex(base)) is \(pmd)")
+        if pmd.isLeaf { return }
+        guard pmd.isTable else {
+            throw .invalid("MADV_COLLAPSE: the PMD at \(hex(base)) is \(pmd.isNone ? "empty" : "not present")")
         }
-        guard anyPresent || pmd.isSpecial else { return }
+        var sources = [PFN?](repeating: nil, count: PageSize.pagesPerPMD)
+        let pteNode = pmd.node
+        var writable = false
+        let ptes = pool.entries(pteNode)
+        for i in 0..<PageSize.pagesPerPMD {
+            let e = PageTableEntry(rawValue: ptes[i].load(ordering: .relaxed))
+            if e.isNone { continue }
+            guard e.isPresent else {
+                throw .invalid("MADV_COLLAPSE: page at \(hex(base + UInt64(i << PageSize.shift))) is not present")
+            }
+            if e.isSpecial { continue }
+            let head = frames.head(of: e.pfn)
+            guard frames.flags(e.pfn).contains(.anon) else {
+                throw .invalid("MADV_COLLAPSE: page at \(hex(base + UInt64(i << PageSize.shift))) is not anonymous")
+            }
+            guard !machine.maybeDMAPinned(head) else {
+                throw HMMError(.tryAgain, "page at \(hex(base + UInt64(i << PageSize.shift))) is pinned")
+            }
+            if e.isWritable { writable = true }
+            sources[i] = e.pfn
+        }
+        guard writable else {
+            throw .invalid("MADV_COLLAPSE: no writable entry in \(hex(base))+2M (SCAN_PAGE_RO)")
+        }
         guard pool.deposit() else { throw HMMError(.outOfMemory, "no page table left to deposit") }
         guard let folio = machine.allocateFolio(order: PageSize.pmdOrder, zeroed: false) else {
             pool.releaseDeposit()
@@ -244,22 +254,18 @@ extension AddressSpace {
         }
         let lock = pool.lock(pmdN)
         lock.lock()
-        if pmd.isSpecial { pool.releaseDeposit() }
-        if pteNode != 0 {
-            let ptes = pool.entries(pteNode)
-            for i in 0..<PageSize.pagesPerPMD {
-                let e = PageTableEntry(rawValue: ptes[i].exchange(0, ordering: .relaxed))
-                guard e.isPresent, !e.isSpecial else { continue }
-                let head = frames.head(of: e.pfn)
-                machine.addPageMapcount(e.pfn, -1)
-                machine.putFolio(head)
-            }
+        for i in 0..<PageSize.pagesPerPMD {
+            let e = PageTableEntry(rawValue: ptes[i].exchange(0, ordering: .relaxed))
+            guard e.isPresent, !e.isSpecial else { continue }
+            let head = frames.head(of: e.pfn)
+            machine.addPageMapcount(e.pfn, -1)
+            machine.putFolio(head)
         }
         mapNewTHP(vma, folio, base)
         slot.pointee.store(
             PageTableEntry.present(folio, writable: vma.writable, dirty: true, huge: true).rawValue, ordering: .releasing)
         lock.unlock()
-        if pteNode != 0 { pool.retire([pteNode]) }
+        pool.retire([pteNode])
         machine.statistics.count(.thpCollapse)
     }
 }

@@ -81,6 +81,23 @@ extension AddressSpace {
         }
     }
 
+    /// `copy_hugetlb_page_range` for an anonymous huge page that may be DMA-pinned, which
+    /// `hugetlb_try_dup_anon_rmap` refuses to share: the child gets its own copy from the pool (never from
+    /// a reservation, which is the parent's), mapped exclusively, while the parent keeps the pinned page
+    /// as it was, so writes through the parent's mapping stay visible through the pin. `vma` is the
+    /// parent's VMA (the child's has the same anon_vma). Returns the child's entry; requires the parent's
+    /// `mmapLock` held for writing.
+    /// - Throws: `.outOfMemory` if the pool has no free page (`alloc_hugetlb_folio` failing fails fork).
+    func copyPinnedHugetlbPage(_ vma: VMA, _ source: PFN, _ base: UInt64) throws(HMMError) -> PageTableEntry {
+        guard let copy = machine.hugetlb.take(reserved: false) else {
+            throw HMMError(.outOfMemory, "fork: no free hugetlb page to copy the pinned page at \(hex(base))")
+        }
+        prepareHugetlb(copy)
+        machine.pointer(copy).copyMemory(from: machine.pointer(source), byteCount: PageSize.pmd)
+        mapHugetlb(vma, copy, base)
+        return .present(copy, writable: vma.writable, dirty: true, huge: true)
+    }
+
     private func prepareHugetlb(_ page: PFN) {
         machine.prepareFolio(page, order: PageSize.pmdOrder, flags: .hugetlb, refcount: 1)
     }

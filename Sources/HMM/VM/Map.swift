@@ -3,7 +3,7 @@ extension AddressSpace {
     /// Creates a mapping (`mmap`).
     ///
     /// - Parameters:
-    ///   - address: with `.fixed`, the exact (page-aligned) address; otherwise ignored.
+    ///   - address: with `.fixed` or `.fixedNoReplace`, the exact (page-aligned) address; otherwise ignored.
     ///   - length: bytes; rounded up to 4 KiB (2 MiB for `.hugetlb`).
     ///   - protection: `PROT_*`.
     ///   - flags: exactly one of `.shared` / `.private`; `.anonymous` unless `file` is given.
@@ -12,7 +12,7 @@ extension AddressSpace {
     /// - Throws: `.invalidArgument` (zero length, unaligned address or offset, contradictory flags,
     ///   anonymous with a file, a `.fixed` range that cuts a hugetlb page of an existing mapping),
     ///   `.outOfMemory` (no room, a length that overflows, an empty hugetlb pool), `.unsupported` (shared
-    ///   hugetlb), `.noProcess` after `exit`.
+    ///   hugetlb), `.exists` (`.fixedNoReplace` over an existing mapping), `.noProcess` after `exit`.
     ///   On error nothing changes.
     ///
     /// `.populate` (`MAP_POPULATE`) faults the pages in before returning, as `mm_populate` does, and like
@@ -44,7 +44,8 @@ extension AddressSpace {
         }
         let len = (UInt64(length) + granule - 1) & ~(granule - 1)
         guard UInt64(offset) & PageSize.baseMask == 0 else { throw .invalid("mmap offset \(offset) is not page-aligned") }
-        if flags.contains(.fixed) {
+        let fixed = flags.contains(.fixed) || flags.contains(.fixedNoReplace)
+        if fixed {
             guard address & (granule - 1) == 0 else { throw .invalid("MAP_FIXED address \(hex(address)) is unaligned") }
             guard address >= Self.mmapMin, address <= PageTableIndex.userTop - len else {
                 throw HMMError(.outOfMemory, "MAP_FIXED range \(hex(address))+\(len) is outside user space")
@@ -53,13 +54,19 @@ extension AddressSpace {
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
         try checkAlive()
-        if flags.contains(.fixed) { try checkHugetlbBoundaries(address, address + len) }
+        if flags.contains(.fixed) && !flags.contains(.fixedNoReplace) { try checkHugetlbBoundaries(address, address + len) }
+        if flags.contains(.fixedNoReplace) {
+            let i = firstVMA(endingAfter: address)
+            if i < vmas.count && vmas[i].start < address + len {
+                throw HMMError(.exists, "MAP_FIXED_NOREPLACE: \(hex(address))+\(len) overlaps \(hex(vmas[i].start))")
+            }
+        }
         let hugePages = Int(len >> UInt64(PageSize.pmdShift))
         if hugetlb && !machine.hugetlb.reserve(hugePages) {
             throw HMMError(.outOfMemory, "hugetlb pool has fewer than \(hugePages) free pages")
         }
         let start: UInt64
-        if flags.contains(.fixed) {
+        if fixed {
             start = address
             rmapLock.withWriteLock { unmapLocked(start, start + len) }
         } else {
@@ -72,7 +79,7 @@ extension AddressSpace {
             start = a
         }
         var vma = VMA(
-            start: start, end: start + len, protection: protection, flags: [], file: file,
+            start: start, end: start + len, protection: protection, flags: .softDirty, file: file,
             pgoff: UInt64(offset) >> UInt64(PageSize.shift), anonVMA: nil, reservation: nil)
         if flags.contains(.shared) { vma.flags.insert(.shared) }
         if hugetlb {
@@ -90,8 +97,11 @@ extension AddressSpace {
             vma.anonVMA = AnonVMA(registry: machine.registry)
             if file == nil { vma.pgoff = start >> UInt64(PageSize.shift) }
         }
-        rmapLock.withWriteLock { insertVMA(vma) }
-        if flags.contains(.populate) { populate(start, start + len, vma) }
+        rmapLock.withWriteLock {
+            insertVMA(vma)
+            mergeVMAs(around: start, start + len)  // `vma_merge_new_range`
+        }
+        if flags.contains(.populate), let vi = vmaIndex(containing: start) { populate(start, start + len, vmas[vi]) }
         return start
     }
 

@@ -60,6 +60,17 @@ final class AnonVMA: @unchecked Sendable {
     private(set) var handle: UInt64 = 0
     private let registry: MappingRegistry
     private let members = SpaceSet()
+    /// Whether a page was ever attached (the kernel allocates the `anon_vma` on a VMA's first
+    /// anonymous page, `anon_vma_prepare`; until then the VMA has none, and merges more freely).
+    private let attachedFlag = Atomic<Bool>(false)
+
+    /// True once a page has been attached (``Machine/setAnonRmap(_:anonVMA:index:exclusive:)``).
+    var isAttached: Bool { attachedFlag.load(ordering: .relaxed) }
+
+    /// Records that a page was attached; cheap when already set.
+    @inline(__always) func attach() {
+        if !attachedFlag.load(ordering: .relaxed) { attachedFlag.store(true, ordering: .relaxed) }
+    }
 
     init(registry: MappingRegistry) {
         self.registry = registry

@@ -139,6 +139,37 @@ public final class MemoryFile: @unchecked Sendable {
         return pfn
     }
 
+    /// Sets the size under the cache lock (`i_size_write`); returns the old size.
+    func setSize(_ size: Int) -> Int {
+        cache.withLock { c in
+            let old = c.size
+            c.size = size
+            return old
+        }
+    }
+
+    /// `truncate_inode_pages_range` from byte `size` on: drops every cached page wholly past it and
+    /// zeroes the tail of the page it ends in, so a later extension reads zeros there. A dropped page
+    /// still referenced elsewhere (a pin) is freed when that reference goes.
+    func truncatePages(from size: Int) {
+        let first = UInt64((size + PageSize.base - 1) >> PageSize.shift)
+        cache.withLock { c in
+            var dropped: [UInt64] = []
+            c.pages.forEach { index, _ in if index >= first { dropped.append(index) } }
+            for index in dropped {
+                guard let p = c.pages[index] else { continue }
+                c.pages[index] = nil
+                machine.frames.clearFlags(PFN(p), .pageCache)
+                machine.putFolio(PFN(p))
+            }
+            let inPage = size & (PageSize.base - 1)
+            if inPage != 0, let p = c.pages[UInt64(size >> PageSize.shift)] {
+                (machine.pointer(PFN(p)) + inPage).initializeMemory(as: UInt8.self, repeating: 0,
+                                                                    count: PageSize.base - inPage)
+            }
+        }
+    }
+
     func addMapper(_ space: AddressSpace) { mappers.insert(space) }
 
     var mappingSpaces: [AddressSpace] { mappers.spaces }

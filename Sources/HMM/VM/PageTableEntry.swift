@@ -61,7 +61,7 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
         if writable { v |= 1 << 1 }
         if user { v |= 1 << 2 }
         if young { v |= 1 << 5 }
-        if dirty { v |= 1 << 6 }
+        if dirty { v |= 1 << 6 | 1 << 10 }  // `pte_mkdirty` also marks the entry soft-dirty
         if huge { v |= 1 << 7 }
         if special { v |= 1 << 9 }
         return PageTableEntry(rawValue: v)
@@ -128,7 +128,10 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     func writable(_ on: Bool) -> PageTableEntry { with(Self.writeBit, on) }
     func user(_ on: Bool) -> PageTableEntry { with(Self.userBit, on) }
     func young(_ on: Bool) -> PageTableEntry { with(Self.youngBit, on) }
-    func dirty(_ on: Bool) -> PageTableEntry { with(Self.dirtyBit, on) }
+    /// Sets or clears the dirty bit; setting it also sets soft-dirty (`pte_mkdirty`), clearing it
+    /// leaves soft-dirty alone (`pte_mkclean`).
+    func dirty(_ on: Bool) -> PageTableEntry { on ? with(Self.dirtyBit | Self.softDirtyBit, true) : with(Self.dirtyBit, false) }
+    func softDirty(_ on: Bool) -> PageTableEntry { with(Self.softDirtyBit, on) }
     func huge(_ on: Bool) -> PageTableEntry { with(Self.hugeBit, on) }
     func withPFN(_ pfn: PFN) -> PageTableEntry {
         PageTableEntry(rawValue: (rawValue & ~Self.pfnMask) | (pfn.rawValue << Self.pfnShift))

@@ -41,10 +41,13 @@ extension AddressSpace {
         try mmapLock.withReadLock { () throws(HMMError) -> PagemapEntry in
             try checkAlive()
             let a = address & ~PageSize.baseMask
+            // `VM_SOFTDIRTY`: every page of the VMA reads soft-dirty, holes included (`pagemap_pte_hole`).
+            let vmaSoftDirty: UInt64 = vmaIndex(containing: a).map { vmas[$0].flags.contains(.softDirty) ? 1 << 55 : 0 } ?? 0
             guard a < PageTableIndex.userTop, let (e, level, sub) = leafEntry(a) else {
-                return PagemapEntry(rawValue: 0, level: nil, kind: .none)
+                return PagemapEntry(rawValue: vmaSoftDirty, level: nil, kind: .none)
             }
-            return entry(e, sub: sub, level: level)
+            let found = entry(e, sub: sub, level: level)
+            return PagemapEntry(rawValue: found.rawValue | vmaSoftDirty, level: found.level, kind: found.kind)
         }
     }
 

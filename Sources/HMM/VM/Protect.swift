@@ -72,7 +72,9 @@ extension AddressSpace {
         switch e.kind {
         case .present:
             var writable = false
-            if vma.writable && user && !e.isSpecial {
+            // `can_change_pte_writable`: not while soft-dirty tracking must see the next write.
+            let tracking = !vma.flags.contains(.softDirty) && !e.isSoftDirty
+            if vma.writable && user && !e.isSpecial && !tracking {
                 let f = frames.flags(e.pfn)
                 let head = frames.head(of: e.pfn)
                 // `can_change_pte_writable`: only where no write fault would do more than set the bit.

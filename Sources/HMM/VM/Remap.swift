@@ -68,7 +68,10 @@ extension AddressSpace {
         if !flags.contains(.fixed) && !flags.contains(.dontUnmap) && oldHi == vma.end {
             let next = vi + 1 < vmas.count ? vmas[vi + 1].start : Self.mmapTop
             if oldLo + newLen <= next && oldLo + newLen <= PageTableIndex.userTop {
-                rmapLock.withWriteLock { vmas[vi].end = oldLo + newLen }
+                rmapLock.withWriteLock {
+                    vmas[vi].end = oldLo + newLen
+                    mergeVMAs(around: oldLo, oldLo + newLen)  // `vma_merge_extend`
+                }
                 return oldLo
             }
         }
@@ -101,6 +104,11 @@ extension AddressSpace {
             var newVMA = src
             newVMA.start = dest
             newVMA.end = dest + newLen
+            if src.isAnonymous, let anon = src.anonVMA, !anon.isAttached {
+                // `copy_vma`: a never-faulted anonymous VMA takes the new address as its pgoff, so it can
+                // merge where it lands; one with pages keeps its pgoff (its pages' indices).
+                newVMA.pgoff = dest >> UInt64(PageSize.shift)
+            }
             if flags.contains(.dontUnmap) {
                 mergeVMAs(around: oldLo, oldLo + moved)
             } else {
@@ -109,6 +117,7 @@ extension AddressSpace {
             }
             freeEmptyTables(dest, dest + newLen)
             insertVMA(newVMA)
+            mergeVMAs(around: dest, dest + newLen)
         }
         return dest
     }

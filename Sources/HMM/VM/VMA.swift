@@ -28,6 +28,9 @@ public struct MapFlags: OptionSet, Hashable, Sendable {
     public static let hugetlb = MapFlags(rawValue: 1 << 4)
     /// `MAP_POPULATE`: fault every page in at map time.
     public static let populate = MapFlags(rawValue: 1 << 5)
+    /// `MAP_FIXED_NOREPLACE`: place the mapping exactly at the given address, failing with `.exists`
+    /// (`EEXIST`) instead of replacing what is there.
+    public static let fixedNoReplace = MapFlags(rawValue: 1 << 6)
 }
 
 /// `madvise` advice.
@@ -42,6 +45,21 @@ public enum Advice: Sendable {
     case noHugePage
     /// `MADV_COLLAPSE`: replace small pages by PMD-mapped huge pages now.
     case collapse
+    /// `MADV_DONTFORK`: a child created by ``AddressSpace/fork()`` does not get the range (`VM_DONTCOPY`).
+    case dontFork
+    /// `MADV_DOFORK`: undoes `.dontFork`.
+    case doFork
+    /// `MADV_WIPEONFORK`: a child gets the range empty — it reads zero — instead of a copy-on-write
+    /// copy (private anonymous memory only).
+    case wipeOnFork
+    /// `MADV_KEEPONFORK`: undoes `.wipeOnFork`.
+    case keepOnFork
+    /// `MADV_POPULATE_READ`: fault every page in readable now, as reading it would (the zero page for
+    /// untouched anonymous memory), without touching the data.
+    case populateRead
+    /// `MADV_POPULATE_WRITE`: fault every page in writable now, as writing it would (copy-on-write
+    /// broken), without changing the data.
+    case populateWrite
 }
 
 /// Flags of a VMA beyond its protection (`vm_flags`).
@@ -55,6 +73,11 @@ struct VMAFlags: OptionSet, Hashable, Sendable {
     static let mixedMap = VMAFlags(rawValue: 1 << 4)
     /// `VM_DONTCOPY`: not inherited by fork.
     static let dontCopy = VMAFlags(rawValue: 1 << 5)
+    /// `VM_WIPEONFORK`: inherited by fork empty.
+    static let wipeOnFork = VMAFlags(rawValue: 1 << 6)
+    /// `VM_SOFTDIRTY`: every page counts as soft-dirty (new VMAs, until `clear_refs` 4); not compared
+    /// when merging.
+    static let softDirty = VMAFlags(rawValue: 1 << 7)
 }
 
 /// A virtual memory area (`struct vm_area_struct`). Stored by value in the address space's sorted VMA
@@ -73,6 +96,9 @@ struct VMA {
     var reservation: HugetlbReservation?
     /// The device file a driver mapping came from (P2PDMA's `allocate`), so the device can revoke it.
     var deviceFile: DeviceFile? = nil
+    /// `vma_had_uncowed_parents`: the VMA came through fork from a parent whose VMA had an anon_vma (its
+    /// `anon_vma_chain` is not singular), so it may not lend its anon_vma to a neighbour in a merge.
+    var hadUncowedParents = false
 
     var length: UInt64 { end - start }
     var isAnonymous: Bool { file == nil }
