@@ -17,7 +17,8 @@ extension NativeSpace {
     /// host zaps a `MADV_DONTNEED` range as soon as the remove event is read (see ``enterInstall()``);
     /// an install that hits `EAGAIN` steps aside so the reader can read.
     func serviceLoop() {
-        var buffer = [cu_message](repeating: cu_message(), count: 64)
+        let buffer = messageBuffer
+        serviceReady.store(true, ordering: .releasing)
         while !stoppingNow {
             let ready = cu_poll(uffd, wakeFD, 1000)
             guard ready > 0 else { continue }
@@ -33,7 +34,7 @@ extension NativeSpace {
                 sched_yieldShim()
                 continue
             }
-            let n = buffer.withUnsafeMutableBufferPointer { cu_read_messages(uffd, $0.baseAddress!, Int32(room)) }
+            let n = cu_read_messages(uffd, buffer, Int32(room))
             // A remove event's caller zaps as soon as the event is read: mark its pages now, lock-free, so
             // a migration putting bytes back into them learns of the zap (``waitForReader()``).
             for k in 0..<max(0, Int(n)) where buffer[k].kind == UInt32(CU_MSG_REMOVE) {

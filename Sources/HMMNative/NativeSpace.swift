@@ -98,6 +98,11 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let windowOperations = HostWindowOperations()
     /// 64 KiB of zeros: the source of zero-filling copies.
     let zeros: UnsafeMutableRawPointer
+    /// The service thread's read buffer (64 messages), allocated here: that thread allocates nothing.
+    let messageBuffer: UnsafeMutablePointer<cu_message>
+    /// Set once the service thread runs its loop; ``init(machine:options:)`` returns only then, so no
+    /// `fork` can catch it still starting (allocating) while its FORK event waits to be read.
+    let serviceReady = Atomic<Bool>(false)
 
     private static let machinesInUse = Locked<Set<ObjectIdentifier>>([])
 
@@ -182,12 +187,15 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         guard wakeFD >= 0 else { throw fail(.system(wakeFD, "eventfd")) }
         zeros = .allocate(byteCount: 16 * PageSize.base, alignment: PageSize.base)
         zeros.initializeMemory(as: UInt8.self, repeating: 0, count: 16 * PageSize.base)
+        messageBuffer = .allocate(capacity: 64)
+        messageBuffer.initialize(repeating: cu_message(), count: 64)
 
         machine.addReferenceHolder(self)
         ForkRegistry.shared.add(self)
         if options.faultMode == .inThread { InThreadFaults.add(self) }
         threads = [HostThread { [self] in serviceLoop() }, HostThread { [self] in faultLoop() },
                    HostThread { [self] in eventLoop() }]
+        while !serviceReady.load(ordering: .acquiring) { sched_yieldShim() }
     }
 
     /// Why this process cannot have a native space, or nil if it can: the capability probe of ``init``
@@ -578,6 +586,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             _ = Sys.unregister(stagingUffd, ram, UInt64(machine.totalFrames) << UInt64(PageSize.shift))
             for fd in [uffd, stagingUffd, pagemapFD, wakeFD] { _ = cu_close(fd) }
             zeros.deallocate()
+            messageBuffer.deallocate()
             let id = ObjectIdentifier(machine)
             _ = Self.machinesInUse.withLock { $0.remove(id) }
             return lost
