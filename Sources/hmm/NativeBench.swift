@@ -35,14 +35,8 @@ extension Bench {
         // 1. Fault-back latency, one page per fault.
         let pages = quick ? 256 : 4096
         try space.setFaultAroundPages(1)
-        var native: [Double] = []
-        var bare: [Double] = []
-        for _ in 0..<reps {
-            bare.append(bareRoundTrip(pages: pages))
-            native.append(try faultBack(space, file, pages: pages, threads: 1))
-        }
-        let n1 = median(native)
-        let b1 = median(bare)
+        let (b1, n1) = try interleaved(reps, { bareRoundTrip(pages: pages) },
+                                       { try faultBack(space, file, pages: pages, threads: 1) })
         row("CPU fault-back, 1 page (µs/fault)", fixed(n1 / 1000), "bare uffd COPY \(fixed(b1 / 1000)) µs → \(fixed(n1 / b1))×")
 
         // 1b. In-thread mode: a second machine's space (one space per machine).
@@ -55,26 +49,16 @@ extension Bench {
         let file2 = try gpu2.open(inThread)
         defer { file2.close() }
         try inThread.setFaultAroundPages(1)
-        native = []
-        bare = []
-        for _ in 0..<reps {
-            bare.append(bareInThread(pages: pages))
-            native.append(try faultBack(inThread, file2, pages: pages, threads: 1))
-        }
-        let n2 = median(native)
-        let b2 = median(bare)
+        let (b2, n2) = try interleaved(reps, { bareInThread(pages: pages) },
+                                       { try faultBack(inThread, file2, pages: pages, threads: 1) })
         row("in-thread fault-back, 1 page (µs/fault)", fixed(n2 / 1000), "bare SIGBUS + COPY \(fixed(b2 / 1000)) µs → \(fixed(n2 / b2))×")
+        try space.setFaultAroundPages(16)
+        try inThread.setFaultAroundPages(16)
         for threads in [1, 2] {
-            var mine: [Double] = []
-            var handler: [Double] = []
-            for _ in 0..<reps {
-                try space.setFaultAroundPages(16)
-                handler.append(try faultBack(space, file, pages: pages * 4, threads: threads))
-                try inThread.setFaultAroundPages(16)
-                mine.append(try faultBack(inThread, file2, pages: pages * 4, threads: threads))
-            }
-            let m = 1e9 / median(mine)
-            let h = 1e9 / median(handler)
+            let (handler, mine) = try interleaved(reps, { try faultBack(space, file, pages: pages * 4, threads: threads) },
+                                                  { try faultBack(inThread, file2, pages: pages * 4, threads: threads) })
+            let m = 1e9 / mine
+            let h = 1e9 / handler
             row("in-thread fault-around 16, \(threads) thread(s) (kpages/s)", fixed(m / 1000, 0),
                 "handler mode \(fixed(h / 1000, 0)) kpages/s → \(fixed(m / h))×")
         }
@@ -82,16 +66,15 @@ extension Bench {
 
         // 2. Fault-around throughput.
         for threads in [1, 2] {
-            var around: [Double] = []
-            var single: [Double] = []
-            for _ in 0..<reps {
+            let (single, around) = try interleaved(reps, {
                 try space.setFaultAroundPages(1)
-                single.append(try faultBack(space, file, pages: pages * 4, threads: threads))
+                return try faultBack(space, file, pages: pages * 4, threads: threads)
+            }, {
                 try space.setFaultAroundPages(16)
-                around.append(try faultBack(space, file, pages: pages * 4, threads: threads))
-            }
-            let a = 1e9 / median(around)
-            let s = 1e9 / median(single)
+                return try faultBack(space, file, pages: pages * 4, threads: threads)
+            })
+            let a = 1e9 / around
+            let s = 1e9 / single
             row("fault-back, fault-around 16, \(threads) thread(s) (kpages/s)", fixed(a / 1000, 0),
                 "per page \(fixed(s / 1000, 0)) kpages/s → \(fixed(a / s))×")
         }
@@ -153,6 +136,18 @@ extension Bench {
         let bp = Double(snapPages) / median(scan) * 1000
         row("snapshot, 4 KiB pages (Mpages/s)", fixed(sp), "bare PAGEMAP_SCAN \(fixed(bp)) Mpages/s → \(fixed(sp / bp))×")
         try machine.checkInvariants()
+    }
+
+    /// Runs `baseline` and `measured` alternately `reps` times (the machine is noisy: interleaving puts
+    /// both under the same conditions) and returns their medians.
+    private func interleaved(_ reps: Int, _ baseline: () throws -> Double, _ measured: () throws -> Double) rethrows -> (Double, Double) {
+        var a: [Double] = []
+        var b: [Double] = []
+        for _ in 0..<reps {
+            a.append(try baseline())
+            b.append(try measured())
+        }
+        return (median(a), median(b))
     }
 
     /// Nanoseconds per page for `threads` threads touching every page of a region whose pages all sit on

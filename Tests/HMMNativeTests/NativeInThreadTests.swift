@@ -68,30 +68,6 @@ struct NativeInThreadTests {
         }
     }
 
-    @Test("a poisoned page's SIGBUS goes on to the earlier handler (observed by the probe), never zeros")
-    func poisonedPageStillSignals() throws {
-        var o = Self.inThread
-        o.faultAroundPages = 1
-        try withNativeSpace(options: o) { machine, space, _ in
-            let dev = try FlakyDevice(machine: machine)
-            let region = try space.allocate(length: 8 << 12, hugePages: false, populate: true)
-            fill(region, seed: 71)
-            try dev.migrateToDevice(space, region.address, pages: 8)
-            dev.faultBackError.withLock { $0 = .bus }
-            dev.faultBackFailures.store(1, ordering: .relaxed)
-            var byte: UInt8 = 0
-            var code: Int32 = 0
-            #expect(cu_probe_read(region.pointer + 3 * 4096, &byte, &code) == SIGBUS)
-            #expect(try region.residency((3 << 12)..<(4 << 12)) == [.revoked])
-            #expect(cu_probe_read(region.pointer + 3 * 4096, &byte, &code) == SIGBUS, "and again")
-            // A page that can come back is resolved even under the probe.
-            #expect(cu_probe_read(region.pointer + 5 * 4096, &byte, &code) == 0)
-            try machine.checkInvariants()
-            #expect(firstMismatch(region, seed: 71, to: 3 << 12) == nil)
-            #expect(firstMismatch(region, seed: 71, from: 4 << 12) == nil)
-        }
-    }
-
     @Test("a kernel access to a device-resident page is EFAULT in-thread, and the page stays on the device")
     func kernelAccessIsEFAULT() throws {
         try withNativeSpace(options: Self.inThread) { _, space, gpu in
