@@ -59,7 +59,7 @@ extension Bench {
                                                   { try faultBack(inThread, file2, pages: pages * 4, threads: threads) })
             let m = 1e9 / mine
             let h = 1e9 / handler
-            row("in-thread fault-around 16, \(threads) thread(s) (kpages/s)", fixed(m / 1000, 0),
+            row("in-thread fault-around 16, \(threads) thr (kpages/s)", fixed(m / 1000, 0),
                 "handler mode \(fixed(h / 1000, 0)) kpages/s → \(fixed(m / h))×")
         }
         try space.setFaultAroundPages(1)
@@ -75,7 +75,7 @@ extension Bench {
             })
             let a = 1e9 / around
             let s = 1e9 / single
-            row("fault-back, fault-around 16, \(threads) thread(s) (kpages/s)", fixed(a / 1000, 0),
+            row("fault-around 16, \(threads) thr (kpages/s)", fixed(a / 1000, 0),
                 "per page \(fixed(s / 1000, 0)) kpages/s → \(fixed(a / s))×")
         }
         try space.setFaultAroundPages(16)
