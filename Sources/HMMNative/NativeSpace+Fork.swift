@@ -23,7 +23,12 @@ public enum ForkPolicy: Sendable, Equatable {
     /// throws `.permission` without it.
     ///
     /// The child gets plain memory: its copy of the ``NativeSpace`` has no threads, and every call on
-    /// it throws `.noProcess`. Forking while holding a space's lock (inside a driver's migration) would
+    /// it throws `.noProcess`.
+    ///
+    /// The fork completes only once the space's service thread has read the FORK event, so that thread
+    /// allocates nothing and takes no lock a forking process holds (glibc holds its allocator's locks
+    /// across the system call). A runtime that holds more across `fork` — ThreadSanitizer's does —
+    /// deadlocks: do not combine `.share` with `--sanitize=thread`. Forking while holding a space's lock (inside a driver's migration) would
     /// deadlock, as in the kernel, where `fork` takes the `mmap_lock` for writing.
     case share
 }

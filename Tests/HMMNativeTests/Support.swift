@@ -10,6 +10,11 @@ import Glibc
 /// Why the native tests cannot run here (nil: they can): userfaultfd with MOVE and POISON, PAGEMAP_SCAN.
 let nativeUnavailable = NativeSpace.unsupportedReason()
 
+/// Whether the tests run under ThreadSanitizer. Its runtime holds its own locks across `fork`, so the
+/// service thread that must read a FORK event (``ForkPolicy/share``) blocks in it and the fork never
+/// returns; see ``ForkPolicy/share``.
+let underThreadSanitizer = dlsym(nil, "__tsan_init") != nil
+
 /// A machine, a native space and a device-private mirror device; ends with the space closed (every
 /// device page evicted) and the machine's invariants checked — with the space's references counted
 /// while it is open, and none left after.
