@@ -47,7 +47,7 @@ struct NativeConcurrencyTests {
     /// its own; afterwards the parent migrates pages it shares with no one but the exited child's
     /// memory (MOVE refuses them: EBUSY) by breaking their copy-on-write first.
     @Test("fork with the .share policy: the child reads every page as at the fork; the parent keeps its own",
-          .disabled(if: underThreadSanitizer, "ThreadSanitizer holds its runtime locks across fork, so the FORK event is never read (see ForkPolicy.share)"))
+          .disabled(if: underThreadSanitizer, "the TSan runtime holds its locks across fork, so the FORK event is never read (see ForkPolicy.share)"))
     func forkPolicyShare() throws {
         var options = NativeSpace.Options()
         options.forkPolicy = .share
