@@ -10,6 +10,11 @@ import Glibc
 ///
 /// A device-resident page is a hole in the host page table, so without help a child would read it as
 /// zeros — silent data loss (native-mode.md §1g). Neither policy lets that happen.
+///
+/// Under either policy a `fork` holds every native space still while the host copies the address
+/// space (``ForkRegistry``), as the kernel's `fork` holds the `mmap_lock` for writing: a thread that
+/// forks while it holds a space's lock (inside a driver's migration or walk) deadlocks, as it would in
+/// the kernel.
 public enum ForkPolicy: Sendable, Equatable {
     /// The regions are `MADV_DONTFORK`: the child has no mapping there, and a touch is `SIGSEGV` —
     /// loud, never zeros. Works for every process. The default.
@@ -28,8 +33,7 @@ public enum ForkPolicy: Sendable, Equatable {
     /// The fork completes only once the space's service thread has read the FORK event, so that thread
     /// allocates nothing and takes no lock a forking process holds (glibc holds its allocator's locks
     /// across the system call). A runtime that holds more across `fork` — ThreadSanitizer's does —
-    /// deadlocks: do not combine `.share` with `--sanitize=thread`. Forking while holding a space's lock (inside a driver's migration) would
-    /// deadlock, as in the kernel, where `fork` takes the `mmap_lock` for writing.
+    /// deadlocks: do not combine `.share` with `--sanitize=thread`.
     case share
 }
 
