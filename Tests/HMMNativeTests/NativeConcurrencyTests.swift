@@ -8,7 +8,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Native engine: fork and concurrency", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: fork and concurrency", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeConcurrencyTests {
     @Test("fork: the child gets SIGSEGV touching a region (MADV_DONTFORK), never device pages as zeros")
     func forkPolicyDontFork() throws {

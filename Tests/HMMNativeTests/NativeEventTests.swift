@@ -10,7 +10,7 @@ import Glibc
 /// munmap, MADV_DONTNEED, MADV_FREE and mremap by plain system calls on device-resident ranges: the
 /// host's userfaultfd events become the kernel's notifier events, and device pages of ranges that lost
 /// their mapping are freed.
-@Suite("Native engine: host events", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: host events", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeEventTests {
     @Test("munmap of part of a device-resident region frees its device pages and tells the mirror")
     func munmapFreesDevicePages() throws {

@@ -76,7 +76,7 @@ final class FlakyDevice: PagemapOperations, @unchecked Sendable {
     var pagesInUse: Int { 4096 - free.withLock { $0.count } }
 }
 
-@Suite("Native engine: failures", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: failures", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeFailureTests {
     @Test("a device that fails mid-migration leaves every page where it was, bytes intact")
     func failingMigrationLosesNothing() throws {

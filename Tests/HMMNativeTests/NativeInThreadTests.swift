@@ -9,7 +9,7 @@ import Glibc
 
 /// In-thread fault mode (`UFFD_FEATURE_SIGBUS`): the faulting thread resolves its own fault in its
 /// SIGBUS handler, through the same driver callbacks.
-@Suite("Native engine: in-thread fault mode", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: in-thread fault mode", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeInThreadTests {
     static var inThread: NativeSpace.Options {
         var o = NativeSpace.Options()

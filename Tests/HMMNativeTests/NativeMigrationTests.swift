@@ -7,7 +7,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Native engine: migration and fault-back", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: migration and fault-back", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeMigrationTests {
     @Test("64 MiB of a real region migrate to a MirrorDevice and back, every byte intact")
     func roundTrip64MiB() throws {

@@ -9,7 +9,7 @@ import Glibc
 
 /// The dmirror commands — READ, WRITE, SNAPSHOT, EXCLUSIVE — on native memory: the same MirrorFile
 /// code, the same values as on the simulated engine.
-@Suite("Native engine: mirror commands", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(2)))
+@Suite("Native engine: mirror commands", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeMirrorTests {
     @Test("the device reads and writes CPU-resident pages through the host window")
     func readAndWrite() throws {

@@ -8,6 +8,11 @@ import Glibc
 #endif
 
 /// Why the native tests cannot run here (nil: they can): userfaultfd with MOVE and POISON, PAGEMAP_SCAN.
+///
+/// Every native suite has a 10-minute time limit, there to turn a hang into a failure. It is counted
+/// from when Swift Testing starts a test, which under the full suite includes waiting behind the long
+/// simulated tests on 2 vCPUs (T38 alone runs ~110 s; every native test then reported ~113 s, against
+/// about 2 s run alone).
 let nativeUnavailable = NativeSpace.unsupportedReason()
 
 /// Whether the tests run under ThreadSanitizer. Its runtime holds its own locks across `fork`, so the
