@@ -43,11 +43,10 @@ enum InThreadFaults {
     /// no region claims may be one a remap moved, not yet handled: each space catches up with its
     /// events and is asked again. False: the signal is not ours (or the page is poisoned).
     static func resolve(_ address: UInt64, write: Bool) -> Bool {
-        let live = spaces.live
-        for space in live where space.region(containing: address) != nil {
+        if let space = spaces.first(where: { $0.region(containing: address) != nil }) {
             return space.resolveInThread(address, write: write)
         }
-        for space in live where !space.hasExited {
+        for space in spaces.live where !space.hasExited {
             space.catchUpWithEvents()
             if space.region(containing: address) != nil { return space.resolveInThread(address, write: write) }
         }

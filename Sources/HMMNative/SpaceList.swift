@@ -30,4 +30,15 @@ final class SpaceList: @unchecked Sendable {
 
     /// The live spaces, under the lock.
     var live: [NativeSpace] { lock.withReadLock { liveHoldingLock } }
+
+    /// The first live space satisfying `predicate`, found under the lock without copying the list (a
+    /// fault path's lookup). `predicate` may take only leaf locks.
+    func first(where predicate: (NativeSpace) -> Bool) -> NativeSpace? {
+        lock.withReadLock {
+            for e in entries {
+                if let s = e.space, predicate(s) { return s }
+            }
+            return nil
+        }
+    }
 }
