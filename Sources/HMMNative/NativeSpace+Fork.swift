@@ -56,15 +56,15 @@ final class ForkRegistry: @unchecked Sendable {
 
     /// Every space; its lock is held from `prepare` to `parent`/`child`.
     private let spaces = SpaceList()
-    private let installed = Locked(false)
+
+    /// Registers the hooks, once per process (as ``InThreadFaults`` installs its signal hook).
+    private static let installHooks: Void = {
+        pthread_atfork({ ForkRegistry.shared.prepare() }, { ForkRegistry.shared.parent() },
+                       { ForkRegistry.shared.child() })
+    }()
 
     func add(_ space: NativeSpace) {
-        installed.withLock { done in
-            guard !done else { return }
-            done = true
-            pthread_atfork({ ForkRegistry.shared.prepare() }, { ForkRegistry.shared.parent() },
-                           { ForkRegistry.shared.child() })
-        }
+        _ = Self.installHooks
         spaces.add(space)
     }
 

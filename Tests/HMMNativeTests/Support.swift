@@ -74,3 +74,19 @@ let hostHasTHP: Bool = {
     else { return false }
     return !String(decoding: line.prefix { $0 != 0 }, as: UTF8.self).contains("[never]")
 }()
+
+/// Waits for child `pid` to exit, for at most `seconds`: a child that hangs (say, on a fault nobody
+/// resolves) is killed with SIGKILL and reaped, so a test fails instead of wedging the run. Returns the
+/// wait status, or nil if the child had to be killed.
+func waitChild(_ pid: pid_t, seconds: Int = 30) -> Int32? {
+    var status: Int32 = 0
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if waitpid(pid, &status, WNOHANG) == pid { return status }
+        usleep(1000)
+    }
+    kill(pid, SIGKILL)
+    _ = waitpid(pid, &status, 0)
+    return nil
+}
+
