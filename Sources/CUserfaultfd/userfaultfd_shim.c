@@ -106,6 +106,11 @@ int cu_poison(int fd, uint64_t start, uint64_t len) {
     return ioctl(fd, UFFDIO_POISON, &p) ? -errno : 0;
 }
 
+int cu_continue(int fd, uint64_t start, uint64_t len) {
+    struct uffdio_continue c = {.range = {.start = start, .len = len}};
+    return ioctl(fd, UFFDIO_CONTINUE, &c) ? -errno : 0;
+}
+
 int cu_wake(int fd, uint64_t start, uint64_t len) {
     struct uffdio_range r = {.start = start, .len = len};
     return ioctl(fd, UFFDIO_WAKE, &r) ? -errno : 0;
@@ -185,6 +190,11 @@ uint64_t cu_map_aligned(uint64_t len, uint64_t align, int prot, int *error) {
 }
 
 int cu_munmap(uint64_t start, uint64_t len) { return munmap((void *)(uintptr_t)start, len) ? -errno : 0; }
+int cu_map_shared_fixed(uint64_t addr, uint64_t len, int prot, int fd, uint64_t offset, int populate) {
+    void *p = mmap((void *)(uintptr_t)addr, len, prot, MAP_FIXED | MAP_SHARED | (populate ? MAP_POPULATE : 0), fd,
+                   (off_t)offset);
+    return p == MAP_FAILED ? -errno : 0;
+}
 uint64_t cu_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_address, int *error) {
     void *p = mremap((void *)(uintptr_t)old, old_len, new_len, flags, (void *)(uintptr_t)new_address);
     if (p == MAP_FAILED) {

@@ -150,7 +150,11 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
             switch s.kind {
             case .device:
                 let owner = space.machine.pagemap(of: s.pfn).map { ObjectIdentifier($0.owner) }
-                out.append(.device(owner: owner, huge: s.isCompound))
+                if space.isCoherent(s) {
+                    out.append(.coherent(owner: owner, huge: s.isCompound))
+                } else {
+                    out.append(.device(owner: owner, huge: s.isCompound))
+                }
             case .exclusive: out.append(.exclusive)
             case .revoked: out.append(.revoked)
             case .unmapped: out.append(.unmapped)
@@ -198,8 +202,12 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         case untouched
         /// In host memory; `huge` if a THP maps it, `zero` if it is the shared zero page.
         case host(huge: Bool, zero: Bool)
-        /// On a device (its pagemap's owner), `huge` for a 2 MiB device folio.
+        /// On a device-private page (its pagemap's owner), `huge` for a 2 MiB device folio: a CPU touch
+        /// migrates it back.
         case device(owner: ObjectIdentifier?, huge: Bool)
+        /// In device-coherent memory mapped in place (its pagemap's owner): the CPU reads and writes the
+        /// device frame without a fault.
+        case coherent(owner: ObjectIdentifier?, huge: Bool)
         /// Held device-exclusive: the next CPU touch restores it.
         case exclusive
         /// Revoked: a touch raises `SIGBUS`.

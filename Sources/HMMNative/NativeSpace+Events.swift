@@ -18,7 +18,8 @@ extension NativeSpace {
         statistics.count(\.events)
         switch Int32(m.kind) {
         case CU_MSG_UNMAP:
-            dropRange(m.a, m.b, .unmap, to: .unmapped)
+            // The engine's own remapping of a coherent page, or the user's munmap.
+            if !selfUnmaps.consume(m.a, m.b) { dropRange(m.a, m.b, .unmap, to: .unmapped) }
         case CU_MSG_REMOVE:
             dropRange(m.a, m.b, .clear, to: .host)
         case CU_MSG_REMAP:

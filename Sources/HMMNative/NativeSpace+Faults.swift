@@ -118,6 +118,9 @@ extension NativeSpace {
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
                 region.setState(i, .host)
+            case .device where isCoherent(s):
+                // Mapped in place: only the page-table entry is missing.
+                resolveCoherentFault(a)
             case .device:
                 // Not home yet (a drop or another fault got there first): look again.
                 switch bringBack(region, i, write: write) {
@@ -254,7 +257,9 @@ extension NativeSpace {
         let s = region.lock(i)
         let a = region.pageAddress(i)
         invalidating(a, a + Sys.page, .clear, owner: nil) {
-            if s.kind == .device || s.kind == .exclusive { machine.folioPut(machine.folioHead(s.pfn)) }
+            if (s.kind == .device || s.kind == .exclusive) && detachCoherent(region, i, s) {
+                machine.folioPut(machine.folioHead(s.pfn))
+            }
             _ = retryingAgain { Sys.poison(uffd, a, Sys.page) }
             region.setState(i, PageState(.revoked))
         }
@@ -279,8 +284,9 @@ extension NativeSpace {
     /// Puts the bytes of RAM frames `frame…frame+pages` into the hole at `a`: `UFFDIO_MOVE` (no copy; a
     /// 2 MiB unit moves as one PMD) or `UFFDIO_COPY` (no TLB shootdown: the better choice for 4 KiB
     /// pages in a multi-threaded process), falling back to COPY where MOVE refuses (a read-only
-    /// region). Wakes the threads waiting on the range: the caller marks the pages' words home (still
-    /// locked) first, so a thread that resumes sees them home. Returns false if the address is gone.
+    /// region), and page by page where the range crosses host mappings. Wakes the threads waiting on the
+    /// range: the caller marks the pages' words home (still locked) first, so a thread that resumes sees
+    /// them home. Returns false if some page could not be filled (its address is gone, or it was zapped).
     @discardableResult
     func installFrame(_ frame: PFN, at a: UInt64, pages: Int, move: Bool,
                       unlessZapped check: (NativeRegion, Int)? = nil) -> Bool {
@@ -315,19 +321,33 @@ extension NativeSpace {
             if rc == 0 { done = bytes }
             if rc == -ECANCELED { return false }
         }
+        var pageByPage = false
+        var lost = 0
         while done < bytes {
-            let rc = attempt { Sys.copy(uffd, to: a + done, from: src + done, bytes - done) }
-            if rc == 0 { break }
+            let length = pageByPage ? Sys.page : bytes - done
+            let before = done
+            let rc = attempt { Sys.copy(uffd, to: a + done, from: src + done, length) }
+            if rc == 0 {
+                done = before + length
+                continue
+            }
             if rc == -ECANCELED { return false }
             if rc == -EEXIST {
                 // Something is mapped there already (it cannot be our page): skip it.
                 done += Sys.page
                 continue
             }
-            return false  // ENOENT / EINVAL: the range was unmapped under us
+            // ENOENT / EINVAL: one COPY stays within one host mapping, and the range crosses a boundary
+            // (coherent pages split a region's mapping) — or the page was unmapped under us.
+            if !pageByPage && bytes - done > Sys.page {
+                pageByPage = true
+                continue
+            }
+            lost += 1
+            done += Sys.page
         }
-        statistics.count(\.pagesMovedIn, pages)
-        return true
+        statistics.count(\.pagesMovedIn, pages - lost)
+        return lost == 0
     }
 
     /// Runs a resolving ioctl on the regions' userfaultfd until it stops returning `EAGAIN`: the host

@@ -169,6 +169,9 @@ extension NativeSpace {
                     s = region.state(i)
                 }
                 switch s.kind {
+                case .device where isCoherent(s):
+                    // Mapped in place, MADV_DONTFORK: the child has no mapping there (SIGSEGV on touch).
+                    flush()
                 case .device, .exclusive:
                     guard let p = try? machine.framePointer(s.pfn) else {
                         flush()

@@ -15,6 +15,7 @@ extension NativeSpace {
     /// - `EINVAL` — MOVE moves only between writable mappings: a read-only region is made writable for
     ///   the move and given its protection back after it (`mprotect` raises no userfaultfd event). A
     ///   store to a page of the range in that window does not fault; the page is leaving anyway.
+    /// - `EINVAL` on a range that crosses host mappings (one MOVE stays within one): page by page.
     /// - `EBUSY` — the page is not exclusive to this process (shared with a child after `fork`, or
     ///   pinned): its copy-on-write is broken first by a write fault (`MADV_POPULATE_WRITE`, which keeps
     ///   its bytes), as the kernel's `FOLL_WRITE`/unshare does before it hands a page to a device. A
@@ -30,14 +31,25 @@ extension NativeSpace {
         defer { if readOnly { _ = Sys.mprotect(a, bytes, region.protection) } }
         var done: UInt64 = 0
         var unsharedAt: UInt64?
+        var pageByPage = false
         while done < bytes {
+            let length = pageByPage ? Sys.page : bytes - done
             // No remove event is read during the move, so the host's zap of a `MADV_DONTNEED` never runs
             // on the pages being moved (a MOVE racing that zap was seen to spin in the kernel, 6.18).
             enterInstall()
-            let (rc, moved) = Sys.move(stagingUffd, to: frame + done, from: a + done, bytes - done, allowHoles: true)
+            let (rc, moved) = Sys.move(stagingUffd, to: frame + done, from: a + done, length, allowHoles: true)
             leaveInstall()
-            if rc == 0 { return bytes }
+            if rc == 0 {
+                done += length
+                continue
+            }
             if moved > 0 { done += UInt64(moved) }
+            if rc == -EINVAL && !pageByPage && bytes - done > Sys.page {
+                // One MOVE stays within one host mapping, and the range crosses a boundary (coherent
+                // pages mapped in place split a region's mapping): page by page from here.
+                pageByPage = true
+                continue
+            }
             guard rc == -EBUSY, unsharedAt != a + done, unshare(region, a + done, a + bytes) else { return done }
             unsharedAt = a + done
         }

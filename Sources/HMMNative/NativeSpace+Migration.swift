@@ -105,6 +105,7 @@ extension NativeSpace: MigrationEngine {
                     k += 1
                     continue
                 }
+                var lockedHere = false
                 if head != c.faultHead && !c.lockedHeads.contains(head) {
                     guard machine.folioTryLock(head) else {
                         region.setState(i, s)
@@ -112,6 +113,17 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     c.lockedHeads.insert(head)
+                    lockedHere = true
+                }
+                // Coherent memory mapped in place: a hole takes its place, so CPU touches wait for the copy.
+                if isCoherent(s) && !replaceWithHole(region, at: region.pageAddress(i), pages: 1) {
+                    if lockedHere {
+                        c.lockedHeads.remove(head)
+                        machine.folioUnlock(head)
+                    }
+                    region.setState(i, s)
+                    k += 1
+                    continue
                 }
                 c.locked[k] = true
                 m.engineSource[k] = MigratePFN(s.pfn, flags: MigratePFN.migrate | (s.isWritable ? MigratePFN.write : 0))
@@ -135,6 +147,11 @@ extension NativeSpace: MigrationEngine {
         }
         let head = machine.folioHead(s.pfn)
         if got < PageSize.pagesPerPMD || (head != c.faultHead && !machine.folioTryLock(head)) {
+            for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
+            return false
+        }
+        if isCoherent(s) && !replaceWithHole(region, at: region.pageAddress(i), pages: PageSize.pagesPerPMD) {
+            if head != c.faultHead { machine.folioUnlock(head) }
             for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
             return false
         }
@@ -286,7 +303,15 @@ extension NativeSpace: MigrationEngine {
             if !src.isCompound && m.dst[k].isCompound {
                 m.engineSource[k].rawValue &= ~MigratePFN.migrate
             }
-            k += src.isCompound ? PageSize.pagesPerPMD : 1
+            let unit = src.isCompound ? PageSize.pagesPerPMD : 1
+            // Into coherent memory: the frame, which holds the bytes now, is mapped over the page's hole
+            // here, so the entry moves only if the host allows the mapping (else it stays in RAM).
+            if dKind == .deviceCoherent && !srcIsDevice && m.engineSource[k].isMigrating
+                && !mapCoherent(c.region, at: m.start + UInt64(k) << UInt64(PageSize.shift), frame: d, pages: unit)
+            {
+                m.engineSource[k].rawValue &= ~MigratePFN.migrate
+            }
+            k += unit
         }
     }
 
@@ -363,15 +388,27 @@ extension NativeSpace: MigrationEngine {
             let a = m.start + UInt64(k) << UInt64(PageSize.shift)
             let dst = m.dst[k].pfn
             let zapped = unit == 1 && region.state(i).isZapped
+            let moved = accepted && src.isMigrating && dst != nil
             if zapped, let s = src.pfn {
-                // Dropped while away: nothing comes back; the device copy or staging frame is freed.
+                // Dropped while away: nothing comes back; the device copy or staging frame is freed —
+                // a coherent destination already mapped in place (by `migratePages`) is unmapped first.
+                if moved, let d = dst, machine.deviceKind(d) == .deviceCoherent, machine.deviceKind(s) == nil,
+                    !replaceWithHole(region, at: a, pages: unit)
+                {
+                    // The host would not unmap it: the page stays in the coherent frame.
+                    machine.folioUnlock(d)
+                    region.setState(i, PageState(.device, pfn: d, writable: src.isWritable))
+                    try? machine.releaseMigrationPage(s)
+                    statistics.count(\.coherentStranded)
+                    k += 1
+                    continue
+                }
                 if machine.deviceKind(s) != nil { puts.append(machine.folioHead(s)) } else { try? machine.releaseMigrationPage(s) }
                 if let d = dst { releaseDestination(d) }
                 region.setState(i, .host)
                 k += 1
                 continue
             }
-            let moved = accepted && src.isMigrating && dst != nil
             if let s = src.pfn, machine.deviceKind(s) != nil {
                 // Device → RAM.
                 if moved, let d = dst {
@@ -390,9 +427,15 @@ extension NativeSpace: MigrationEngine {
                     }
                     puts.append(machine.folioHead(s))
                 } else {
-                    for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
-
                     if let d = dst { releaseDestination(d) }
+                    // Coherent memory stays: mapped in place again (collect put a hole there).
+                    if machine.deviceKind(s) == .deviceCoherent {
+                        flushCopies()
+                        remapCoherent(region, i, s, unit: unit, &puts)
+                        k += unit
+                        continue
+                    }
+                    for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
                 }
             } else {
                 // RAM (a staging frame or a hole) → device, or a hole → RAM.
@@ -435,6 +478,21 @@ extension NativeSpace: MigrationEngine {
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }
         m.engineContext = nil
+    }
+
+    /// A coherent page whose migration to RAM did not happen: its frame is mapped in place again. If the
+    /// host refuses, the bytes are copied into the hole and the page stays in RAM (its device
+    /// reference is dropped after the unlock, with `puts`), so nothing is lost.
+    private func remapCoherent(_ region: NativeRegion, _ i: Int, _ s: PFN, unit: Int, _ puts: inout [PFN]) {
+        let a = region.pageAddress(i)
+        if mapCoherent(region, at: a, frame: s, pages: unit) {
+            for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
+            return
+        }
+        for j in 0..<unit { region.setState(i + j, PageState.host.locked) }
+        installFrame(s, at: a, pages: unit, move: false, unlessZapped: (region, i))
+        for j in 0..<unit { region.setState(i + j, .host) }
+        puts.append(machine.folioHead(s))
     }
 
     /// Gives back a destination the driver allocated (locked, one reference) that was not used, or a RAM

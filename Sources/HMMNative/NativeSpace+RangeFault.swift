@@ -92,6 +92,10 @@ extension NativeSpace {
                 }
                 var out: UInt64 = 0
                 switch s.kind {
+                case .device where isCoherent(s):
+                    // CPU-addressable and mapped in place: reported like any present page, whoever owns it.
+                    out = HMMPFN.valid | (writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
+                        | (s.isCompound ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
                 case .device:
                     if let owner, let pm = machine.pagemap(of: s.pfn), pm.owner === owner {
                         out = HMMPFN.valid | (s.isWritable && writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
@@ -144,7 +148,8 @@ extension NativeSpace {
     /// back and sends `clear` (``restoreExclusive(_:_:_:)``). The notifiers hear `exclusive` (owner)
     /// first. Requires `mmapLock` held for reading.
     /// - Throws: `.fault` (no region, not writable, revoked), `.outOfMemory` (no staging frame),
-    ///   `.busy` (the host refused to move the page), `.noProcess` after close.
+    ///   `.busy` (the host refused to move the page, or it is device-coherent memory mapped in place),
+    ///   `.noProcess` after close.
     public func makeDeviceExclusive(
         _ address: UInt64, owner: (any AnyObject & Sendable)?, _ program: (PFN) -> Void
     ) throws(HMMError) {
@@ -166,6 +171,9 @@ extension NativeSpace {
             case .revoked, .unmapped:
                 region.setState(i, s)
                 throw HMMError(.fault, "make_device_exclusive: \(a) is \(s.kind)")
+            case .device where isCoherent(s):
+                region.setState(i, s)
+                throw HMMError(.busy, "make_device_exclusive: \(a) is in device-coherent memory (not supported natively)")
             case .device:
                 region.setState(i, s)
             case .host:

@@ -44,6 +44,11 @@ extension NativeSpace {
                         region.setState(i, s)
                         return
                     case .device, .exclusive:
+                        guard detachCoherent(region, i, s) else {
+                            failure = HMMError(.busy, "revoke: the host would not unmap the coherent page at \(a)")
+                            region.setState(i, s)
+                            return
+                        }
                         machine.folioPut(machine.folioHead(s.pfn))
                     case .host:
                         // The page leaves the process (a move into a staging frame: no event, no wait).

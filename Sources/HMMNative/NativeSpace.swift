@@ -93,6 +93,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let readSequence = Atomic<UInt64>(0)
     /// Installs of bytes into region pages in flight (``installFrame(_:at:pages:move:unlessZapped:)``).
     let installing = Atomic<Int>(0)
+    /// The UNMAP events the engine's own remappings raise (device-coherent pages in place).
+    let selfUnmaps = SelfUnmaps()
     private var threads: [HostThread] = []
     /// The callbacks of the regions' host windows (never called for a window's frames).
     let windowOperations = HostWindowOperations()
@@ -413,6 +415,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         let s = region.lock(i, unmapped: final == .unmapped)
         switch s.kind {
         case .device, .exclusive:
+            // Still mapped in place (a coherent page whose address the host kept): a hole first.
+            if final != .unmapped && !detachCoherent(region, i, s) { break }
             machine.folioPut(machine.folioHead(s.pfn))
             statistics.count(\.pagesDropped)
         default:
@@ -438,6 +442,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
         switch s.kind {
         case .device, .exclusive:
+            if !detachCoherent(region, i, s) { break }
             machine.folioPut(machine.folioHead(s.pfn))
             statistics.count(\.pagesDropped)
         default:
@@ -685,6 +690,11 @@ public final class NativeStatistics: @unchecked Sendable {
         public var pagesMovedIn = 0
         /// Device-resident and exclusive pages copied into forked children (``ForkPolicy/share``).
         public var pagesCopiedToChild = 0
+        /// Device-coherent frames mapped in place into regions, and in-place mappings replaced by holes.
+        public var coherentMapped = 0
+        public var coherentUnmapped = 0
+        /// Coherent frames kept referenced because the host refused to unmap them (`vm.max_map_count`).
+        public var coherentStranded = 0
     }
 
     func count(_ field: WritableKeyPath<Counters, Int>, _ n: Int = 1) {

@@ -34,8 +34,27 @@ enum Sys {
 
     static func poison(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_poison(fd, start, length) }
     static func wake(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_wake(fd, start, length) }
-    static func register(_ fd: Int32, _ start: UInt64, _ length: UInt64, missing: Bool) -> Int32 {
-        cu_register(fd, start, length, missing ? UInt64(CU_REGISTER_MISSING) : UInt64(CU_REGISTER_WP))
+    static func register(_ fd: Int32, _ start: UInt64, _ length: UInt64, missing: Bool, minor: Bool = false) -> Int32 {
+        cu_register(fd, start, length, (missing ? UInt64(CU_REGISTER_MISSING) : UInt64(CU_REGISTER_WP))
+                        | (minor ? UInt64(CU_REGISTER_MINOR) : 0))
+    }
+    /// `UFFDIO_CONTINUE`: maps the shared-memory pages already behind a MINOR-registered range.
+    static func continueMapping(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_continue(fd, start, length) }
+    /// `mmap(MAP_FIXED | MAP_SHARED | MAP_POPULATE)` of `file` at `offset` over `[start, start + length)`.
+    static func mapShared(at start: UInt64, _ length: UInt64, _ protection: Protection, file: Int32, offset: Int) -> Int32 {
+        cu_map_shared_fixed(start, length, protection.hostFlags, file, UInt64(offset), 1)
+    }
+    /// A fresh anonymous private mapping of `length` bytes anywhere; 0 on failure.
+    static func mapAnonymous(_ length: UInt64, _ protection: Protection) -> UInt64 {
+        var error: Int32 = 0
+        return cu_map_aligned(length, page, protection.hostFlags, &error)
+    }
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)` of `[from, from + length)` onto `to`, replacing what is
+    /// there; 0 or -errno.
+    static func moveMapping(from: UInt64, to: UInt64, _ length: UInt64) -> Int32 {
+        var error: Int32 = 0
+        let at = cu_mremap(from, length, length, 3, to, &error)
+        return at == to ? 0 : (error != 0 ? error : -EINVAL)
     }
     static func unregister(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_unregister(fd, start, length) }
     static func madvise(_ start: UInt64, _ length: UInt64, _ advice: Int32) -> Int32 { cu_madvise(start, length, advice) }

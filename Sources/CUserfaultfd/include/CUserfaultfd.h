@@ -26,6 +26,7 @@
 // UFFDIO_REGISTER modes.
 #define CU_REGISTER_MISSING (1ULL << 0)
 #define CU_REGISTER_WP (1ULL << 1)
+#define CU_REGISTER_MINOR (1ULL << 2)
 
 // Copy / move modes.
 #define CU_MODE_DONTWAKE (1ULL << 0)
@@ -41,6 +42,7 @@
 // Page-fault flags.
 #define CU_PAGEFAULT_WRITE (1ULL << 0)
 #define CU_PAGEFAULT_WP (1ULL << 1)
+#define CU_PAGEFAULT_MINOR (1ULL << 2)
 
 /// One userfaultfd message, flattened (struct uffd_msg):
 /// - PAGEFAULT: a = address, b = flags, c = thread id (with THREAD_ID);
@@ -80,6 +82,9 @@ int cu_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int
 int cu_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 int cu_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed);
 int cu_poison(int fd, uint64_t start, uint64_t len);
+/// UFFDIO_CONTINUE: maps the page-cache pages already behind [start, start + len) of a MINOR-registered
+/// shared-memory range.
+int cu_continue(int fd, uint64_t start, uint64_t len);
 int cu_wake(int fd, uint64_t start, uint64_t len);
 /// poll(fd, POLLIN) for up to `timeout_ms` (or an eventfd `wake_fd` >= 0): 1 readable, 0 timeout or woken.
 int cu_poll(int fd, int wake_fd, int timeout_ms);
@@ -95,6 +100,9 @@ int cu_madvise(uint64_t start, uint64_t len, int advice);
 /// (-errno in *error).
 uint64_t cu_map_aligned(uint64_t len, uint64_t align, int prot, int *error);
 int cu_munmap(uint64_t start, uint64_t len);
+/// mmap(addr, len, prot, MAP_FIXED | MAP_SHARED [| MAP_POPULATE], fd, offset) as 0 / -errno: replaces
+/// whatever was mapped at [addr, addr + len).
+int cu_map_shared_fixed(uint64_t addr, uint64_t len, int prot, int fd, uint64_t offset, int populate);
 /// mremap(old, old_len, new_len, flags[, new_address]); the new address, or 0 with -errno in *error.
 /// Flags: 1 MREMAP_MAYMOVE, 2 MREMAP_FIXED, 4 MREMAP_DONTUNMAP.
 uint64_t cu_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_address, int *error);

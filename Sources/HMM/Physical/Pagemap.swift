@@ -125,9 +125,21 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
         self.operations = operations
         if let window {
             arena = Arena(borrowing: window, byteCount: count << PageSize.shift)
+        } else if kind == .deviceCoherent {
+            // CPU-addressable memory: a native engine maps its frames into processes (in place).
+            arena = try Arena(sharedByteCount: count << PageSize.shift, what: "\(kind) pagemap")
         } else {
             arena = try Arena(byteCount: count << PageSize.shift, what: "\(kind) pagemap")
         }
+    }
+
+    /// Where frame `pfn`'s bytes live in a file the engine may map elsewhere: the descriptor of the
+    /// pagemap's shared-memory object and the byte offset of the frame in it. Nil for a pagemap without
+    /// one (only device-coherent pagemaps have one) or a frame outside it.
+    @_spi(Engine)
+    public func backingFile(of pfn: PFN) -> (descriptor: Int32, offset: Int)? {
+        guard arena.file >= 0, contains(pfn) else { return nil }
+        return (arena.file, Int(pfn.rawValue - firstPFN.rawValue) << PageSize.shift)
     }
 
     /// The driver's callbacks; nil once the driver object is gone.
