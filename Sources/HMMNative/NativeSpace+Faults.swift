@@ -68,12 +68,31 @@ extension NativeSpace {
 
     /// The fault thread. A fault is resolved only after the events read before it: a thread that
     /// returned from `MADV_DONTNEED` (released as soon as its event was read) and then touches the page
-    /// must see it dropped, not fault back the device copy the event is about to free.
+    /// must see it dropped, not fault back the device copy the event is about to free. A hole of host
+    /// memory is the exception (``isHostHole(_:)``).
     func faultLoop() {
         while let m = faults.pop() {
-            events.waitFinished(m.c)
+            if faultNeedsEvents(m.a) { events.waitFinished(m.c) }
             _ = faultGate.withReadLock { handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0) }
             faults.finish()
+        }
+    }
+
+    /// Whether a fault at `a` must wait for the events read before it: yes unless the page is host
+    /// memory — a hole to fill with zeros whatever the pending events say, since none of them can put
+    /// bytes there (a remove event only zaps, and its mark is set when it is read). A page on the move
+    /// is waited for first, then decided. Skipping the wait is what keeps a driver safe that copies
+    /// from a page's host window under its own lock after a `MADV_DONTNEED` zapped it: the copy
+    /// faults, and the invalidation of that remove event waits for the same lock.
+    func faultNeedsEvents(_ a: UInt64) -> Bool {
+        while true {
+            guard let region = region(containing: a) else { return true }
+            let s = region.state(region.index(a))
+            if s.isMigrating {
+                sched_yieldShim()
+                continue
+            }
+            return s.kind != .host
         }
     }
 

@@ -55,11 +55,11 @@ enum InThreadFaults {
 }
 
 extension NativeSpace {
-    /// Resolves a fault in the faulting thread, after the events read before it (as the fault thread
-    /// does). Returns whether the access should run again.
+    /// Resolves a fault in the faulting thread, after the events read before it unless the page is a
+    /// host hole (as the fault thread does). Returns whether the access should run again.
     func resolveInThread(_ address: UInt64, write: Bool) -> Bool {
         guard !forkedAway.load(ordering: .acquiring), !hasExited else { return false }
-        catchUpWithEvents()
+        if faultNeedsEvents(address) { catchUpWithEvents() }
         return faultGate.withReadLock { handleFault(address, write: write) }
     }
 

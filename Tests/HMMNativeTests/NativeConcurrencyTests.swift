@@ -190,6 +190,60 @@ struct NativeConcurrencyTests {
         }
     }
 
+    /// A driver's READ copies CPU-resident pages through their host window under the mirror's lock,
+    /// while another thread zaps those pages with `MADV_DONTNEED`: the copy may then touch a hole, and
+    /// its fault must not wait for the remove event, whose invalidation needs the lock the copier holds.
+    @Test("stress: driver reads of CPU-resident pages race MADV_DONTNEED of them (no deadlock, no wrong bytes)")
+    func readRacesDontNeed() throws {
+        let millis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
+        try withNativeSpace { machine, space, gpu in
+            let file = try gpu.open(space)
+            let pages = 64
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            fill(region, seed: 3)
+            let base = UInt(bitPattern: region.pointer)
+            let address = region.address
+            let deadline = ContinuousClock.now + .milliseconds(millis)
+            let errors = Locked<[String]>([])
+            let reads = Atomic<Int>(0)
+            let reader = HostThread {
+                var mirror = [UInt8](repeating: 0, count: pages << 12)
+                while ContinuousClock.now < deadline {
+                    do throws(HMMError) {
+                        _ = try file.read(address, pages: pages, into: &mirror)
+                        reads.add(1, ordering: .relaxed)
+                    } catch {
+                        errors.withLock { $0.append("\(error)") }
+                    }
+                    // Each page reads as its pattern or as zeros (dropped), never anything else.
+                    mirror.withUnsafeBytes { b in
+                        for p in 0..<pages {
+                            let w = b.load(fromByteOffset: p << 12, as: UInt32.self)
+                            if w != 0 && w != 3 &+ UInt32(p * 1024) { errors.withLock { $0.append("page \(p) read \(w)") } }
+                        }
+                    }
+                }
+            }
+            let zapper = HostThread {
+                var rng = UInt64(77)
+                while ContinuousClock.now < deadline {
+                    rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                    let p = Int(rng >> 33) % pages
+                    _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(p << 12)), 4096, MADV_DONTNEED)
+                    // Refill it: a first touch, then its pattern.
+                    let w = UnsafeMutablePointer<UInt32>(bitPattern: base + UInt(p << 12))!
+                    w[0] = 3 &+ UInt32(p * 1024)
+                }
+            }
+            reader.join()
+            zapper.join()
+            #expect(errors.withLock { Array($0.prefix(5)) } == [])
+            #expect(reads.load(ordering: .relaxed) > 0)
+            try machine.checkInvariants()
+            file.close()
+        }
+    }
+
     /// Stress: while one thread stores and checks checksums on a region, another repeatedly makes a small
     /// region, moves it to the device, mremaps it elsewhere, checks a word at the new address and unmaps
     /// it in two halves. Bounded by HMM_NATIVE_STRESS_MS.
