@@ -62,6 +62,41 @@ struct NativeCoherentTests {
         }
     }
 
+    @Test("another device reads coherent pages in place (hmm2.double_map, coherent variant): they stay, snapshot REMOTE")
+    func coherentReadByAnotherDevice() throws {
+        let machine = try Machine(.init(systemMemory: 256 << 20))
+        let space = try NativeSpace(machine: machine)
+        let dev2 = try MirrorDevice(machine: machine, minor: 2, kind: .deviceCoherent, chunkSize: 64 << 20)
+        let dev3 = try MirrorDevice(machine: machine, minor: 3, kind: .deviceCoherent, chunkSize: 64 << 20)
+        let region = try space.allocate(length: 6 << 12, hugePages: false, populate: true)
+        fill(region, seed: 0)
+        try region.protect(0..<region.length, [.read])
+        let file0 = try dev2.open(space)
+        let file1 = try dev3.open(space)
+        var mirror = [UInt8](repeating: 0, count: 6 << 12)
+        #expect(try file0.read(region.address, pages: 6, into: &mirror) == MirrorResult(cpages: 6, faults: 1))
+        #expect(try file1.migrateToDevice(region.address, pages: 6, into: nil).cpages == 6)
+        #expect(dev3.pagesInUse == 6)
+        // fd0's entries were invalidated by the migration; its READ faults once and reads in place.
+        mirror = [UInt8](repeating: 0, count: 6 << 12)
+        #expect(try file0.read(region.address, pages: 6, into: &mirror) == MirrorResult(cpages: 6, faults: 1))
+        #expect(mirror.withUnsafeBytes { b in (0..<(6 * 1024)).allSatisfy { b.load(fromByteOffset: $0 * 4, as: UInt32.self) == UInt32($0) } })
+        #expect(dev3.pagesInUse == 6, "the pages stay on device 3")
+        var snap = [UInt8](repeating: 0, count: 6)
+        _ = try file0.snapshot(region.address, pages: 6, into: &snap)
+        #expect(snap == [UInt8](repeating: MirrorProtection.deviceCoherentRemote | MirrorProtection.read, count: 6), "\(snap)")
+        _ = try file1.snapshot(region.address, pages: 6, into: &snap)
+        #expect(snap == [UInt8](repeating: MirrorProtection.deviceCoherentLocal | MirrorProtection.read, count: 6), "\(snap)")
+        #expect(firstMismatch(region, seed: 0) == nil)
+        try machine.checkInvariants()
+        try space.close()
+        #expect(dev3.pagesInUse == 0)
+        #expect(firstMismatch(region, seed: 0) == nil)
+        file0.close()
+        file1.close()
+        try machine.checkInvariants()
+    }
+
     @Test("MADV_DONTNEED of a coherent page drops it (zeros after, frame freed); munmap frees the frames")
     func coherentDontNeedAndUnmap() throws {
         try withNativeSpace(kind: .deviceCoherent) { machine, space, gpu in
