@@ -309,7 +309,10 @@ public final class MirrorFile: @unchecked Sendable {
                     // 512 pages, so a device with exactly enough memory is not short by the pool.
                     var small = 0
                     for i in 0..<m.npages where m.src[i].isMigrating && !m.src[i].isCompound { small += 1 }
-                    var pool = small > 0 ? try device.allocatePages(small, for: id) : []
+                    // Handed out from the end, in descending order: adjacent pages get ascending frames,
+                    // adjacent where the free list allows (an engine that maps device memory in place
+                    // then maps a run at once).
+                    var pool: [PFN] = small > 0 ? try device.allocatePages(small, for: id).sorted(by: >) : []
                     defer { device.giveBack(pool) }
                     for i in 0..<m.npages where m.src[i].isMigrating {
                         if let s = m.src[i].pfn, machine.deviceKind(s) != nil { continue }

@@ -64,6 +64,8 @@ extension NativeSpace: MigrationEngine {
         let coherentOK = m.select.contains(.deviceCoherent)
         let compound = m.select.contains(.compound)
         var hostPages = 0
+        // Small coherent pages collected: their in-place mappings are replaced by holes in runs, below.
+        var coherent: [Int] = []
         var k = 0
         while k < n {
             let i = c.first + k
@@ -105,7 +107,6 @@ extension NativeSpace: MigrationEngine {
                     k += 1
                     continue
                 }
-                var lockedHere = false
                 if head != c.faultHead && !c.lockedHeads.contains(head) {
                     guard machine.folioTryLock(head) else {
                         region.setState(i, s)
@@ -113,18 +114,8 @@ extension NativeSpace: MigrationEngine {
                         continue
                     }
                     c.lockedHeads.insert(head)
-                    lockedHere = true
                 }
-                // Coherent memory mapped in place: a hole takes its place, so CPU touches wait for the copy.
-                if isCoherent(s) && !replaceWithHole(region, at: region.pageAddress(i), pages: 1) {
-                    if lockedHere {
-                        c.lockedHeads.remove(head)
-                        machine.folioUnlock(head)
-                    }
-                    region.setState(i, s)
-                    k += 1
-                    continue
-                }
+                if isCoherent(s) { coherent.append(k) }
                 c.locked[k] = true
                 m.engineSource[k] = MigratePFN(s.pfn, flags: MigratePFN.migrate | (s.isWritable ? MigratePFN.write : 0))
                 k += 1
@@ -132,7 +123,29 @@ extension NativeSpace: MigrationEngine {
                 k += 1
             }
         }
+        if !coherent.isEmpty { unmapCoherent(m, c, coherent) }
         if hostPages > 0 { moveOut(m, c, compound: compound) }
+    }
+
+    /// Puts holes in place of the collected coherent pages `ks` (ascending), one host call per run of
+    /// adjacent pages, so CPU touches wait for the copy as for any page on the move. A run the host
+    /// refuses is not collected: its words are unlocked as they were (their folios stay locked with the
+    /// migration's others and are unlocked at finalize).
+    private func unmapCoherent(_ m: MigrateVMA, _ c: NativeMigration, _ ks: [Int]) {
+        var start = 0
+        while start < ks.count {
+            var end = start + 1
+            while end < ks.count && ks[end] == ks[end - 1] + 1 { end += 1 }
+            let first = ks[start]
+            if !replaceWithHole(c.region, at: m.start + UInt64(first) << UInt64(PageSize.shift), pages: end - start) {
+                for k in ks[start..<end] {
+                    c.region.setState(c.first + k, c.region.state(c.first + k).unlocked)
+                    c.locked[k] = false
+                    m.engineSource[k] = .empty
+                }
+            }
+            start = end
+        }
     }
 
     /// Locks the 512 words of the compound unit at `k` and its folio; one compound entry.
@@ -276,6 +289,7 @@ extension NativeSpace: MigrationEngine {
     public func migratePages(_ m: MigrateVMA) throws(HMMError) {
         guard let c = m.engineContext as? NativeMigration else { return }
         let n = c.locked.count
+        var run = CoherentRun()
         var k = 0
         while k < n {
             let src = m.engineSource[k]
@@ -304,14 +318,41 @@ extension NativeSpace: MigrationEngine {
                 m.engineSource[k].rawValue &= ~MigratePFN.migrate
             }
             let unit = src.isCompound ? PageSize.pagesPerPMD : 1
-            // Into coherent memory: the frame, which holds the bytes now, is mapped over the page's hole
-            // here, so the entry moves only if the host allows the mapping (else it stays in RAM).
-            if dKind == .deviceCoherent && !srcIsDevice && m.engineSource[k].isMigrating
-                && !mapCoherent(c.region, at: m.start + UInt64(k) << UInt64(PageSize.shift), frame: d, pages: unit)
-            {
-                m.engineSource[k].rawValue &= ~MigratePFN.migrate
+            if dKind == .deviceCoherent && !srcIsDevice && m.engineSource[k].isMigrating {
+                if !run.extend(k, d, unit) {
+                    mapRun(m, c, run)
+                    run = CoherentRun(first: k, frame: d, pages: unit)
+                }
             }
             k += unit
+        }
+        mapRun(m, c, run)
+    }
+
+    /// Entries going to coherent memory whose pages and frames are both adjacent: one mapping.
+    private struct CoherentRun {
+        var first = 0
+        var frame = PFN(0)
+        var pages = 0
+
+        mutating func extend(_ k: Int, _ d: PFN, _ unit: Int) -> Bool {
+            if pages == 0 {
+                (first, frame, pages) = (k, d, unit)
+                return true
+            }
+            guard k == first + pages, d == frame + pages else { return false }
+            pages += unit
+            return true
+        }
+    }
+
+    /// Into coherent memory: the frames, which hold the bytes now, are mapped over the pages' holes here,
+    /// so the entries move only if the host allows the mapping (else they stay in RAM).
+    private func mapRun(_ m: MigrateVMA, _ c: NativeMigration, _ run: CoherentRun) {
+        guard run.pages > 0 else { return }
+        let at = m.start + UInt64(run.first) << UInt64(PageSize.shift)
+        if !mapCoherent(c.region, at: at, frame: run.frame, pages: run.pages) {
+            for k in run.first..<(run.first + run.pages) { m.engineSource[k].rawValue &= ~MigratePFN.migrate }
         }
     }
 

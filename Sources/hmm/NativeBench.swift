@@ -108,6 +108,11 @@ extension Bench {
                 "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(back)) / c))×\(stillHuge)")
         }
 
+        // Device-coherent memory mapped in place: what a migration costs against device-private, and
+        // CPU reads of the coherent pages against the same reads of host pages (no fault either way).
+        try coherentBenchmarks(machine, space, reps: reps, bytes: quick ? 2 << 20 : 16 << 20,
+                               privateFile: file)
+
         // 4. Snapshot vs a bare PAGEMAP_SCAN.
         let snapPages = quick ? 4096 : 65536
         let region = try space.allocate(length: snapPages << 12, hugePages: false, populate: true)
@@ -136,6 +141,50 @@ extension Bench {
         let bp = Double(snapPages) / median(scan) * 1000
         row("snapshot, 4 KiB pages (Mpages/s)", fixed(sp), "bare PAGEMAP_SCAN \(fixed(bp)) Mpages/s → \(fixed(sp / bp))×")
         try machine.checkInvariants()
+    }
+
+    private func coherentBenchmarks(_ machine: Machine, _ space: NativeSpace, reps: Int, bytes: Int,
+                                    privateFile: MirrorFile) throws {
+        let coherent = try MirrorDevice(machine: machine, minor: 2, kind: .deviceCoherent, chunkSize: max(bytes, 32 << 20))
+        let file = try coherent.open(space)
+        defer { file.close() }
+        let region = try space.allocate(length: bytes, hugePages: false, populate: true)
+        defer { region.free() }
+        memset(region.pointer, 7, bytes)
+        let pages = bytes >> 12
+        var priv: [Double] = []
+        var coh: [Double] = []
+        var hostRead: [Double] = []
+        var cohRead: [Double] = []
+        /// Sums the region's 64-bit words (a CPU read of every byte).
+        func readAll() -> Double {
+            let words = region.pointer.bindMemory(to: UInt64.self, capacity: bytes / 8)
+            let t = now()
+            var sum: UInt64 = 0
+            for i in 0..<(bytes / 8) { sum &+= words[i] }
+            blackHole(sum)
+            return Double(now() - t)
+        }
+        for _ in 0..<reps {
+            var t = now()
+            _ = try privateFile.migrateToDevice(region.address, pages: pages, into: nil)
+            _ = try privateFile.migrateToSystem(region.address, pages: pages)
+            priv.append(Double(now() - t))
+            hostRead.append(readAll())
+            t = now()
+            _ = try file.migrateToDevice(region.address, pages: pages, into: nil)
+            let mid = now()
+            cohRead.append(readAll())
+            let back = now()
+            _ = try file.migrateToSystem(region.address, pages: pages)
+            coh.append(Double(mid - t) + Double(now() - back))
+        }
+        let p = median(priv) / Double(pages) / 1000
+        let c = median(coh) / Double(pages) / 1000
+        row("coherent: migrate there and back (µs/page)", fixed(c), "device-private \(fixed(p)) µs/page → \(fixed(c / p))×")
+        let h = Double(bytes) / median(hostRead)
+        let r = Double(bytes) / median(cohRead)
+        row("coherent: CPU read in place (GB/s)", fixed(r), "host pages \(fixed(h)) GB/s → \(fixed(r / h))×")
     }
 
     /// Runs `baseline` and `measured` alternately `reps` times (the machine is noisy: interleaving puts
