@@ -17,7 +17,7 @@ let package = Package(
         .target(name: "HMMDevices", dependencies: ["HMM"]),
         .target(name: "CUserfaultfd", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd"]),
-        .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices"]),
+        .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
         .executableTarget(
             name: "hmm",
             dependencies: [
@@ -27,7 +27,7 @@ let package = Package(
         ),
         .testTarget(name: "HMMTests", dependencies: ["HMM", "HMMDevices"]),
         .testTarget(name: "SelftestTests", dependencies: ["HMM", "HMMDevices", "HMMSelftests"]),
-        .testTarget(name: "HMMNativeTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
+        .testTarget(name: "HMMNativeTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd", "HMMSelftests"]),
     ],
     swiftLanguageModes: [.v6]
 )

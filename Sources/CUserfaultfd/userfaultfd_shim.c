@@ -3,6 +3,7 @@
 #endif
 #include "CUserfaultfd.h"
 #include <errno.h>
+#include <sys/uio.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -190,6 +191,20 @@ uint64_t cu_map_aligned(uint64_t len, uint64_t align, int prot, int *error) {
 }
 
 int cu_munmap(uint64_t start, uint64_t len) { return munmap((void *)(uintptr_t)start, len) ? -errno : 0; }
+long cu_self_read(void *dst, const void *src, size_t len) {
+    struct iovec local = {.iov_base = dst, .iov_len = len};
+    struct iovec remote = {.iov_base = (void *)src, .iov_len = len};
+    ssize_t n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+    return n < 0 ? -errno : (long)n;
+}
+
+long cu_self_write(void *dst, const void *src, size_t len) {
+    struct iovec local = {.iov_base = (void *)src, .iov_len = len};
+    struct iovec remote = {.iov_base = dst, .iov_len = len};
+    ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+    return n < 0 ? -errno : (long)n;
+}
+
 int cu_map_shared_fixed(uint64_t addr, uint64_t len, int prot, int fd, uint64_t offset, int populate) {
     void *p = mmap((void *)(uintptr_t)addr, len, prot, MAP_FIXED | MAP_SHARED | (populate ? MAP_POPULATE : 0), fd,
                    (off_t)offset);

@@ -198,8 +198,7 @@ public final class MirrorFile: @unchecked Sendable {
                     let k = (address >> UInt64(PageSize.shift)) + UInt64(i)
                     guard let v = s.table[k] else { return (i, false) }
                     guard v & 3 == Self.tagWrite else { return (i, true) }
-                    try machine.framePointer(PFN(v >> 2)).copyMemory(from: data.baseAddress! + i << PageSize.shift,
-                                                                      byteCount: PageSize.base)
+                    try machine.writeFrame(PFN(v >> 2), from: data.baseAddress! + i << PageSize.shift)
                     i += 1
                 }
                 return (i, false)
@@ -235,8 +234,7 @@ public final class MirrorFile: @unchecked Sendable {
             while i < pages {
                 let k = (address >> UInt64(PageSize.shift)) + UInt64(i)
                 guard let v = s.table[k] else { break }
-                (out.baseAddress! + i << PageSize.shift).copyMemory(from: try machine.framePointer(PFN(v >> 2)),
-                                                                    byteCount: PageSize.base)
+                try machine.readFrame(PFN(v >> 2), into: out.baseAddress! + i << PageSize.shift)
                 i += 1
             }
             return i

@@ -21,8 +21,9 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     public let address: UInt64
     /// Bytes, a multiple of 4 KiB.
     public let length: Int
-    /// Whether the region asked the host for transparent huge pages (`MADV_HUGEPAGE`).
-    public let hugePages: Bool
+    /// Whether the region asked the host for transparent huge pages (`MADV_HUGEPAGE`), asked it for
+    /// none (`MADV_NOHUGEPAGE`), or left it to the host's default (nil).
+    public let hugePages: Bool?
     let pages: Int
     let states: UnsafeMutablePointer<Atomic<UInt64>>
     /// The host window naming the region's pages: page `i` is `window.firstPFN + i`.
@@ -35,7 +36,7 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     /// Set by ``free()``.
     let freed = Atomic<Bool>(false)
 
-    init(space: NativeSpace, address: UInt64, length: Int, protection: Protection, hugePages: Bool, window: Pagemap) {
+    init(space: NativeSpace, address: UInt64, length: Int, protection: Protection, hugePages: Bool?, window: Pagemap) {
         self.space = space
         self.address = address
         self.length = length

@@ -58,7 +58,7 @@ extension NativeSpace {
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
         let scratch = Sys.mapAnonymous(bytes, region.protection)
         guard scratch != 0 else { return false }
-        _ = Sys.madvise(scratch, bytes, region.hugePages ? Sys.hugePage : Sys.noHugePage)
+        if let huge = region.hugePages { _ = Sys.madvise(scratch, bytes, huge ? Sys.hugePage : Sys.noHugePage) }
         if options.forkPolicy == .deny { _ = Sys.madvise(scratch, bytes, Sys.dontFork) }
         guard Sys.register(uffd, scratch, bytes, missing: true) == 0 else {
             _ = Sys.munmap(scratch, bytes)

@@ -44,7 +44,8 @@ extension NativeSpace {
             invalidating(a, b, event, owner: nil) {
                 var unmapped = 0
                 for i in region.index(a)..<region.index(b + PageSize.baseMask) {
-                    if final == .unmapped && region.state(i).kind == .unmapped { continue }
+                    // An unmapped page stays so: its address may be another region's now (after an mremap).
+                    if region.state(i).kind == .unmapped { continue }
                     dropPage(region, i, to: final)
                     if final == .unmapped { unmapped += 1 }
                 }

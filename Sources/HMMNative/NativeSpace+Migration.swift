@@ -37,12 +37,21 @@ extension NativeSpace: MigrationEngine {
     /// and collected — a system page by moving it into a staging frame (its VA becomes a hole, and a
     /// touch waits), a 2 MiB THP as one compound entry when `.compound` is selected, a hole or zero page
     /// as a bare `migrate` entry, a device page of the owner as its device frame.
-    /// - Throws: `.invalidArgument` (no region at `start`, the range leaves it, the region is not
+    /// Memory the engine does not manage (shared or file mappings of the process) collects nothing, as
+    /// the kernel collects no page of a VMA that is not private anonymous.
+    /// - Throws: `.invalidArgument` (an unmapped range, the range leaves its region, the region is not
     ///   readable), `.noProcess` after close.
     public func migrateSetup(_ m: MigrateVMA) throws(HMMError) {
         try checkOpen()
-        guard let region = region(containing: m.start), m.end <= region.end else {
-            throw HMMError(.invalidArgument, "migrate_vma: no native region holds \(m.start)..<\(m.end)")
+        guard let region = region(containing: m.start) else {
+            guard Sys.isMapped(m.start, m.end) else {
+                throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) is not mapped")
+            }
+            invalidating(m.start, m.end, .migrate, owner: m.owner) {}
+            return
+        }
+        guard m.end <= region.end else {
+            throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) leaves its native region")
         }
         guard region.protection.contains(.read) else {
             throw HMMError(.invalidArgument, "migrate_vma: the region at \(m.start) is not readable")

@@ -264,13 +264,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     // MARK: regions
 
     /// Allocates anonymous private memory that can migrate: `mmap` (2 MiB-aligned),
-    /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`, `MADV_DONTFORK` under the default fork policy (a forked
+    /// `MADV_HUGEPAGE` or `MADV_NOHUGEPAGE` (neither for `hugePages: nil`: the host's default), `MADV_DONTFORK` under the default fork policy (a forked
     /// child gets `SIGSEGV` touching it, never device pages read as silent zeros; see ``ForkPolicy``),
     /// `MADV_POPULATE_WRITE` with `populate`, then
     /// `UFFDIO_REGISTER`. An unpopulated page's first touch is a userfaultfd round trip (zero fill).
     /// - Throws: `.invalidArgument` (length not a positive multiple of 4 KiB up to 1 TiB),
     ///   `.outOfMemory`, `.noProcess` after close, what registration returns.
-    public func allocate(length: Int, protection: Protection = [.read, .write], hugePages: Bool = true,
+    public func allocate(length: Int, protection: Protection = [.read, .write], hugePages: Bool? = true,
                          populate: Bool = false) throws(HMMError) -> NativeRegion {
         try checkOpen()
         guard length > 0, length % PageSize.base == 0, length <= 1 << 40 else {
@@ -286,7 +286,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         var registered = false
         var region: NativeRegion?
         do throws(HMMError) {
-            _ = Sys.madvise(base, bytes, hugePages ? Sys.hugePage : Sys.noHugePage)
+            if let hugePages { _ = Sys.madvise(base, bytes, hugePages ? Sys.hugePage : Sys.noHugePage) }
             if options.forkPolicy == .deny { _ = Sys.madvise(base, bytes, Sys.dontFork) }
             if populate {
                 let rc = Sys.madvise(base, bytes, Sys.populateWrite)
@@ -315,7 +315,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     }
 
     /// A region object for `[base, base + length)`, with its host window.
-    func makeRegion(_ base: UInt64, _ length: Int, _ protection: Protection, _ hugePages: Bool) throws(HMMError) -> NativeRegion {
+    func makeRegion(_ base: UInt64, _ length: Int, _ protection: Protection, _ hugePages: Bool?) throws(HMMError) -> NativeRegion {
         let pages = length >> PageSize.shift
         let windowFrames = (pages + PageSize.pagesPerPMD - 1) / PageSize.pagesPerPMD * PageSize.pagesPerPMD
         let window = try machine.registerHostWindow(base: UnsafeMutableRawPointer(bitPattern: UInt(base))!,
@@ -352,9 +352,18 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
     }
 
-    /// The live region containing `address` (any thread; the region list's lock is a leaf).
+    /// The live region containing `address` (any thread; the region list's lock is a leaf). Regions
+    /// can overlap: an `mremap` may move pages into a range an older region unmapped, and that older
+    /// region still spans it. The region whose page there is mapped wins.
     public func region(containing address: UInt64) -> NativeRegion? {
-        regionList.withLock { list in list.first { $0.contains(address) } }
+        regionList.withLock { list in
+            var unmappedThere: NativeRegion?
+            for r in list where r.contains(address) {
+                if r.state(r.index(address)).kind != .unmapped { return r }
+                if unmappedThere == nil { unmappedThere = r }
+            }
+            return unmappedThere
+        }
     }
 
     /// The live regions.
@@ -436,7 +445,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// to spin in the kernel (6.18) and stall every `fork` and page fault of the process behind it.
     func applyZap(_ region: NativeRegion, _ i: Int, _ s: PageState) -> PageState {
         let clean = PageState(rawValue: s.rawValue & ~PageState.zappedBit)
-        if s.isCompound {
+        // An unmapped page's address belongs to someone else now (another region, after an mremap).
+        if s.isCompound || s.kind == .unmapped {
             region.states[i].store(clean.rawValue, ordering: .releasing)
             return clean
         }
@@ -487,10 +497,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     // MARK: the driver-facing protocol
 
-    /// Runs `body` with `mmapLock` held for reading.
+    /// Runs `body` with `mmapLock` held for reading, after the host events read so far are handled.
     /// - Throws: what `body` throws, `.noProcess` after close.
     public func withMmapReadLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R {
         try checkOpen()
+        // What the host did before this call (an `mremap` that returned, say) is what the driver sees,
+        // as a kernel driver taking `mmap_lock` sees a completed `mremap`: its events are handled first.
+        if !hasExited { catchUpWithEvents() }
         return try mmapLock.withReadLock { () throws(HMMError) -> R in
             try checkOpen()
             return try body()
@@ -514,11 +527,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         return n
     }
 
-    /// The region containing `address`, as a mapping (nil where nothing is, or the page was unmapped).
+    /// The region containing `address`, as a mapping; outside every region, the host's own mapping
+    /// there (`/proc/self/maps`: shared or file memory the engine does not manage); nil where nothing is.
     public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
-        guard let r = region(containing: address), r.state(r.index(address)).kind != .unmapped else { return nil }
+        guard let r = region(containing: address) else { return HostMaps.mapping(containing: address) }
+        guard r.state(r.index(address)).kind != .unmapped else { return HostMaps.mapping(containing: address) }
         return MappingInfo(start: r.address, end: r.end, protection: r.protection, shared: false, anonymous: true,
-                           hugetlb: false, hugePageAdvice: r.hugePages)
+                           hugetlb: false, hugePageAdvice: r.hugePages == true)
     }
 
     // MARK: PAGEMAP_SCAN
@@ -659,8 +674,20 @@ extension NativeSpace: FrameReferenceHolder {
 }
 
 /// The callbacks of a host window: its frames are never allocated, so none is ever called for real.
-final class HostWindowOperations: PagemapOperations, @unchecked Sendable {
+final class HostWindowOperations: PagemapOperations, HostWindowAccess, @unchecked Sendable {
     func folioFree(_ head: PFN, order: Int) {}
+
+    /// A driver's copy out of a region page, through `process_vm_readv` on this process: `EFAULT`
+    /// instead of `SIGSEGV` if the user unmapped the page meanwhile (a hole faults through the
+    /// engine, as a load would).
+    func copyOut(from src: UnsafeRawPointer, to dst: UnsafeMutableRawPointer, count: Int) -> Bool {
+        cu_self_read(dst, src, count) == count
+    }
+
+    /// A driver's copy into a region page (`process_vm_writev` on this process).
+    func copyIn(from src: UnsafeRawPointer, to dst: UnsafeMutableRawPointer, count: Int) -> Bool {
+        cu_self_write(dst, src, count) == count
+    }
     func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
         throw HMMError(.bus, "a host window page is already in host memory")
     }

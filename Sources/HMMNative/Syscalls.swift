@@ -56,6 +56,10 @@ enum Sys {
         let at = cu_mremap(from, length, length, 3, to, &error)
         return at == to ? 0 : (error != 0 ? error : -EINVAL)
     }
+    /// Whether every page of `[start, end)` is mapped (`msync(MS_ASYNC)` answers `ENOMEM` otherwise).
+    static func isMapped(_ start: UInt64, _ end: UInt64) -> Bool {
+        msync(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(end - start), MS_ASYNC) == 0
+    }
     static func unregister(_ fd: Int32, _ start: UInt64, _ length: UInt64) -> Int32 { cu_unregister(fd, start, length) }
     static func madvise(_ start: UInt64, _ length: UInt64, _ advice: Int32) -> Int32 { cu_madvise(start, length, advice) }
     static func munmap(_ start: UInt64, _ length: UInt64) -> Int32 { cu_munmap(start, length) }

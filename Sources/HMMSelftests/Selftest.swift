@@ -1,5 +1,6 @@
 import HMM
 import HMMDevices
+import HMMNative
 
 /// A failed assertion of a selftest (the kernel's `ASSERT_*`).
 public struct SelftestFailure: Error, CustomStringConvertible {
@@ -41,16 +42,20 @@ public struct Selftest: Sendable {
     public let pending: String?
     /// Variants in which the case fails upstream too, with the reason (kselftest's `XFAIL`).
     public let knownFailures: [SelftestVariant: String]
+    /// Why the case cannot run on the native engine, if it cannot at all (cases that need a simulated-
+    /// only facility part way through skip from there, with the reason).
+    public let nativeSkip: String?
     /// System RAM of the case's machine: 256 MiB, more for a case that needs it (T38 migrates 256 MiB).
     public let systemMemory: Int
     let body: @Sendable (SelftestContext) throws -> Void
 
     init(name: String, fixture: SelftestFixture, pending: String?, knownFailures: [SelftestVariant: String] = [:],
-         systemMemory: Int = 256 << 20, body: @escaping @Sendable (SelftestContext) throws -> Void) {
+         nativeSkip: String? = nil, systemMemory: Int = 256 << 20, body: @escaping @Sendable (SelftestContext) throws -> Void) {
         self.name = name
         self.fixture = fixture
         self.pending = pending
         self.knownFailures = knownFailures
+        self.nativeSkip = nativeSkip
         self.systemMemory = systemMemory
         self.body = body
     }
@@ -65,14 +70,25 @@ public enum SelftestOutcome: Sendable, Equatable {
     case expectedFailure(String)
 }
 
+/// The engine a case runs on.
+public enum SelftestEngine: String, CaseIterable, Sendable {
+    /// The simulated machine: the process is an ``AddressSpace``.
+    case simulated
+    /// This process's real memory through ``NativeSpace`` (userfaultfd).
+    case native
+}
+
 /// What a case runs against: a fresh machine with the four mirror devices, the test "process" (an
-/// address space) and the fixture's open device files.
+/// address space, simulated or this process's own memory) and the fixture's open device files.
 public final class SelftestContext {
     public let machine: Machine
     public let devices: MirrorDeviceSet
     public let variant: SelftestVariant
+    public let engine: SelftestEngine
     /// The process under test.
-    public let space: AddressSpace
+    public let process: any SelftestProcess
+    /// The native space, when the case runs natively (closed after the case).
+    let nativeSpace: NativeSpace?
     /// The fixture's first (or only) device file.
     public let fd0: MirrorFile
     /// The `hmm2` fixture's second device file.
@@ -83,18 +99,47 @@ public final class SelftestContext {
     /// `HMM_BUFFER_SIZE`: 4 MiB.
     public let bufferSize = 4 << 20
 
-    init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20) throws {
-        machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: 2))
+    init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20,
+         engine: SelftestEngine = .simulated) throws {
+        machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: engine == .simulated ? 2 : 0))
         // `DEVMEM_CHUNK_SIZE`: a coherent device has this one chunk and no other.
         devices = try MirrorDeviceSet(machine: machine, chunkSize: 256 << 20)
         self.variant = variant
-        space = try machine.makeAddressSpace()
+        self.engine = engine
+        switch engine {
+        case .simulated:
+            process = try machine.makeAddressSpace()
+            nativeSpace = nil
+        case .native:
+            let space = try NativeSpace(machine: machine)
+            process = NativeSelftestProcess(space: space)
+            nativeSpace = space
+        }
         let first = variant == .devicePrivate ? 0 : 2
-        fd0 = try devices.device(first).open(space)
-        fd1 = fixture == .hmm2 ? try devices.device(first + 1).open(space) : nil
+        do {
+            fd0 = try devices.device(first).open(process.mirrored)
+            fd1 = fixture == .hmm2 ? try devices.device(first + 1).open(process.mirrored) : nil
+        } catch {
+            try? nativeSpace?.close()
+            throw error
+        }
     }
 
     var coherent: Bool { variant == .deviceCoherent }
+
+    /// After a case ended early: its files and (natively) its space are closed.
+    func closeQuietly() {
+        fd0.close()
+        fd1?.close()
+        try? nativeSpace?.close()
+    }
+
+    /// The simulated address space, for what only the simulated engine models (`fork` of the test
+    /// process, `/proc/self/pagemap` entries, `get_user_pages`); natively the case skips with `why`.
+    func simulated(_ why: String) throws -> AddressSpace {
+        guard let space = process as? AddressSpace else { throw SelftestSkip(reason: "native engine: \(why)") }
+        return space
+    }
 
     // MARK: assertions
 
@@ -166,31 +211,30 @@ public final class SelftestContext {
         if let faults { try expectEqual(b.faults, faults, "\(c) faults", line: line) }
     }
 
-    func map(_ size: Int, _ prot: Protection, _ flags: MapFlags = [.private, .anonymous], in s: AddressSpace? = nil,
-             file: MemoryFile? = nil) throws -> UInt64 {
-        try (s ?? space).map(length: size, protection: prot, flags: flags, file: file)
+    func map(_ size: Int, _ prot: Protection, _ flags: MapFlags = [.private, .anonymous], file: MemoryFile? = nil) throws -> UInt64 {
+        try process.map(length: size, protection: prot, flags: flags, file: file)
     }
 
     /// `THP setup`: the PMD-aligned window inside a mapping of twice the size, with the advice.
     func thpWindow(_ ptr: UInt64, huge: Bool) throws -> UInt64 {
         let pmd = UInt64(PageSize.pmd)
         let w = (ptr + pmd - 1) & ~(pmd - 1)
-        try space.advise(w, length: PageSize.pmd, huge ? .hugePage : .noHugePage)
+        try process.advise(w, length: PageSize.pmd, huge ? .hugePage : .noHugePage)
         return w
     }
 
     /// Stores `value(i)` in every `Int32` of `[ptr, ptr + size)`.
-    func fill(_ ptr: UInt64, _ size: Int, in s: AddressSpace? = nil, from first: Int = 0, _ value: (Int) -> Int32) throws {
+    func fill(_ ptr: UInt64, _ size: Int, in s: (any SelftestProcess)? = nil, from first: Int = 0, _ value: (Int) -> Int32) throws {
         let n = size / 4
         var ints = [Int32](repeating: 0, count: n - first)
         for i in first..<n { ints[i - first] = value(i) }
-        try ints.withUnsafeBytes { b in try (s ?? space).write(b, at: ptr + UInt64(first * 4)) }
+        try ints.withUnsafeBytes { b in try (s ?? process).write(b, at: ptr + UInt64(first * 4)) }
     }
 
     /// The `Int32`s of `[ptr, ptr + size)` as the CPU sees them.
-    func ints(_ ptr: UInt64, _ size: Int, in s: AddressSpace? = nil) throws -> [Int32] {
+    func ints(_ ptr: UInt64, _ size: Int, in s: (any SelftestProcess)? = nil) throws -> [Int32] {
         var out = [Int32](repeating: 0, count: size / 4)
-        try out.withUnsafeMutableBytes { b in try (s ?? space).read(into: b, at: ptr) }
+        try out.withUnsafeMutableBytes { b in try (s ?? process).read(into: b, at: ptr) }
         return out
     }
 
@@ -221,8 +265,8 @@ public enum Selftests {
     /// Runs `test` in `variant` on a fresh machine and checks the machine's invariants afterwards. A
     /// failure the case lists as known for `variant` is an ``SelftestOutcome/expectedFailure(_:)``; a
     /// pass where a failure was expected is a failure (the list is out of date).
-    public static func run(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
-        let outcome = runBody(test, variant)
+    public static func run(_ test: Selftest, _ variant: SelftestVariant, engine: SelftestEngine = .simulated) -> SelftestOutcome {
+        let outcome = runBody(test, variant, engine)
         guard let known = test.knownFailures[variant] else { return outcome }
         switch outcome {
         case .failed(let message): return .expectedFailure("\(known) — \(message)")
@@ -254,18 +298,25 @@ public enum Selftests {
         }
     }
 
-    private static func runBody(_ test: Selftest, _ variant: SelftestVariant) -> SelftestOutcome {
+    private static func runBody(_ test: Selftest, _ variant: SelftestVariant, _ engine: SelftestEngine) -> SelftestOutcome {
         if let pending = test.pending { return .skipped(pending) }
+        if engine == .native, let reason = test.nativeSkip { return .skipped("native engine: \(reason)") }
+        var context: SelftestContext?
         do {
-            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory)
+            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory, engine: engine)
+            context = ctx
             try test.body(ctx)
             ctx.fd0.close()
             ctx.fd1?.close()
+            // Natively the space closes first: every device page comes home, then the invariants hold.
+            try ctx.nativeSpace?.close()
             try ctx.machine.checkInvariants()
             return .passed
         } catch let skip as SelftestSkip {
+            context?.closeQuietly()
             return .skipped(skip.reason)
         } catch {
+            context?.closeQuietly()
             return .failed("\(error)")
         }
     }

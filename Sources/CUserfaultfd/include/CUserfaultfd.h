@@ -112,6 +112,12 @@ int cu_eventfd_signal(int fd);
 int cu_close(int fd);
 /// The AnonHugePages of the mapping containing `addr`, in kB, from /proc/self/smaps (-1 if not found).
 long cu_anon_huge_kb(uint64_t addr);
+/// Copies `len` bytes from `src` in this process's address space into `dst` with process_vm_readv on
+/// the process itself: the bytes copied, or -errno (EFAULT where `src` is not mapped) instead of a
+/// SIGSEGV. A userfaultfd hole in the range faults through its handler, as a load would.
+long cu_self_read(void *dst, const void *src, size_t len);
+/// The same for a write of `len` bytes from `src` to `dst` (process_vm_writev).
+long cu_self_write(void *dst, const void *src, size_t len);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t cu_now_ns(void);
 
