@@ -28,9 +28,10 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     let states: UnsafeMutablePointer<Atomic<UInt64>>
     /// The host window naming the region's pages: page `i` is `window.firstPFN + i`.
     let window: Pagemap
-    /// The protection the region was given (and ``protect(_:_:)`` set); a raw `mprotect` is invisible.
-    /// Written under the space's `mmapLock` for writing.
-    private let protectionWord = Atomic<UInt8>(0)
+    /// Each page's protection, as given at allocation and set by ``protect(_:_:)`` (a raw `mprotect` is
+    /// invisible): the kernel's VMA protection, which a partial `mprotect` splits. Written under the
+    /// space's `mmapLock` for writing; read by anyone.
+    private let protections: UnsafeMutablePointer<Atomic<UInt8>>
     /// Pages not yet unmapped; the region leaves its space when it reaches 0.
     let mappedPages: Atomic<Int>
     /// Set by ``free()``.
@@ -46,18 +47,50 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         states = .allocate(capacity: pages)
         for i in 0..<pages { (states + i).initialize(to: Atomic(0)) }
         mappedPages = Atomic(pages)
-        protectionWord.store(protection.rawValue, ordering: .relaxed)
+        protections = .allocate(capacity: pages)
+        for i in 0..<pages { (protections + i).initialize(to: Atomic(protection.rawValue)) }
     }
 
-    deinit { states.deallocate() }
+    deinit {
+        states.deallocate()
+        protections.deallocate()
+    }
 
     /// The region's memory: ordinary loads and stores.
     public var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: UInt(address))! }
     /// One past the last byte.
     public var end: UInt64 { address + UInt64(length) }
-    /// The protection the region has (as set at allocation or by ``protect(_:_:)``).
-    public var protection: Protection { Protection(rawValue: protectionWord.load(ordering: .acquiring)) }
-    func setProtection(_ p: Protection) { protectionWord.store(p.rawValue, ordering: .releasing) }
+    /// The protection of the region's first page (as set at allocation or by ``protect(_:_:)``); pages
+    /// may differ after a partial ``protect(_:_:)`` (``protection(at:)``).
+    public var protection: Protection { protection(page: 0) }
+
+    /// The protection of the page at byte `offset`.
+    public func protection(at offset: Int) -> Protection { protection(page: offset >> PageSize.shift) }
+
+    @inline(__always) func protection(page i: Int) -> Protection {
+        Protection(rawValue: protections[i].load(ordering: .acquiring))
+    }
+
+    /// Pages `pages` take protection `p` (under `mmapLock` for writing).
+    func setProtection(_ p: Protection, pages: Range<Int>) {
+        for i in pages { protections[i].store(p.rawValue, ordering: .releasing) }
+    }
+
+    /// The run of pages with page `i`'s protection, as the VMA around it: its protection and its bounds.
+    func protectionRun(around i: Int) -> (protection: Protection, pages: Range<Int>) {
+        let p = protections[i].load(ordering: .acquiring)
+        var lo = i
+        while lo > 0 && protections[lo - 1].load(ordering: .acquiring) == p { lo -= 1 }
+        var hi = i + 1
+        while hi < pages && protections[hi].load(ordering: .acquiring) == p { hi += 1 }
+        return (Protection(rawValue: p), lo..<hi)
+    }
+
+    /// Whether every page of `pages` allows `p`.
+    func allow(_ p: Protection, _ pages: Range<Int>) -> Bool {
+        for i in pages where !protection(page: i).isSuperset(of: p) { return false }
+        return true
+    }
 
     public var description: String { "native region 0x\(String(address, radix: 16))+\(length) \(protection)" }
 
@@ -183,9 +216,6 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, what `mprotect` returns.
     public func protect(_ offsets: Range<Int>, _ protection: Protection) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "protect")
-        guard offsets == 0..<length else {
-            throw HMMError(.unsupported, "protect: the native engine keeps one protection per region; protect all of it")
-        }
         try space.protect(self, lo, hi, protection)
     }
 

@@ -39,7 +39,7 @@ extension NativeSpace {
         else { return false }
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
         guard let slot = selfUnmaps.expect(a, a + bytes) else { return false }
-        let rc = Sys.mapShared(at: a, bytes, region.protection, file: file, offset: offset)
+        let rc = Sys.mapShared(at: a, bytes, region.protection(page: region.index(a)), file: file, offset: offset)
         guard rc == 0 else {
             selfUnmaps.cancel(slot)
             return false
@@ -56,7 +56,7 @@ extension NativeSpace {
     /// same threading rules as ``mapCoherent(_:at:frame:pages:)``.
     func replaceWithHole(_ region: NativeRegion, at a: UInt64, pages: Int) -> Bool {
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
-        let scratch = Sys.mapAnonymous(bytes, region.protection)
+        let scratch = Sys.mapAnonymous(bytes, region.protection(page: region.index(a)))
         guard scratch != 0 else { return false }
         if let huge = region.hugePages { _ = Sys.madvise(scratch, bytes, huge ? Sys.hugePage : Sys.noHugePage) }
         if options.forkPolicy == .deny { _ = Sys.madvise(scratch, bytes, Sys.dontFork) }

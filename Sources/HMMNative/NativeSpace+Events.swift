@@ -70,7 +70,8 @@ extension NativeSpace {
         for edge in [first, first + n] where edge < old.pages && edge & (PageSize.pagesPerPMD - 1) != 0 {
             if old.state(edge).isCompound { splitUnit(old, edge & ~(PageSize.pagesPerPMD - 1)) }
         }
-        guard let moved = try? makeRegion(to, Int(length), old.protection, old.hugePages) else { return }
+        guard let moved = try? makeRegion(to, Int(length), old.protection(page: first), old.hugePages) else { return }
+        for k in 0..<n { moved.setProtection(old.protection(page: first + k), pages: k..<(k + 1)) }
         invalidating(from, from + length, .unmap, owner: nil) {
             for k in 0..<n {
                 let s = old.lock(first + k)

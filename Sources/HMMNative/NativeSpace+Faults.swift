@@ -136,7 +136,10 @@ extension NativeSpace {
             case .host:
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
+                // Unlocked before the toucher runs again, as the kernel's fault returns with no page
+                // lock held: a migration it starts next must find the page free.
                 region.setState(i, .host)
+                _ = Sys.wake(uffd, a, Sys.page)
             case .device where isCoherent(s):
                 // Mapped in place: only the page-table entry is missing.
                 resolveCoherentFault(a)
@@ -163,14 +166,15 @@ extension NativeSpace {
     }
 
     /// A first touch (or a touch after the page was dropped): zeros, as `do_anonymous_page` gives — the
-    /// zero page for a read, a fresh zeroed page for a write. `EEXIST` (someone filled it) is fine.
+    /// zero page for a read, a fresh zeroed page for a write. `EEXIST` (someone filled it) is fine. The
+    /// toucher is not woken: the caller wakes it once the page is unlocked.
     private func zeroFill(_ a: UInt64, write: Bool) {
         statistics.count(\.zeroFills)
         let zerosAddress = UInt64(UInt(bitPattern: zeros))
-        let rc = retryingAgain {
-            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page).0 : Sys.zeropage(uffd, a, Sys.page)
+        _ = retryingAgain {
+            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
+                : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
         }
-        if rc == -EEXIST { _ = Sys.wake(uffd, a, Sys.page) }
     }
 
     /// Brings device page `i` of `region` back to host memory through its driver, as a CPU fault does

@@ -24,11 +24,12 @@ extension NativeSpace {
     /// Returns the bytes moved from the start (holes count); the pages after them were refused. Must
     /// not be called inside ``enterInstall()`` (it enters it around each move).
     func moveToStaging(_ region: NativeRegion, from a: UInt64, to frame: UInt64, _ bytes: UInt64) -> UInt64 {
-        let readOnly = !region.protection.contains(.write)
+        let pages = region.index(a)..<region.index(a + bytes)
+        let readOnly = !region.allow(.write, pages)
         if readOnly {
             guard Sys.mprotect(a, bytes, [.read, .write]) == 0 else { return 0 }
         }
-        defer { if readOnly { _ = Sys.mprotect(a, bytes, region.protection) } }
+        defer { if readOnly { restoreProtection(region, pages) } }
         var done: UInt64 = 0
         var unsharedAt: UInt64?
         var pageByPage = false
@@ -54,6 +55,18 @@ extension NativeSpace {
             unsharedAt = a + done
         }
         return done
+    }
+
+    /// Gives `pages` their protections back after a move made them writable, one `mprotect` per run.
+    private func restoreProtection(_ region: NativeRegion, _ pages: Range<Int>) {
+        var i = pages.lowerBound
+        while i < pages.upperBound {
+            let p = region.protection(page: i)
+            var j = i + 1
+            while j < pages.upperBound && region.protection(page: j) == p { j += 1 }
+            _ = Sys.mprotect(region.pageAddress(i), UInt64(j - i) << UInt64(PageSize.shift), p)
+            i = j
+        }
     }
 
     /// Breaks the copy-on-write sharing of the present pages of `[lo, hi)` with a write fault each. No

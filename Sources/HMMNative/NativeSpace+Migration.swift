@@ -53,8 +53,8 @@ extension NativeSpace: MigrationEngine {
         guard m.end <= region.end else {
             throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) leaves its native region")
         }
-        guard region.protection.contains(.read) else {
-            throw HMMError(.invalidArgument, "migrate_vma: the region at \(m.start) is not readable")
+        guard region.allow(.read, region.index(m.start)..<region.index(m.end + PageSize.baseMask)) else {
+            throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) is not all readable")
         }
         let n = m.engineSource.count
         let context = NativeMigration(region: region, first: region.index(m.start), count: n,
@@ -76,13 +76,23 @@ extension NativeSpace: MigrationEngine {
         // Small coherent pages collected: their in-place mappings are replaced by holes in runs, below.
         var coherent: [Int] = []
         var k = 0
+        var waited = 0
         while k < n {
             let i = c.first + k
             let s = region.state(i)
             if s.isMigrating {
+                // Held for a moment by a fault resolution (or an event): wait a little, then skip it,
+                // as `migrate_vma_collect` skips a page whose lock it cannot take.
+                if waited < 64 {
+                    waited += 1
+                    sched_yieldShim()
+                    continue
+                }
+                waited = 0
                 k += 1
                 continue
             }
+            waited = 0
             switch s.kind {
             case .host where toDevice:
                 if region.tryLock(i, s) {
@@ -144,7 +154,10 @@ extension NativeSpace: MigrationEngine {
         var start = 0
         while start < ks.count {
             var end = start + 1
-            while end < ks.count && ks[end] == ks[end - 1] + 1 { end += 1 }
+            let protection = c.region.protection(page: c.first + ks[start])
+            while end < ks.count && ks[end] == ks[end - 1] + 1 && c.region.protection(page: c.first + ks[end]) == protection {
+                end += 1
+            }
             let first = ks[start]
             if !replaceWithHole(c.region, at: m.start + UInt64(first) << UInt64(PageSize.shift), pages: end - start) {
                 for k in ks[start..<end] {
@@ -198,8 +211,6 @@ extension NativeSpace: MigrationEngine {
         let present = UInt64(CU_PAGE_IS_PRESENT)
         let zero = UInt64(CU_PAGE_IS_PFNZERO)
         let huge = UInt64(CU_PAGE_IS_HUGE)
-        let writable = region.protection.contains(.write)
-        let writeFlag = writable ? MigratePFN.write : 0
         var batch = MoveBatch()
         var k = 0
         while k < n {
@@ -208,6 +219,7 @@ extension NativeSpace: MigrationEngine {
                 continue
             }
             let a = m.start + UInt64(k) << UInt64(PageSize.shift)
+            let writeFlag = region.protection(page: c.first + k).contains(.write) ? MigratePFN.write : 0
             // A whole 2 MiB unit: one compound entry.
             if compound && a & PageSize.pmdMask == 0 && k + PageSize.pagesPerPMD <= n
                 && (k..<(k + PageSize.pagesPerPMD)).allSatisfy({ c.locked[$0] && m.engineSource[$0].isMigrating })
@@ -328,9 +340,10 @@ extension NativeSpace: MigrationEngine {
             }
             let unit = src.isCompound ? PageSize.pagesPerPMD : 1
             if dKind == .deviceCoherent && !srcIsDevice && m.engineSource[k].isMigrating {
-                if !run.extend(k, d, unit) {
+                let protection = c.region.protection(page: c.first + k)
+                if !run.extend(k, d, unit, protection) {
                     mapRun(m, c, run)
-                    run = CoherentRun(first: k, frame: d, pages: unit)
+                    run = CoherentRun(first: k, frame: d, pages: unit, protection: protection)
                 }
             }
             k += unit
@@ -338,18 +351,20 @@ extension NativeSpace: MigrationEngine {
         mapRun(m, c, run)
     }
 
-    /// Entries going to coherent memory whose pages and frames are both adjacent: one mapping.
+    /// Entries going to coherent memory whose pages and frames are both adjacent, with one protection:
+    /// one mapping.
     private struct CoherentRun {
         var first = 0
         var frame = PFN(0)
         var pages = 0
+        var protection: Protection = []
 
-        mutating func extend(_ k: Int, _ d: PFN, _ unit: Int) -> Bool {
+        mutating func extend(_ k: Int, _ d: PFN, _ unit: Int, _ p: Protection) -> Bool {
             if pages == 0 {
-                (first, frame, pages) = (k, d, unit)
+                (first, frame, pages, protection) = (k, d, unit, p)
                 return true
             }
-            guard k == first + pages, d == frame + pages else { return false }
+            guard k == first + pages, d == frame + pages, p == protection else { return false }
             pages += unit
             return true
         }
@@ -499,7 +514,7 @@ extension NativeSpace: MigrationEngine {
                     } else {
                         // Writable as the page was (its migration entry's kind); a hole as its region allows
                         // (`migrate_vma_insert_page`).
-                        let writable = src.pfn == nil ? region.protection.contains(.write) : src.isWritable
+                        let writable = src.pfn == nil ? region.protection(page: i).contains(.write) : src.isWritable
                         // Unlocked first: a zap applied as the word unlocks may free the folio at once.
                         machine.folioUnlock(d)
                         for j in 0..<unit {

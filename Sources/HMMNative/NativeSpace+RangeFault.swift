@@ -61,8 +61,11 @@ extension NativeSpace {
         while a < range.end {
             let k0 = Int((a - range.start) >> UInt64(PageSize.shift))
             let found = region(containing: a)
-            guard let region = found, region.protection.contains(.read) else {
-                let stop = found.map { min($0.end, range.end) } ?? nextRegionStart(after: a, before: range.end)
+            // The protection run around `a` stands for its VMA.
+            let run = found.map { $0.protectionRun(around: $0.index(a)) }
+            guard let region = found, let run, run.protection.contains(.read) else {
+                let stop = found.flatMap { r in run.map { min(r.pageAddress($0.pages.upperBound), range.end) } }
+                    ?? nextRegionStart(after: a, before: range.end)
                 var b = a
                 while b < stop {
                     let k = Int((b - range.start) >> UInt64(PageSize.shift))
@@ -75,8 +78,8 @@ extension NativeSpace {
                 continue
             }
             _ = k0
-            let stop = min(range.end, region.end)
-            let writableVMA = region.protection.contains(.write)
+            let stop = min(range.end, region.pageAddress(run.pages.upperBound))
+            let writableVMA = run.protection.contains(.write)
             var need: (UInt64, Bool)?
             try scan(a, stop) { (b, cat) throws(HMMError) in
                 guard need == nil else { return }
@@ -156,7 +159,7 @@ extension NativeSpace {
         try checkOpen()
         let a = address & ~PageSize.baseMask
         guard let region = region(containing: a) else { throw HMMError(.fault, "no native region at \(a)") }
-        guard region.protection.contains(.write) else { throw HMMError(.fault, "\(a) is not writable") }
+        guard region.protection(page: region.index(a)).contains(.write) else { throw HMMError(.fault, "\(a) is not writable") }
         let i = region.index(a)
         var rounds = 0
         while true {

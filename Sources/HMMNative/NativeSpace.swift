@@ -407,7 +407,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             invalidating(lo, hi, .protectionVMA, owner: nil) {}
             let rc = Sys.mprotect(lo, hi - lo, protection)
             guard rc == 0 else { throw HMMError.system(rc, "mprotect") }
-            region.setProtection(protection)
+            region.setProtection(protection, pages: region.index(lo)..<region.index(hi))
             // Device copies of a page that is no longer writable must not be written by the device.
             for i in region.index(lo)..<region.index(hi) where !protection.contains(.write) {
                 let s = region.lock(i)
@@ -532,7 +532,10 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
         guard let r = region(containing: address) else { return HostMaps.mapping(containing: address) }
         guard r.state(r.index(address)).kind != .unmapped else { return HostMaps.mapping(containing: address) }
-        return MappingInfo(start: r.address, end: r.end, protection: r.protection, shared: false, anonymous: true,
+        // The pages around it with its protection: the VMA a partial mprotect made.
+        let (protection, run) = r.protectionRun(around: r.index(address))
+        return MappingInfo(start: r.pageAddress(run.lowerBound), end: r.pageAddress(run.upperBound),
+                           protection: protection, shared: false, anonymous: true,
                            hugetlb: false, hugePageAdvice: r.hugePages == true)
     }
 
