@@ -14,6 +14,9 @@ struct Demo: ParsableCommand {
     @Option(help: "System RAM of the simulated machine, in MiB.")
     var memory = 512
 
+    @Flag(help: "Run on this process's real memory (the native engine): a real Int32 buffer migrates, faults back and is unmapped.")
+    var native = false
+
     struct Step: Codable {
         var action: String
         var pageMap: String?
@@ -29,6 +32,7 @@ struct Demo: ParsableCommand {
     }
 
     func run() throws {
+        if native { return try NativeDemo(json: json, memory: memory).run() }
         let m = try Machine(.init(systemMemory: memory << 20, hugetlbPages: 2))
         var steps: [Step] = []
         func say(_ s: String, _ map: String? = nil) {
