@@ -363,7 +363,8 @@ public final class MirrorFile: @unchecked Sendable {
             }
             return
         }
-        let pages = (try? device.allocatePages(PageSize.pagesPerPMD, for: id)) ?? []
+        // Ascending, as the small pool: adjacent frames where the free list allows.
+        let pages = (try? device.allocatePages(PageSize.pagesPerPMD, for: id))?.sorted() ?? []
         guard pages.count == PageSize.pagesPerPMD else {
             device.giveBack(pages)
             return

@@ -28,10 +28,15 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     let states: UnsafeMutablePointer<Atomic<UInt64>>
     /// The host window naming the region's pages: page `i` is `window.firstPFN + i`.
     let window: Pagemap
-    /// Each page's protection, as given at allocation and set by ``protect(_:_:)`` (a raw `mprotect` is
-    /// invisible): the kernel's VMA protection, which a partial `mprotect` splits. Written under the
-    /// space's `mmapLock` for writing; read by anyone.
+    /// Each page's VMA attributes: its protection (bits 0-2), as given at allocation and set by
+    /// ``protect(_:_:)`` (a raw `mprotect` is invisible), and its huge-page advice (``hugeAdvised``,
+    /// ``noHugeAdvised``), as given at allocation and set by ``advise(_:hugePages:)``. A partial
+    /// change splits the region's runs as it splits the kernel's VMAs. Written under the space's
+    /// `mmapLock` for writing; read by anyone.
     private let protections: UnsafeMutablePointer<Atomic<UInt8>>
+    static let protectionMask: UInt8 = 7
+    static let hugeAdvised: UInt8 = 1 << 4
+    static let noHugeAdvised: UInt8 = 1 << 5
     /// Pages not yet unmapped; the region leaves its space when it reaches 0.
     let mappedPages: Atomic<Int>
     /// Set by ``free()``.
@@ -48,7 +53,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         for i in 0..<pages { (states + i).initialize(to: Atomic(0)) }
         mappedPages = Atomic(pages)
         protections = .allocate(capacity: pages)
-        for i in 0..<pages { (protections + i).initialize(to: Atomic(protection.rawValue)) }
+        let advice = hugePages.map { $0 ? Self.hugeAdvised : Self.noHugeAdvised } ?? 0
+        for i in 0..<pages { (protections + i).initialize(to: Atomic(protection.rawValue | advice)) }
     }
 
     deinit {
@@ -68,12 +74,33 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     public func protection(at offset: Int) -> Protection { protection(page: offset >> PageSize.shift) }
 
     @inline(__always) func protection(page i: Int) -> Protection {
-        Protection(rawValue: protections[i].load(ordering: .acquiring))
+        Protection(rawValue: protections[i].load(ordering: .acquiring) & Self.protectionMask)
+    }
+
+    /// Whether page `i` asked for transparent huge pages (`MADV_HUGEPAGE`).
+    @inline(__always) func isHugeAdvised(page i: Int) -> Bool {
+        protections[i].load(ordering: .acquiring) & Self.hugeAdvised != 0
     }
 
     /// Pages `pages` take protection `p` (under `mmapLock` for writing).
     func setProtection(_ p: Protection, pages: Range<Int>) {
-        for i in pages { protections[i].store(p.rawValue, ordering: .releasing) }
+        for i in pages {
+            let advice = protections[i].load(ordering: .relaxed) & ~Self.protectionMask
+            protections[i].store(p.rawValue | advice, ordering: .releasing)
+        }
+    }
+
+    /// Pages `pages` take huge-page advice `huge` (under `mmapLock` for writing).
+    func setHugeAdvice(_ huge: Bool, pages: Range<Int>) {
+        for i in pages {
+            let p = protections[i].load(ordering: .relaxed) & Self.protectionMask
+            protections[i].store(p | (huge ? Self.hugeAdvised : Self.noHugeAdvised), ordering: .releasing)
+        }
+    }
+
+    /// Copies page `from`'s attributes of `old` to page `to` of this region (an `mremap` moved it).
+    func copyAttributes(of old: NativeRegion, page from: Int, to: Int) {
+        protections[to].store(old.protections[from].load(ordering: .acquiring), ordering: .releasing)
     }
 
     /// The run of pages with page `i`'s protection, as the VMA around it: its protection and its bounds.
@@ -83,7 +110,7 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         while lo > 0 && protections[lo - 1].load(ordering: .acquiring) == p { lo -= 1 }
         var hi = i + 1
         while hi < pages && protections[hi].load(ordering: .acquiring) == p { hi += 1 }
-        return (Protection(rawValue: p), lo..<hi)
+        return (Protection(rawValue: p & Self.protectionMask), lo..<hi)
     }
 
     /// Whether every page of `pages` allows `p`.
@@ -217,6 +244,16 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     public func protect(_ offsets: Range<Int>, _ protection: Protection) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "protect")
         try space.protect(self, lo, hi, protection)
+    }
+
+    /// `madvise(MADV_HUGEPAGE)` (or `MADV_NOHUGEPAGE`) of part of the region that the engine sees: a
+    /// first write touch of a whole, empty, advised 2 MiB unit then gets a transparent huge page, as the
+    /// kernel's `do_huge_pmd_anonymous_page` gives (a raw `madvise` leaves the engine filling 4 KiB
+    /// pages).
+    /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, what `madvise` returns.
+    public func advise(_ offsets: Range<Int>, hugePages: Bool) throws(HMMError) {
+        let (lo, hi) = try checkedRange(offsets, "advise")
+        try space.adviseHugePages(self, lo, hi, hugePages)
     }
 
     /// Unmaps the region: its device pages are freed (drivers hear `unmap` first) and the memory

@@ -66,12 +66,16 @@ extension NativeSpace {
         guard let old = region(containing: from), from + length <= old.end else { return }
         let first = old.index(from)
         let n = Int(length >> UInt64(PageSize.shift))
-        // Units cut by the move's ends hold a reference each page.
-        for edge in [first, first + n] where edge < old.pages && edge & (PageSize.pagesPerPMD - 1) != 0 {
-            if old.state(edge).isCompound { splitUnit(old, edge & ~(PageSize.pagesPerPMD - 1)) }
+        // Compound units that move are split (each page then holds a reference): the moved words no
+        // longer line up with the host's PMDs unless the move kept 2 MiB alignment, and a unit cut by
+        // the move's ends must be split anyway.
+        var j = first
+        while j < first + n {
+            if old.state(j).isCompound { splitUnit(old, j & ~(PageSize.pagesPerPMD - 1)) }
+            j += 1
         }
         guard let moved = try? makeRegion(to, Int(length), old.protection(page: first), old.hugePages) else { return }
-        for k in 0..<n { moved.setProtection(old.protection(page: first + k), pages: k..<(k + 1)) }
+        for k in 0..<n { moved.copyAttributes(of: old, page: first + k, to: k) }
         invalidating(from, from + length, .unmap, owner: nil) {
             for k in 0..<n {
                 let s = old.lock(first + k)

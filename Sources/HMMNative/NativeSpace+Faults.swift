@@ -134,6 +134,7 @@ extension NativeSpace {
             var retry = true
             switch s.kind {
             case .host:
+                if write && s == .host && hugeFirstTouch(region, i) { break }
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
                 // Unlocked before the toucher runs again, as the kernel's fault returns with no page
@@ -175,6 +176,48 @@ extension NativeSpace {
             write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
                 : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
         }
+    }
+
+    /// `do_huge_pmd_anonymous_page` natively: the first write to an empty 2 MiB unit of a huge-advised
+    /// range gets a zeroed transparent huge page, moved in as one PMD (userfaultfd itself fills only
+    /// 4 KiB entries). False — fill one small page instead — unless the whole unit is in the region,
+    /// advised, of one protection, writable, unheld and empty.
+    private func hugeFirstTouch(_ region: NativeRegion, _ i: Int) -> Bool {
+        let first = i & ~(PageSize.pagesPerPMD - 1)
+        guard first + PageSize.pagesPerPMD <= region.pages, region.isHugeAdvised(page: i) else { return false }
+        let unit = first..<(first + PageSize.pagesPerPMD)
+        guard region.allow(.write, unit), unit.allSatisfy({ region.isHugeAdvised(page: $0) }),
+            region.protectionRun(around: i).pages.contains(unit.lowerBound),
+            region.protectionRun(around: i).pages.contains(unit.upperBound - 1)
+        else { return false }
+        var locked = 0
+        while locked < PageSize.pagesPerPMD, region.state(first + locked) == .host,
+            region.tryLock(first + locked, .host)
+        {
+            locked += 1
+        }
+        func unlock() { for j in 0..<locked { region.setState(first + j, .host) } }
+        let a = region.pageAddress(first)
+        var empty = locked == PageSize.pagesPerPMD
+        if empty {
+            try? scan(a, a + Sys.pmd) { (_, cat) in
+                if cat & UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_SWAPPED) != 0 { empty = false }
+            }
+        }
+        guard empty, let folio = machine.allocateMigrationFolio(zeroed: false) else {
+            unlock()
+            return false
+        }
+        // A fresh THP of zeros in the staging frame, moved in whole.
+        let frame = frameAddress(folio)
+        _ = Sys.madvise(frame, Sys.pmd, Sys.dontNeed)
+        _ = Sys.madvise(frame, Sys.pmd, Sys.populateWrite)
+        let done = installFrame(folio, at: a, pages: PageSize.pagesPerPMD, move: true, unlessZapped: (region, first))
+        try? machine.releaseMigrationPage(folio)
+        unlock()
+        wake(a, pages: PageSize.pagesPerPMD)
+        statistics.count(\.hugeZeroFills)
+        return done
     }
 
     /// Brings device page `i` of `region` back to host memory through its driver, as a CPU fault does

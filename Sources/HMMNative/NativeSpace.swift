@@ -416,6 +416,16 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
     }
 
+    /// Huge-page advice for part of a region (``NativeRegion/advise(_:hugePages:)``).
+    func adviseHugePages(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64, _ huge: Bool) throws(HMMError) {
+        try mmapLock.withWriteLock { () throws(HMMError) in
+            try checkOpen()
+            let rc = Sys.madvise(lo, hi - lo, huge ? Sys.hugePage : Sys.noHugePage)
+            guard rc == 0 else { throw HMMError.system(rc, huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") }
+            region.setHugeAdvice(huge, pages: region.index(lo)..<region.index(hi))
+        }
+    }
+
     /// Drops what page `i` holds (its device or staging frame, or a split compound unit's share) and
     /// leaves it `to` (``PageState/host`` or ``PageState/unmapped``), unlocked. Waits for the page's
     /// lock. A compound unit is split first (each of its pages then holds its own reference).
@@ -707,6 +717,8 @@ public final class NativeStatistics: @unchecked Sendable {
         public var faultBacks = 0
         /// Of those, first touches (or touches after `MADV_DONTNEED`) filled with zeros.
         public var zeroFills = 0
+        /// Of those, first writes to an empty huge-advised 2 MiB unit, filled with a zeroed THP.
+        public var hugeZeroFills = 0
         /// Of those, device-exclusive pages restored.
         public var exclusiveRestores = 0
         /// Pages poisoned because their driver could not bring them back.

@@ -45,6 +45,13 @@ public final class NativeSelftestProcess: SelftestProcess {
     }
 
     public func advise(_ address: UInt64, length: Int, _ advice: Advice) throws {
+        // Huge-page advice inside a region goes through the engine, which then gives first touches THPs.
+        if advice == .hugePage || advice == .noHugePage, let region = space.region(containing: address),
+            address + UInt64(length) <= region.end
+        {
+            let lo = Int(address - region.address)
+            return try region.advise(lo..<(lo + length), hugePages: advice == .hugePage)
+        }
         let host: Int32
         switch advice {
         case .dontNeed: host = MADV_DONTNEED

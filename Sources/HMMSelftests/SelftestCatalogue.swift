@@ -18,11 +18,11 @@ enum SelftestCatalogue {
                  nativeSkip: nativeSkip, nativeKnownFailures: nativeKnownFailures, systemMemory: systemMemory, body: body)
     }
 
-    /// Why a case that needs a THP from a first touch fails natively: userfaultfd resolves a first
-    /// touch with 4 KiB pages (`UFFDIO_COPY`/`ZEROPAGE` fill page-table entries, never a PMD), so the
-    /// advised window is small pages and FAIL_ALLOC meets an order-0 page (ENOENT).
-    static let nativeFirstTouchIsSmall =
-        "a first touch natively gets 4 KiB pages (userfaultfd fills PTEs, not PMDs), so FAIL_ALLOC hits an order-0 page: ENOENT (issue 11)"
+    /// Why a case that needs the huge zero page from a first read fails natively: the engine gives a
+    /// first write of an advised 2 MiB unit a THP, but a first read gets the 4 KiB zero page (userfaultfd
+    /// cannot map the huge zero page), so the window is small pages and FAIL_ALLOC meets an order-0 page.
+    static let nativeFirstReadIsSmall =
+        "a first read natively maps the 4 KiB zero page, not the huge zero page (userfaultfd cannot map it), so FAIL_ALLOC hits an order-0 page: ENOENT"
 
     /// Why MADV_FREE fails on coherent pages natively: they are mapped in place from device memory's
     /// shared-memory file, and the host refuses MADV_FREE on shared mappings (EINVAL).
@@ -77,10 +77,9 @@ enum SelftestCatalogue {
         hmm("migrate_anon_huge_fault", migrateAnonHugeFault),
         hmm("migrate_partial_unmap_fault", migratePartialUnmapFault),
         hmm("migrate_remap_fault", migrateRemapFault),
-        hmm("migrate_anon_huge_err", knownFailures: [.deviceCoherent: coherentHasNoDeviceTHP],
-            nativeKnownFailures: [.devicePrivate: nativeFirstTouchIsSmall], migrateAnonHugeErr),
+        hmm("migrate_anon_huge_err", knownFailures: [.deviceCoherent: coherentHasNoDeviceTHP], migrateAnonHugeErr),
         hmm("migrate_anon_huge_zero_err",
-            nativeKnownFailures: [.devicePrivate: nativeFirstTouchIsSmall, .deviceCoherent: nativeFirstTouchIsSmall],
+            nativeKnownFailures: [.devicePrivate: nativeFirstReadIsSmall, .deviceCoherent: nativeFirstReadIsSmall],
             migrateAnonHugeZeroErr),
         hmm("benchmark_thp_migration", systemMemory: 1 << 30, benchmarkTHPMigration),
     ]

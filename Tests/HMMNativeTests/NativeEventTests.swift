@@ -93,3 +93,39 @@ struct NativeEventTests {
         }
     }
 }
+
+/// A 2 MiB device unit that `mremap` moves (found by `migrate_remap_fault` on native memory): before the
+/// fix its fault-back looped until the page was poisoned when the unit was not split on the move.
+@Suite("Native engine: mremap of compound device units", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
+struct NativeCompoundRemapTests {
+    @Test("a compound device unit moved by mremap (2 MiB-aligned or not) faults back with its bytes",
+          arguments: [0, 1 << 19, 1 << 20])
+    func compoundUnitSurvivesMremap(offset: Int) throws {
+        try withNativeSpace { machine, space, gpu in
+            let size = 2 << 20
+            let region = try space.allocate(length: 8 * size, hugePages: nil)
+            let map = region.address
+            // An advised unit's first write gets a THP, which migrates as one compound unit.
+            try region.advise(0..<size, hugePages: true)
+            #expect(munmap(UnsafeMutableRawPointer(bitPattern: UInt(map) + UInt(size)), 2 * size) == 0)
+            let ints = region.pointer.bindMemory(to: Int32.self, capacity: size / 4)
+            for i in 0..<(size / 4) { ints[i] = Int32(i) }
+            #expect(space.statistics.snapshot.hugeZeroFills == 1)
+            let file = try gpu.open(space)
+            #expect(try file.migrateToDevice(map, pages: 512, into: nil).cpages == 512)
+            if hostHasTHP {
+                #expect(try region.residency(0..<size).allSatisfy { $0 == .device(owner: ObjectIdentifier(gpu), huge: true) })
+            }
+            var e: Int32 = 0
+            let to = cu_mremap(map, UInt64(size), UInt64(size), 3, map + UInt64(size + offset), &e)
+            #expect(to != 0, "mremap: \(e)")
+            let moved = UnsafeMutablePointer<Int32>(bitPattern: UInt(to))!
+            var bad = 0
+            for i in 0..<(size / 4) where moved[i] != Int32(i) { bad += 1 }
+            #expect(bad == 0)
+            #expect(space.statistics.snapshot.poisoned == 0)
+            try machine.checkInvariants()
+            file.close()
+        }
+    }
+}
