@@ -108,6 +108,14 @@ extension Bench {
                 "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(back)) / c))×\(stillHuge)")
         }
 
+        // First writes to untouched memory: a huge-advised region gets one zeroed THP per 2 MiB unit,
+        // against 4 KiB zero fills, one fault per page.
+        let firstTouchBytes = quick ? 4 << 20 : 32 << 20
+        let (small, huge) = try interleaved(reps, { try firstWrites(space, bytes: firstTouchBytes, huge: false) },
+                                            { try firstWrites(space, bytes: firstTouchBytes, huge: true) })
+        row("first writes, huge-advised region (GB/s)", fixed(Double(firstTouchBytes) / huge),
+            "4 KiB zero fills \(fixed(Double(firstTouchBytes) / small)) GB/s → \(fixed(small / huge))×")
+
         // Device-coherent memory mapped in place: what a migration costs against device-private, and
         // CPU reads of the coherent pages against the same reads of host pages (no fault either way).
         try coherentBenchmarks(machine, space, reps: reps, bytes: quick ? 2 << 20 : 16 << 20,
@@ -141,6 +149,15 @@ extension Bench {
         let bp = Double(snapPages) / median(scan) * 1000
         row("snapshot, 4 KiB pages (Mpages/s)", fixed(sp), "bare PAGEMAP_SCAN \(fixed(bp)) Mpages/s → \(fixed(sp / bp))×")
         try machine.checkInvariants()
+    }
+
+    /// Nanoseconds to write one byte per page of a fresh region (every write a first touch).
+    private func firstWrites(_ space: NativeSpace, bytes: Int, huge: Bool) throws -> Double {
+        let region = try space.allocate(length: bytes, hugePages: huge)
+        defer { region.free() }
+        let t = now()
+        for offset in stride(from: 0, to: bytes, by: 4096) { region.pointer.storeBytes(of: 1, toByteOffset: offset, as: UInt8.self) }
+        return Double(now() - t)
     }
 
     private func coherentBenchmarks(_ machine: Machine, _ space: NativeSpace, reps: Int, bytes: Int,

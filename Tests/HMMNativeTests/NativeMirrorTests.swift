@@ -48,7 +48,8 @@ struct NativeMirrorTests {
     @Test("snapshot classifies untouched, zero, written, THP and device pages as dmirror does")
     func snapshot() throws {
         try withNativeSpace { _, space, gpu in
-            let region = try space.allocate(length: 4 << 20, populate: false)
+            // Small pages: a first write to a huge-advised region would fill the whole 2 MiB unit.
+            let region = try space.allocate(length: 4 << 20, hugePages: false, populate: false)
             let file = try gpu.open(space)
             let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
             words[1024 * 1] = 1                                // page 1 written
