@@ -32,6 +32,12 @@ import Glibc
 /// The fault thread and the event thread take no `mmapLock`: a driver thread holding it for reading
 /// may be waiting on a fault they must resolve. In-thread fault mode (``FaultMode/inThread``) runs the
 /// fault thread's work in the faulting thread, which may hold `mmapLock` for reading (a driver).
+/// Waits on the event thread: ``withMmapReadLock(_:)`` first handles the events read so far (a
+/// driver then sees a completed `mremap`), so no thread may call it while holding a lock an
+/// invalidation needs (a driver's notifier lock); a fault on a host hole never waits for events, so a
+/// driver may copy from a page's host window under its notifier lock. Replacing a coherent page's
+/// mapping (``mapCoherent(_:at:frame:pages:)``, ``replaceWithHole(_:at:pages:)``) waits until the
+/// service thread has read the UNMAP it raises: never inside an install, never on the service thread.
 ///
 /// Lifetime: call ``close()``. It evicts every device page first — a userfaultfd closed while pages
 /// are away would turn them into zeros — and only then stops the threads; until then the threads

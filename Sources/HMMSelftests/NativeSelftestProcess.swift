@@ -16,7 +16,18 @@ public final class NativeSelftestProcess: SelftestProcess {
     public let space: NativeSpace
     public var mirrored: any MirroredAddressSpace { space }
 
+    /// Shared mappings made for the case (the engine does not manage them): unmapped at teardown.
+    private var sharedMappings: [(address: UInt64, length: Int)] = []
+
     public init(space: NativeSpace) { self.space = space }
+
+    /// Gives the case's memory back: every region the space still has (only the pages it still owns)
+    /// and the shared mappings. Call before closing the space.
+    public func tearDown() {
+        for region in space.regions { region.free() }
+        for m in sharedMappings { _ = munmap(pointer(m.address), m.length) }
+        sharedMappings = []
+    }
 
     public func map(length: Int, protection: Protection, flags: MapFlags, file: MemoryFile?) throws -> UInt64 {
         if flags.contains(.hugetlb) { throw SelftestSkip(reason: "hugetlb mappings are not registered natively (no hugetlbfs pool here)") }
@@ -25,7 +36,9 @@ public final class NativeSelftestProcess: SelftestProcess {
             // Shared anonymous memory: an ordinary mapping the engine does not register (it cannot migrate).
             let p = mmap(nil, length, hostFlags(protection), MAP_SHARED | MAP_ANONYMOUS, -1, 0)
             guard let p, p != MAP_FAILED else { throw HMMError(.outOfMemory, "mmap of \(length) shared bytes") }
-            return UInt64(UInt(bitPattern: p))
+            let address = UInt64(UInt(bitPattern: p))
+            sharedMappings.append((address, length))
+            return address
         }
         // No huge-page advice: the host's default, as for the kernel test's own mmap.
         return try space.allocate(length: length, protection: protection, hugePages: nil).address

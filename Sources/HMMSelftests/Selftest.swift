@@ -136,6 +136,7 @@ public final class SelftestContext {
     func closeQuietly() {
         fd0.close()
         fd1?.close()
+        (process as? NativeSelftestProcess)?.tearDown()
         try? nativeSpace?.close()
     }
 
@@ -314,7 +315,9 @@ public enum Selftests {
             try test.body(ctx)
             ctx.fd0.close()
             ctx.fd1?.close()
-            // Natively the space closes first: every device page comes home, then the invariants hold.
+            // Natively the case's memory is given back and the space closed (every device page home)
+            // before the invariants are checked.
+            (ctx.process as? NativeSelftestProcess)?.tearDown()
             try ctx.nativeSpace?.close()
             try ctx.machine.checkInvariants()
             return .passed
