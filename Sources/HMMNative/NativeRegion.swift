@@ -103,14 +103,26 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         protections[to].store(old.protections[from].load(ordering: .acquiring), ordering: .releasing)
     }
 
-    /// The run of pages with page `i`'s protection, as the VMA around it: its protection and its bounds.
-    func protectionRun(around i: Int) -> (protection: Protection, pages: Range<Int>) {
+    /// The run of pages with page `i`'s attributes, as the VMA around it: its protection and its bounds,
+    /// looked for no further than `reach` pages either side (a caller walking in pieces asks again).
+    func protectionRun(around i: Int, reach: Int = Int.max) -> (protection: Protection, pages: Range<Int>) {
         let p = protections[i].load(ordering: .acquiring)
+        let floor = i > reach ? i - reach : 0
+        let ceiling = pages - i > reach ? i + reach : pages
         var lo = i
-        while lo > 0 && protections[lo - 1].load(ordering: .acquiring) == p { lo -= 1 }
+        while lo > floor && protections[lo - 1].load(ordering: .acquiring) == p { lo -= 1 }
         var hi = i + 1
-        while hi < pages && protections[hi].load(ordering: .acquiring) == p { hi += 1 }
+        while hi < ceiling && protections[hi].load(ordering: .acquiring) == p { hi += 1 }
         return (Protection(rawValue: p & Self.protectionMask), lo..<hi)
+    }
+
+    /// The protection of page `i` and how far, up to page `limit`, the pages after it share its
+    /// attributes: the rest of its VMA within a walk (no look behind, so a walk stays linear).
+    func protectionRun(from i: Int, limit: Int) -> (protection: Protection, end: Int) {
+        let p = protections[i].load(ordering: .acquiring)
+        var hi = i + 1
+        while hi < limit && protections[hi].load(ordering: .acquiring) == p { hi += 1 }
+        return (Protection(rawValue: p & Self.protectionMask), hi)
     }
 
     /// Whether every page of `pages` allows `p`.

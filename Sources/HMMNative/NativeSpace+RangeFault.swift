@@ -61,10 +61,12 @@ extension NativeSpace {
         while a < range.end {
             let k0 = Int((a - range.start) >> UInt64(PageSize.shift))
             let found = region(containing: a)
-            // The protection run around `a` stands for its VMA.
-            let run = found.map { $0.protectionRun(around: $0.index(a)) }
+            // The pages from `a` with its protection stand for the rest of its VMA in the walk.
+            let run = found.map { r in
+                r.protectionRun(from: r.index(a), limit: min(r.pages, r.index(range.end + PageSize.baseMask)))
+            }
             guard let region = found, let run, run.protection.contains(.read) else {
-                let stop = found.flatMap { r in run.map { min(r.pageAddress($0.pages.upperBound), range.end) } }
+                let stop = found.flatMap { r in run.map { min(r.pageAddress($0.end), range.end) } }
                     ?? nextRegionStart(after: a, before: range.end)
                 var b = a
                 while b < stop {
@@ -78,7 +80,7 @@ extension NativeSpace {
                 continue
             }
             _ = k0
-            let stop = min(range.end, region.pageAddress(run.pages.upperBound))
+            let stop = min(range.end, region.pageAddress(run.end))
             let writableVMA = run.protection.contains(.write)
             var need: (UInt64, Bool)?
             try scan(a, stop) { (b, cat) throws(HMMError) in

@@ -543,13 +543,15 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         return n
     }
 
-    /// The region containing `address`, as a mapping; outside every region, the host's own mapping
-    /// there (`/proc/self/maps`: shared or file memory the engine does not manage); nil where nothing is.
+    /// The region containing `address`, as a mapping — the run of pages with its protection and advice,
+    /// clipped to 512 pages either side of it; outside every region, the host's own mapping there
+    /// (`/proc/self/maps`: shared or file memory the engine does not manage); nil where nothing is.
     public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
         guard let r = region(containing: address) else { return HostMaps.mapping(containing: address) }
         guard r.state(r.index(address)).kind != .unmapped else { return HostMaps.mapping(containing: address) }
-        // The pages around it with its protection: the VMA a partial mprotect made.
-        let (protection, run) = r.protectionRun(around: r.index(address))
+        // The pages around it with its attributes — the VMA a partial mprotect made — clipped to 2 MiB
+        // either side, so a driver walking a large region in pieces stays linear.
+        let (protection, run) = r.protectionRun(around: r.index(address), reach: PageSize.pagesPerPMD)
         return MappingInfo(start: r.pageAddress(run.lowerBound), end: r.pageAddress(run.upperBound),
                            protection: protection, shared: false, anonymous: true,
                            hugetlb: false, hugePageAdvice: r.hugePages == true)

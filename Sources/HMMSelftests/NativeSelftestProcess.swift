@@ -10,7 +10,8 @@ import Glibc
 /// real system call on the real address — `munmap`, `madvise` and `mremap` reach the engine as the
 /// host's userfaultfd events, as they reach a kernel driver as MMU notifiers.
 ///
-/// Loads and stores are plain memory accesses: a device-resident page faults back through the driver.
+/// Loads and stores are the kernel's user copies (`process_vm_readv`/`writev` on this process): a
+/// device-resident page faults back through the driver, an unmapped address throws.
 /// Hugetlb and file mappings have no native meaning here and skip the case (``SelftestSkip``).
 public final class NativeSelftestProcess: SelftestProcess {
     public let space: NativeSpace
@@ -90,14 +91,20 @@ public final class NativeSelftestProcess: SelftestProcess {
         return at
     }
 
+    /// A CPU read, as the kernel's `copy_from_user` makes it (`process_vm_readv` on this process): a
+    /// device-resident page faults back through the engine, and an address with no readable mapping
+    /// throws `.fault` where a plain load would kill the test process.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at address: UInt64) throws {
-        guard let base = buffer.baseAddress else { return }
-        base.copyMemory(from: pointer(address)!, byteCount: buffer.count)
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        let n = cu_self_read(base, pointer(address)!, buffer.count)
+        guard n == buffer.count else { throw hostError(n < 0 ? Int32(-n) : EFAULT, "read of \(buffer.count) bytes at \(address)") }
     }
 
+    /// A CPU write, as ``read(into:at:)`` reads.
     public func write(_ bytes: UnsafeRawBufferPointer, at address: UInt64) throws {
-        guard let base = bytes.baseAddress else { return }
-        pointer(address)!.copyMemory(from: base, byteCount: bytes.count)
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+        let n = cu_self_write(pointer(address)!, base, bytes.count)
+        guard n == bytes.count else { throw hostError(n < 0 ? Int32(-n) : EFAULT, "write of \(bytes.count) bytes at \(address)") }
     }
 
     private func pointer(_ address: UInt64) -> UnsafeMutableRawPointer? { UnsafeMutableRawPointer(bitPattern: UInt(address)) }

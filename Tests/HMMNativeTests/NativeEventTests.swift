@@ -96,6 +96,7 @@ struct NativeEventTests {
 
 /// A 2 MiB device unit that `mremap` moves (found by `migrate_remap_fault` on native memory): before the
 /// fix its fault-back looped until the page was poisoned when the unit was not split on the move.
+/// And the first write to an empty huge-advised unit, which makes such units.
 @Suite("Native engine: mremap of compound device units", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeCompoundRemapTests {
     @Test("a compound device unit moved by mremap (2 MiB-aligned or not) faults back with its bytes",
@@ -103,14 +104,13 @@ struct NativeCompoundRemapTests {
     func compoundUnitSurvivesMremap(offset: Int) throws {
         try withNativeSpace { machine, space, gpu in
             let size = 2 << 20
-            let region = try space.allocate(length: 8 * size, hugePages: nil)
+            // Populated before registration, a huge-advised region is THP-backed: the first 2 MiB migrates
+            // as one compound unit.
+            let region = try space.allocate(length: 8 * size, hugePages: true, populate: true)
             let map = region.address
-            // An advised unit's first write gets a THP, which migrates as one compound unit.
-            try region.advise(0..<size, hugePages: true)
             #expect(munmap(UnsafeMutableRawPointer(bitPattern: UInt(map) + UInt(size)), 2 * size) == 0)
             let ints = region.pointer.bindMemory(to: Int32.self, capacity: size / 4)
             for i in 0..<(size / 4) { ints[i] = Int32(i) }
-            #expect(space.statistics.snapshot.hugeZeroFills == 1)
             let file = try gpu.open(space)
             #expect(try file.migrateToDevice(map, pages: 512, into: nil).cpages == 512)
             if hostHasTHP {
@@ -126,6 +126,31 @@ struct NativeCompoundRemapTests {
             #expect(space.statistics.snapshot.poisoned == 0)
             try machine.checkInvariants()
             file.close()
+        }
+    }
+
+    @Test("the first write to an empty huge-advised 2 MiB unit fills it with one zeroed THP; a read gets 4 KiB")
+    func hugeFirstTouch() throws {
+        try withNativeSpace { machine, space, gpu in
+            guard hostHasTHP else { return }
+            let region = try space.allocate(length: 4 << 20, hugePages: nil)
+            try region.advise(0..<(2 << 20), hugePages: true)
+            let bytes = region.pointer.bindMemory(to: UInt8.self, capacity: region.length)
+            bytes[4096 * 7] = 9                                   // a write in the advised unit
+            var byte: UInt8 = 1
+            var code: Int32 = 0
+            #expect(cu_probe_read(region.pointer + (2 << 20) + 4096 * 3, &byte, &code) == 0 && byte == 0)  // a read in the unadvised one
+            let s = space.statistics.snapshot
+            // The host may refuse a THP (memory, fragmentation): then the engine filled a 4 KiB page.
+            if s.hugeZeroFills == 1 {
+                #expect(try region.residency(0..<(2 << 20)).allSatisfy { $0 == .host(huge: true, zero: false) })
+                #expect(cu_anon_huge_kb(region.address) >= 2048)
+            } else {
+                #expect(s.zeroFills == 2)
+            }
+            #expect(bytes[4096 * 7] == 9 && bytes[0] == 0 && bytes[(2 << 20) - 1] == 0)
+            #expect(try region.residency(((2 << 20) + 4096 * 3)..<((2 << 20) + 4096 * 4)) == [.host(huge: false, zero: true)])
+            try machine.checkInvariants()
         }
     }
 }
