@@ -156,12 +156,7 @@ struct Demo: ParsableCommand {
             machine: ["systemMemoryMiB": memory, "frames": m.totalFrames, "hugetlbPages": 2],
             steps: steps, counters: counters, framesFree: m.freeFrames, framesUsed: m.totalFrames - m.freeFrames,
             invariants: invariants)
-        if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            return
-        }
+        if json { return try printJSON(report) }
         print("\ncounters:")
         for (c, v) in m.statistics.snapshot where v != 0 { print("  " + pad(c.description, 24) + "\(v)") }
         print("frames: \(report.framesUsed) used, \(report.framesFree) free (reserved zero pages and the hugetlb "
@@ -200,3 +195,10 @@ struct Demo: ParsableCommand {
 }
 
 func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+/// Prints `value` as sorted, pretty-printed JSON (the demos' `--json`).
+func printJSON(_ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}

@@ -100,12 +100,7 @@ struct NativeDemo {
         gpuFile.close()
         cxlFile.close()
         let report = Report(engine: "native", pages: pages, steps: steps, dataCheck: dataCheck, invariants: invariants)
-        if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            return
-        }
+        if json { return try printJSON(report) }
         print("\ndata: \(dataCheck)")
         print("invariants: \(invariants)")
         print("legend: . untouched  z zero page  a host page  H host THP  P device-private  C device-coherent  "

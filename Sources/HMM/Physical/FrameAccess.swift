@@ -18,27 +18,27 @@ extension Machine {
     /// - Throws: `.invalidArgument` for a frame neither in RAM nor in a registered pagemap; `.fault`
     ///   when a host-window page is no longer mapped.
     public func readFrame(_ pfn: PFN, into buffer: UnsafeMutableRawPointer) throws(HMMError) {
-        let p = try framePointer(pfn)
-        if let access = hostWindowAccess(pfn) {
-            guard access.copyOut(from: p, to: buffer, count: PageSize.base) else {
-                throw HMMError(.fault, "the host page of \(pfn) is no longer mapped")
-            }
-            return
-        }
-        buffer.copyMemory(from: p, byteCount: PageSize.base)
+        try copy(pfn, toFrame: false, buffer)
     }
 
     /// Writes 4 KiB from `buffer` into a frame, as ``readFrame(_:into:)`` reads.
     /// - Throws: as ``readFrame(_:into:)``.
     public func writeFrame(_ pfn: PFN, from buffer: UnsafeRawPointer) throws(HMMError) {
-        let p = try framePointer(pfn)
+        try copy(pfn, toFrame: true, UnsafeMutableRawPointer(mutating: buffer))
+    }
+
+    /// One page between frame `pfn` and `other`, in the direction given: plainly, or through the
+    /// engine for a host-window frame.
+    private func copy(_ pfn: PFN, toFrame: Bool, _ other: UnsafeMutableRawPointer) throws(HMMError) {
+        let frame = try framePointer(pfn)
+        let (src, dst) = toFrame ? (UnsafeRawPointer(other), frame) : (UnsafeRawPointer(frame), other)
         if let access = hostWindowAccess(pfn) {
-            guard access.copyIn(from: buffer, to: p, count: PageSize.base) else {
-                throw HMMError(.fault, "the host page of \(pfn) is no longer mapped")
-            }
+            let copied = toFrame ? access.copyIn(from: src, to: dst, count: PageSize.base)
+                : access.copyOut(from: src, to: dst, count: PageSize.base)
+            guard copied else { throw HMMError(.fault, "the host page of \(pfn) is no longer mapped") }
             return
         }
-        p.copyMemory(from: buffer, byteCount: PageSize.base)
+        dst.copyMemory(from: src, byteCount: PageSize.base)
     }
 
     /// The engine's access to a host-window frame, nil for any other frame.
