@@ -254,13 +254,18 @@ extension NativeSpace {
                 poison(region, i)
                 return .poisoned
             }
-            // Lock the folio as `do_swap_page` does; a migration holding it finishes first.
-            while !machine.folioTryLock(head) { sched_yieldShim() }
-            guard region.state(i) == s else {
-                machine.folioUnlock(head)
+            // As `do_swap_page`: the folio lock by try-lock and a reference, both taken while the page's
+            // word is locked (the page-table lock: nothing can drop the word's reference meanwhile), so a
+            // racing drop never frees a folio this thread holds locked (bug #1). A contended folio lock
+            // is a migration already moving the page: let it finish and look again.
+            guard region.tryLock(i, s) else { continue }
+            guard machine.folioTryLock(head) else {
+                region.setState(i, s)
+                sched_yieldShim()
                 continue
             }
             machine.folioGet(head)
+            region.setState(i, s)
             let a = region.pageAddress(i)
             let unit: Range<UInt64>
             if s.isCompound {
@@ -279,8 +284,10 @@ extension NativeSpace {
             } catch {
                 failure = error
             }
-            machine.folioUnlock(head)
-            machine.folioPut(head)
+            // If the driver split the folio, the lock and the reference now sit on the page's own folio.
+            let holder = machine.folioHead(s.pfn)
+            machine.folioUnlock(holder)
+            machine.folioPut(holder)
             let now = region.state(i)
             if now.kind != .device || now.isMigrating {
                 wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))

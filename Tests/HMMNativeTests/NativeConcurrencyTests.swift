@@ -10,7 +10,9 @@ import Glibc
 
 @Suite("Native engine: fork and concurrency", .enabled(if: nativeUnavailable == nil, "native engine unavailable here (issue 15): \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
 struct NativeConcurrencyTests {
-    @Test("fork: the child gets SIGSEGV touching a region (MADV_DONTFORK), never device pages as zeros")
+    @Test("fork: the child gets SIGSEGV touching a region (MADV_DONTFORK), never device pages as zeros",
+          .disabled(if: underThreadSanitizer,
+                    "a child forked from a multi-threaded process can hang inside the TSan runtime (google/sanitizers#453, #945; seen here 1 run in 4); the plain suite runs it"))
     func forkPolicyDontFork() throws {
         try withNativeSpace { _, space, gpu in
             let region = try space.allocate(length: 16 << 12, hugePages: false, populate: true)
