@@ -31,3 +31,10 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// The DocC catalogues (Sources/*/Documentation.docc) build with swift-docc-plugin, which is added only when
+// HMM_DOCS is set (as .ci/docs does), so a plain build never fetches it:
+//   HMM_DOCS=1 swift package --scratch-path .build-docs generate-documentation --target HMM --warnings-as-errors
+if Context.environment["HMM_DOCS"] != nil {
+    package.dependencies.append(.package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"))
+}

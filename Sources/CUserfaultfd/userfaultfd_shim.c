@@ -205,6 +205,19 @@ long cu_self_write(void *dst, const void *src, size_t len) {
     return n < 0 ? -errno : (long)n;
 }
 
+int cu_thread_stack(uint64_t *lo, uint64_t *size) {
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) != 0) return -1;
+    void *base = NULL;
+    size_t n = 0;
+    int rc = pthread_attr_getstack(&attr, &base, &n);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) return -1;
+    *lo = (uint64_t)(uintptr_t)base;
+    *size = n;
+    return 0;
+}
+
 int cu_map_shared_fixed(uint64_t addr, uint64_t len, int prot, int fd, uint64_t offset, int populate) {
     void *p = mmap((void *)(uintptr_t)addr, len, prot, MAP_FIXED | MAP_SHARED | (populate ? MAP_POPULATE : 0), fd,
                    (off_t)offset);

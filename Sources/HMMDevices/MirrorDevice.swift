@@ -2,11 +2,11 @@ import HMM
 import Synchronization
 
 /// The port of the kernel's `dmirror` test driver (`lib/test_hmm.c`): a device that mirrors a process's
-/// address space through ``HMMRange`` faults and interval notifiers, migrates pages to and from its own
+/// address space through `HMMRange` faults and interval notifiers, migrates pages to and from its own
 /// memory, and takes device-exclusive access. It is both a reference driver written against the public
 /// driver API and the oracle of the selftest port.
 ///
-/// One `MirrorDevice` is one `/dev/hmm_dmirrorN`. Its memory comes in chunks, each a ``Pagemap`` of the
+/// One `MirrorDevice` is one `/dev/hmm_dmirrorN`. Its memory comes in chunks, each a `Pagemap` of the
 /// device's kind owned by the device (so two devices never match each other's owner). Free device pages
 /// sit on a free list at refcount 0.
 ///
@@ -69,7 +69,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
 
     /// Opens the device for `space` (`open("/dev/hmm_dmirrorN")`): a new mirror with its own device page
     /// table and an interval notifier over the whole address space.
-    /// The space may be simulated (``AddressSpace``) or native (`NativeSpace`).
+    /// The space may be simulated (`AddressSpace`) or native (`NativeSpace`).
     /// - Throws: `.noDevice` after ``remove()``, `.noProcess` if the space has exited.
     public func open(_ space: any MirroredAddressSpace) throws(HMMError) -> MirrorFile {
         guard !isRemoved else { throw HMMError(.noDevice, "\(self) was removed") }
@@ -181,7 +181,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     // MARK: CPU faults
 
     /// `dmirror_devmem_fault`: migrate the faulting page — the whole 2 MiB folio for a PMD fault — back to
-    /// system memory, with whatever neighbours the engine's fault-around asks for (``DeviceFault/range``).
+    /// system memory, with whatever neighbours the engine's fault-around asks for (`DeviceFault.range`).
     public func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
         var select: MigrateSelect = kind == .devicePrivate ? .devicePrivate : .deviceCoherent
         if fault.huge { select.insert(.compound) }
@@ -244,7 +244,7 @@ public final class MirrorDevice: PagemapOperations, @unchecked Sendable, CustomS
     // MARK: release and removal
 
     /// `HMM_DMIRROR_RELEASE`: evicts every page of every chunk to system memory
-    /// (``MigrateDevice``) and unregisters the chunks. Later allocations create fresh chunks.
+    /// (`MigrateDevice`) and unregisters the chunks. Later allocations create fresh chunks.
     /// - Throws: `.outOfMemory` (RAM exhausted: the pages not yet moved stay on the device and so do
     ///   their chunks), `.busy` if a chunk still has pages in use after eviction, `.noDevice`.
     public func release() throws(HMMError) {

@@ -24,7 +24,8 @@ public struct MirrorFlags: OptionSet, Hashable, Sendable {
     public static let failAllocation = MirrorFlags(rawValue: 1 << 0)
 }
 
-/// The bytes ``MirrorFile/snapshot(_:pages:into:)`` writes, one per page (`HMM_DMIRROR_PROT_*`).
+/// The bytes ``MirrorFile/snapshot(_:pages:into:)-(_,_,UnsafeMutableRawBufferPointer)`` writes, one per page
+/// (`HMM_DMIRROR_PROT_*`).
 public enum MirrorProtection {
     public static let error: UInt8 = 0xFF
     public static let none: UInt8 = 0x00
@@ -49,7 +50,7 @@ public enum MirrorProtection {
 /// core (faults, migration) — only to program or read the device page table.
 public final class MirrorFile: @unchecked Sendable {
     public let device: MirrorDevice
-    /// The mirrored space: a simulated ``AddressSpace`` or a native one — the file is the same code.
+    /// The mirrored space: a simulated `AddressSpace` or a native one — the file is the same code.
     public let space: any MirroredAddressSpace
     /// Set once in `init`; the notifier calls back through a ``WeakForwarder`` so that the file is
     /// released (and closed) when its user drops it, and the space with it.
@@ -159,7 +160,7 @@ public final class MirrorFile: @unchecked Sendable {
     // MARK: READ / WRITE
 
     /// `HMM_DMIRROR_READ`: the device reads `pages` pages at `address` into `mirror`, faulting through
-    /// ``AddressSpace/rangeFault(_:)`` where it has no mapping yet.
+    /// `AddressSpace.rangeFault(_:)` where it has no mapping yet.
     /// - Throws: `.fault` (no readable mapping, short buffer), `.invalidArgument`, `.busy` (the range kept
     ///   changing for 1000 ms), `.badDescriptor`, `.noDevice`. `mirror` is untouched on error.
     public func read(_ address: UInt64, pages: Int, into mirror: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
@@ -181,7 +182,7 @@ public final class MirrorFile: @unchecked Sendable {
 
     /// `HMM_DMIRROR_WRITE`: the device writes `data` to `pages` pages at `address`, write-faulting where
     /// it has no writable mapping. A page of this device mapped read-only (shared after fork, or under
-    /// mprotect) is migrated back to system memory first: ``AddressSpace/rangeFault(_:)`` reports the
+    /// mprotect) is migrated back to system memory first: `AddressSpace.rangeFault(_:)` reports the
     /// device's own pages and never faults them, so retrying the fault alone would never make progress
     /// (`lib/test_hmm.c` loops forever there).
     /// - Throws: `.permission` (read-only mapping), `.fault` (including a write that made no progress in
@@ -420,7 +421,7 @@ public final class MirrorFile: @unchecked Sendable {
     // MARK: snapshot
 
     /// `HMM_DMIRROR_SNAPSHOT`: one ``MirrorProtection`` byte per page, from a non-faulting
-    /// ``AddressSpace/rangeFault(_:)`` with a temporary notifier per 32 pages.
+    /// `AddressSpace.rangeFault(_:)` with a temporary notifier per 32 pages.
     /// - Throws: `.invalidArgument` (the space exited), `.fault` (short buffer), `.busy`, `.badDescriptor`,
     ///   `.noDevice`.
     public func snapshot(_ address: UInt64, pages: Int, into out: UnsafeMutableRawBufferPointer) throws(HMMError) -> MirrorResult {
@@ -550,7 +551,7 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
-    /// - Throws: as ``AddressSpace/mapDriverPages(length:protection:shared:)``, `.badDescriptor`;
+    /// - Throws: as `AddressSpace.mapDriverPages(length:protection:shared:)`, `.badDescriptor`;
     ///   `.unsupported` on a native space (a driver `mmap` needs a device file the host kernel has not).
     public func mmap(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }

@@ -11,7 +11,7 @@ import Synchronization
 /// A region is made by ``NativeSpace/allocate(length:protection:hugePages:populate:)`` and lives until
 /// ``free()``, until all of it is unmapped, or until its space closes (then it stays as ordinary memory).
 ///
-/// Per page it keeps a ``PageState`` word (what the host page table cannot say) and names its pages in
+/// Per page it keeps a `PageState` word (what the host page table cannot say) and names its pages in
 /// a host-window pagemap, so a driver reads and writes CPU-resident pages through the same frame
 /// pointers as any frame.
 public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
@@ -136,6 +136,9 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     @inline(__always) func contains(_ a: UInt64) -> Bool { a >= address && a < end }
     @inline(__always) func index(_ a: UInt64) -> Int { Int((a - address) >> UInt64(PageSize.shift)) }
     @inline(__always) func pageAddress(_ i: Int) -> UInt64 { address + UInt64(i) << UInt64(PageSize.shift) }
+    /// The index of the first page of the 2 MiB unit holding page `i`: negative when the unit starts
+    /// before the region (a region need not be 2 MiB-aligned after an `mremap` or an adoption).
+    @inline(__always) func unitStart(_ i: Int) -> Int { i - Int((pageAddress(i) & PageSize.pmdMask) >> UInt64(PageSize.shift)) }
 
     @inline(__always) func state(_ i: Int) -> PageState { PageState(rawValue: states[i].load(ordering: .acquiring)) }
 

@@ -71,7 +71,7 @@ extension NativeSpace {
         // the move's ends must be split anyway.
         var j = first
         while j < first + n {
-            if old.state(j).isCompound { splitUnit(old, j & ~(PageSize.pagesPerPMD - 1)) }
+            if old.state(j).isCompound { splitUnit(old, old.unitStart(j)) }
             j += 1
         }
         guard let moved = try? makeRegion(to, Int(length), old.protection(page: first), old.hugePages) else { return }

@@ -183,8 +183,8 @@ extension NativeSpace {
     /// 4 KiB entries). False — fill one small page instead — unless the whole unit is in the region,
     /// advised, of one protection, writable, unheld and empty.
     private func hugeFirstTouch(_ region: NativeRegion, _ i: Int) -> Bool {
-        let first = i & ~(PageSize.pagesPerPMD - 1)
-        guard first + PageSize.pagesPerPMD <= region.pages, region.isHugeAdvised(page: i) else { return false }
+        let first = region.unitStart(i)
+        guard first >= 0, first + PageSize.pagesPerPMD <= region.pages, region.isHugeAdvised(page: i) else { return false }
         let unit = first..<(first + PageSize.pagesPerPMD)
         guard region.allow(.write, unit), unit.allSatisfy({ region.isHugeAdvised(page: $0) }),
             region.protectionRun(around: i).pages.contains(unit.lowerBound),
@@ -326,7 +326,7 @@ extension NativeSpace {
     /// The page is lost: a poison marker replaces it, so the next touch raises `SIGBUS` and a system
     /// call `EFAULT`; its device copy is dropped. ``NativeSpace/recover(_:_:from:)`` puts bytes back.
     func poison(_ region: NativeRegion, _ i: Int) {
-        if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
+        if region.state(i).isCompound { splitUnit(region, region.unitStart(i)) }
         let s = region.lock(i)
         let a = region.pageAddress(i)
         invalidating(a, a + Sys.page, .clear, owner: nil) {

@@ -12,7 +12,7 @@ import Glibc
 /// zeros — silent data loss (native-mode.md §1g). Neither policy lets that happen.
 ///
 /// Under either policy a `fork` holds every native space still while the host copies the address
-/// space (``ForkRegistry``), as the kernel's `fork` holds the `mmap_lock` for writing: a thread that
+/// space (`ForkRegistry`), as the kernel's `fork` holds the `mmap_lock` for writing: a thread that
 /// forks while it holds a space's lock (inside a driver's migration or walk) deadlocks, as it would in
 /// the kernel.
 public enum ForkPolicy: Sendable, Equatable {
@@ -84,7 +84,7 @@ final class ForkRegistry: @unchecked Sendable {
 
     private func child() {
         for s in spaces.liveHoldingLock { s.forkChild() }
-        spaces.lock.unlock()
+        spaces.lock.reinitializeInForkedChild()
     }
 }
 
@@ -112,12 +112,13 @@ extension NativeSpace {
         mmapLock.unlock()
     }
 
-    /// `child`: this copy of the space has no threads and no userfaultfd of its own.
+    /// `child`: this copy of the space has no threads and no userfaultfd of its own. Its locks are
+    /// made fresh, not unlocked (``ReadWriteLock/reinitializeInForkedChild()``).
     func forkChild() {
         forkedAway.store(true, ordering: .releasing)
         guard forkHeld.exchange(false, ordering: .relaxed) else { return }
-        faultGate.unlock()
-        mmapLock.unlock()
+        faultGate.reinitializeInForkedChild()
+        mmapLock.reinitializeInForkedChild()
     }
 
     /// The host's FORK event (`.share`): `child` is the child's userfaultfd, over the child's copies of

@@ -16,7 +16,7 @@ public enum FaultMode: Sendable, Equatable {
     case handlerThread
     /// `UFFD_FEATURE_SIGBUS`: the faulting thread resolves its own fault, inside its `SIGBUS` handler —
     /// no round trip (7–8 µs measured), and faulting threads scale. The driver's
-    /// ``PagemapOperations/migrateToRAM(_:)`` then runs in that thread, in signal context: like a
+    /// `PagemapOperations.migrateToRAM(_:)` then runs in that thread, in signal context: like a
     /// kernel driver's, it must not wait for anything the interrupted code may hold (a driver that
     /// touches its own region's memory while holding its lock deadlocks, as it would in the kernel).
     /// The process's earlier `SIGBUS` handler (the Swift runtime's) still gets every signal this mode

@@ -109,7 +109,7 @@ extension NativeSpace: MigrationEngine {
                     continue
                 }
                 if s.isCompound {
-                    let unitStart = i & ~(PageSize.pagesPerPMD - 1)
+                    let unitStart = region.unitStart(i)
                     if compound && unitStart == i && k + PageSize.pagesPerPMD <= n {
                         if collectDeviceUnit(m, c, k, s) {
                             k += PageSize.pagesPerPMD

@@ -11,8 +11,8 @@ extension NativeSpace {
     /// pages in where requested with `MADV_POPULATE_READ`/`WRITE` from the caller's thread (a
     /// device-resident page then comes back through the fault thread and its driver). A CPU-resident
     /// page is reported as its host-window frame — a driver reads and writes it through
-    /// ``Machine/framePointer(_:)`` like any frame — the zero page as ``Machine/zeroPFN`` (the huge
-    /// one as ``Machine/hugeZeroPFN``), a THP with map order 9, a device page of
+    /// `Machine.framePointer(_:)` like any frame — the zero page as `Machine.zeroPFN` (the huge
+    /// one as `Machine.hugeZeroPFN`), a THP with map order 9, a device page of
     /// `devicePrivateOwner` as its device frame (never faulted). Requires `mmapLock` held for reading.
     ///
     /// The write bit comes from the region's protection and the zero page (`PAGEMAP_SCAN` has no
@@ -150,7 +150,7 @@ extension NativeSpace {
 
     /// `make_device_exclusive`: the page at `address` moves into a staging RAM frame the device may use
     /// for atomics (`program` receives it, the page locked), and the next CPU or kernel touch moves it
-    /// back and sends `clear` (``restoreExclusive(_:_:_:)``). The notifiers hear `exclusive` (owner)
+    /// back and sends `clear` (`restoreExclusive(_:_:_:)`). The notifiers hear `exclusive` (owner)
     /// first. Requires `mmapLock` held for reading.
     /// - Throws: `.fault` (no region, not writable, revoked), `.outOfMemory` (no staging frame),
     ///   `.busy` (the host refused to move the page, or it is device-coherent memory mapped in place),

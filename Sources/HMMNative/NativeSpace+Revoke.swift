@@ -34,7 +34,7 @@ extension NativeSpace {
     func revoke(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64) throws(HMMError) {
         try withMmapReadLock { () throws(HMMError) in
             for i in region.index(lo)..<region.index(hi) {
-                if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
+                if region.state(i).isCompound { splitUnit(region, region.unitStart(i)) }
                 let s = region.lock(i)
                 let a = region.pageAddress(i)
                 var failure: HMMError?

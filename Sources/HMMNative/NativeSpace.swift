@@ -8,12 +8,12 @@ import Glibc
 
 /// The native engine: HMM semantics on the host process's own memory, through userfaultfd
 /// (`../shared/reference/native-mode.md`). A runtime allocates ``NativeRegion``s, gets ordinary
-/// pointers, and a driver written against the driver API (``MirroredAddressSpace``, ``MigrateVMA``,
-/// ``IntervalNotifier``, ``HMMRange``) — `MirrorDevice` unchanged — migrates their pages to its device
+/// pointers, and a driver written against the driver API (`MirroredAddressSpace`, `MigrateVMA`,
+/// `IntervalNotifier`, `HMMRange`) — `MirrorDevice` unchanged — migrates their pages to its device
 /// memory; a plain load, store or system call touching such a page faults and migrates it back.
 ///
-/// Truth: the host page tables for CPU-resident pages; one ``PageState`` word per page for the rest.
-/// Device memory stays the machine's ``Pagemap``s, and the machine's RAM arena is the staging pool:
+/// Truth: the host page tables for CPU-resident pages; one `PageState` word per page for the rest.
+/// Device memory stays the machine's `Pagemap`s, and the machine's RAM arena is the staging pool:
 /// a page leaves the process by `UFFDIO_MOVE` into a free RAM frame (the migration entry's analog — a
 /// concurrent touch faults and waits), so drivers copy frame to frame exactly as on the simulated
 /// engine.
@@ -21,13 +21,13 @@ import Glibc
 /// Threads: a service thread reads the userfaultfd and waits for nothing but installs of bytes in flight
 /// (every `munmap`, `MADV_DONTNEED` and `mremap` of a region waits until it has read the event); a fault thread
 /// (or, in-thread, the faulting thread itself) resolves CPU faults (zero fill, fault-back through the driver's
-/// ``PagemapOperations/migrateToRAM(_:)``, exclusive restore); an event thread turns unmap, remove and
+/// `PagemapOperations.migrateToRAM(_:)`, exclusive restore); an event thread turns unmap, remove and
 /// remap events into notifier invalidations and frees device pages. Migrations a driver asks for run
 /// in the caller's thread, as `migrate_vma` runs in a driver's ioctl.
 ///
 /// Locking, in order: `mmapLock` (drivers hold it for reading around their phases; region changes take
 /// it for writing) → `faultGate` (held for reading around each fault resolution and eviction; a `fork`
-/// takes both for writing, ``ForkRegistry``) → page-state lock bits (ascending page order) → folio
+/// takes both for writing, `ForkRegistry`) → page-state lock bits (ascending page order) → folio
 /// locks → driver notifier locks; the region list, the registries and the message queues are leaves.
 /// The fault thread and the event thread take no `mmapLock`: a driver thread holding it for reading
 /// may be waiting on a fault they must resolve. In-thread fault mode (``FaultMode/inThread``) runs the
@@ -36,7 +36,7 @@ import Glibc
 /// driver then sees a completed `mremap`), so no thread may call it while holding a lock an
 /// invalidation needs (a driver's notifier lock); a fault on a host hole never waits for events, so a
 /// driver may copy from a page's host window under its notifier lock. Replacing a coherent page's
-/// mapping (``mapCoherent(_:at:frame:pages:)``, ``replaceWithHole(_:at:pages:)``) waits until the
+/// mapping (`mapCoherent(_:at:frame:pages:)`, `replaceWithHole(_:at:pages:)`) waits until the
 /// service thread has read the UNMAP it raises: never inside an install, never on the service thread.
 ///
 /// Lifetime: call ``close()``. It evicts every device page first — a userfaultfd closed while pages
@@ -206,9 +206,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         while !serviceReady.load(ordering: .acquiring) { sched_yieldShim() }
     }
 
-    /// Why this process cannot have a native space, or nil if it can: the capability probe of ``init``
-    /// (userfaultfd, its MOVE/POISON features and events, `PAGEMAP_SCAN`), without side effects. Tests
-    /// skip with this reason.
+    /// Why this process cannot have a native space, or nil if it can: the capability probe of
+    /// ``init(machine:options:)`` (userfaultfd, its MOVE/POISON features and events, `PAGEMAP_SCAN`),
+    /// without side effects. Tests skip with this reason.
     public static func unsupportedReason() -> String? {
         var supported: UInt64 = 0
         var rc = cu_uffd_probe(0, &supported)
@@ -318,6 +318,80 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             _ = Sys.munmap(base, bytes)
             throw error
         }
+    }
+
+    /// Takes memory the process already has into the space as a region, with its bytes: a
+    /// `malloc`ed buffer, a mapping from another allocator, the copy of a region a forked child
+    /// inherited. Every page of `[address, address + length)` must be private anonymous memory (no
+    /// file, not shared, not the main or the calling thread's stack) and in no live region. Another
+    /// thread's stack looks like any anonymous mapping to the host: never adopt one. The pages keep their protections and the
+    /// host's huge-page advice; populated pages stay where they are, and holes read zeros on first
+    /// touch. Under ``ForkPolicy/deny`` the range becomes `MADV_DONTFORK`, as an allocated region is.
+    ///
+    /// The region then owns the memory as an allocated one does: ``NativeRegion/free()`` unmaps it, and
+    /// ``close()`` leaves it mapped as ordinary memory. Takes `mmapLock` for writing.
+    /// - Throws: `.invalidArgument` (unaligned, empty, over 1 TiB or wrapping), `.fault` where nothing is
+    ///   mapped, `.unsupported` for shared, file-backed or special memory, `.busy` if a page is already in
+    ///   a region, `.noProcess` after close, what registration returns.
+    public func adopt(address: UInt64, length: Int) throws(HMMError) -> NativeRegion {
+        try checkOpen()
+        guard length > 0, length % PageSize.base == 0, length <= 1 << 40, address % Sys.page == 0,
+            address <= UInt64.max - UInt64(length)
+        else {
+            throw HMMError(.invalidArgument, "adopt: \(length) bytes at \(address) is not a page-aligned range of up to 1 TiB")
+        }
+        let end = address + UInt64(length)
+        if let stack = Self.callingThreadStack(), stack.lowerBound < end && address < stack.upperBound {
+            throw HMMError(.unsupported, "adopt: \(address)+\(length) overlaps the calling thread's stack")
+        }
+        catchUpWithEvents()
+        // What the host has there, page-exact: one protection run per host mapping piece.
+        var runs: [(lo: UInt64, hi: UInt64, protection: Protection)] = []
+        var next = address
+        for e in HostMaps.entries(overlapping: address, end) {
+            guard e.start <= next else { break }
+            guard e.adoptable else {
+                throw HMMError(.unsupported, "adopt: \(e.path.isEmpty ? "a shared mapping" : e.path) at \(max(e.start, address)) is not private anonymous memory")
+            }
+            let hi = min(e.end, end)
+            runs.append((next, hi, e.protection))
+            next = hi
+            if next == end { break }
+        }
+        guard next == end else { throw HMMError(.fault, "adopt: nothing is mapped at \(next)") }
+        return try mmapLock.withWriteLock { () throws(HMMError) -> NativeRegion in
+            try checkOpen()
+            for r in regions where r.address < end && address < r.end {
+                let lo = r.index(max(r.address, address))
+                let hi = r.index(min(r.end, end))
+                if (lo..<hi).contains(where: { r.state($0).kind != .unmapped }) {
+                    throw HMMError(.busy, "adopt: \(max(r.address, address)) is already in \(r)")
+                }
+            }
+            if options.forkPolicy == .deny { _ = Sys.madvise(address, UInt64(length), Sys.dontFork) }
+            let rc = Sys.register(uffd, address, UInt64(length), missing: true)
+            guard rc == 0 else { throw HMMError.system(rc, "UFFDIO_REGISTER") }
+            let r: NativeRegion
+            do throws(HMMError) {
+                r = try makeRegion(address, length, runs[0].protection, nil)
+            } catch {
+                _ = Sys.unregister(uffd, address, UInt64(length))
+                throw error
+            }
+            for run in runs.dropFirst() { r.setProtection(run.protection, pages: r.index(run.lo)..<r.index(run.hi)) }
+            insert(r)
+            statistics.count(\.regionsAdopted)
+            return r
+        }
+    }
+
+    /// The calling thread's stack (`pthread_getattr_np`), which ``adopt(address:length:)`` refuses: a
+    /// thread stack is ordinary anonymous memory to the host, and only the main thread's is named.
+    private static func callingThreadStack() -> Range<UInt64>? {
+        var lo: UInt64 = 0
+        var size: UInt64 = 0
+        guard cu_thread_stack(&lo, &size) == 0 else { return nil }
+        return lo..<(lo + size)
     }
 
     /// A region object for `[base, base + length)`, with its host window.
@@ -436,7 +510,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// leaves it `to` (``PageState/host`` or ``PageState/unmapped``), unlocked. Waits for the page's
     /// lock. A compound unit is split first (each of its pages then holds its own reference).
     func dropPage(_ region: NativeRegion, _ i: Int, to final: PageState) {
-        if region.state(i).isCompound { splitUnit(region, i & ~(PageSize.pagesPerPMD - 1)) }
+        if region.state(i).isCompound { splitUnit(region, region.unitStart(i)) }
         let s = region.lock(i, unmapped: final == .unmapped)
         switch s.kind {
         case .device, .exclusive:
@@ -488,7 +562,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// Splits the compound device unit starting at page `first`: each of its 512 words then holds its own
     /// reference on the device folio (which stays one folio until its last page is freed).
     func splitUnit(_ region: NativeRegion, _ first: Int) {
-        guard first + PageSize.pagesPerPMD <= region.pages else { return }
+        guard first >= 0, first + PageSize.pagesPerPMD <= region.pages else { return }
         var words: [PageState] = []
         words.reserveCapacity(PageSize.pagesPerPMD)
         for j in 0..<PageSize.pagesPerPMD { words.append(region.lock(first + j)) }
@@ -738,6 +812,8 @@ public final class NativeStatistics: @unchecked Sendable {
         /// Pages moved out of the process to staging frames, and moved or copied back in.
         public var pagesMovedOut = 0
         public var pagesMovedIn = 0
+        /// Regions made of memory the process already had (``NativeSpace/adopt(address:length:)``).
+        public var regionsAdopted = 0
         /// Device-resident and exclusive pages copied into forked children (``ForkPolicy/share``).
         public var pagesCopiedToChild = 0
         /// Device-coherent frames mapped in place into regions, and in-place mappings replaced by holes.

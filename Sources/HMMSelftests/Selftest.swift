@@ -50,11 +50,15 @@ public struct Selftest: Sendable {
     public let nativeKnownFailures: [SelftestVariant: String]
     /// System RAM of the case's machine: 256 MiB, more for a case that needs it (T38 migrates 256 MiB).
     public let systemMemory: Int
+    /// The case forks the test process (T6, T7, T27, T29). Natively that is a real `fork()`, which
+    /// runs only in a single-threaded process (`hmm selftests --native`, the helper executable the
+    /// test suite starts) and needs ``ForkPolicy/share``.
+    public let forks: Bool
     let body: @Sendable (SelftestContext) throws -> Void
 
     init(name: String, fixture: SelftestFixture, pending: String?, knownFailures: [SelftestVariant: String] = [:],
          nativeSkip: String? = nil, nativeKnownFailures: [SelftestVariant: String] = [:], systemMemory: Int = 256 << 20,
-         body: @escaping @Sendable (SelftestContext) throws -> Void) {
+         forks: Bool = false, body: @escaping @Sendable (SelftestContext) throws -> Void) {
         self.name = name
         self.fixture = fixture
         self.pending = pending
@@ -62,6 +66,7 @@ public struct Selftest: Sendable {
         self.nativeSkip = nativeSkip
         self.nativeKnownFailures = nativeKnownFailures
         self.systemMemory = systemMemory
+        self.forks = forks
         self.body = body
     }
 }
@@ -104,23 +109,26 @@ public final class SelftestContext {
     /// `HMM_BUFFER_SIZE`: 4 MiB.
     public let bufferSize = 4 << 20
 
-    init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20,
-         engine: SelftestEngine = .simulated) throws {
-        machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: engine == .simulated ? 2 : 0))
+    /// A fresh machine with the four devices, the process, and the fixture's files. Natively the space
+    /// has `forkPolicy`; a policy the process may not have (``ForkPolicy/share`` without
+    /// `CAP_SYS_PTRACE`) skips the case.
+    convenience init(variant: SelftestVariant, fixture: SelftestFixture, systemMemory: Int = 256 << 20,
+                     engine: SelftestEngine = .simulated, forkPolicy: ForkPolicy = .deny) throws {
+        let machine = try Machine(.init(systemMemory: systemMemory, hugetlbPages: engine == .simulated ? 2 : 0))
         // `DEVMEM_CHUNK_SIZE`: a coherent device has this one chunk and no other.
-        devices = try MirrorDeviceSet(machine: machine, chunkSize: 256 << 20)
-        self.variant = variant
-        self.engine = engine
+        let devices = try MirrorDeviceSet(machine: machine, chunkSize: 256 << 20)
+        let process: any SelftestProcess
+        var nativeSpace: NativeSpace?
         switch engine {
         case .simulated:
             process = try machine.makeAddressSpace()
-            nativeSpace = nil
         case .native:
-            let space = try NativeSpace(machine: machine)
+            let space = try Self.nativeSpace(machine, forkPolicy)
             process = NativeSelftestProcess(space: space)
             nativeSpace = space
         }
         let first = variant == .devicePrivate ? 0 : 2
+        let fd0: MirrorFile, fd1: MirrorFile?
         do {
             fd0 = try devices.device(first).open(process.mirrored)
             fd1 = fixture == .hmm2 ? try devices.device(first + 1).open(process.mirrored) : nil
@@ -128,6 +136,32 @@ public final class SelftestContext {
             try? nativeSpace?.close()
             throw error
         }
+        self.init(machine: machine, devices: devices, variant: variant, engine: engine, process: process,
+                  nativeSpace: nativeSpace, fd0: fd0, fd1: fd1)
+    }
+
+    /// A native space with `forkPolicy`; the case skips where the process may not have it.
+    private static func nativeSpace(_ machine: Machine, _ forkPolicy: ForkPolicy) throws -> NativeSpace {
+        var options = NativeSpace.Options()
+        options.forkPolicy = forkPolicy
+        do {
+            return try NativeSpace(machine: machine, options: options)
+        } catch {
+            guard error.code == .permission, forkPolicy == .share else { throw error }
+            throw SelftestSkip(reason: "native engine: a forked child inherits device pages only with UFFD_FEATURE_EVENT_FORK, which needs CAP_SYS_PTRACE: \(error)")
+        }
+    }
+
+    init(machine: Machine, devices: MirrorDeviceSet, variant: SelftestVariant, engine: SelftestEngine,
+         process: any SelftestProcess, nativeSpace: NativeSpace?, fd0: MirrorFile, fd1: MirrorFile?) {
+        self.machine = machine
+        self.devices = devices
+        self.variant = variant
+        self.engine = engine
+        self.process = process
+        self.nativeSpace = nativeSpace
+        self.fd0 = fd0
+        self.fd1 = fd1
     }
 
     var coherent: Bool { variant == .deviceCoherent }
@@ -308,9 +342,14 @@ public enum Selftests {
     private static func runBody(_ test: Selftest, _ variant: SelftestVariant, _ engine: SelftestEngine) -> SelftestOutcome {
         if let pending = test.pending { return .skipped(pending) }
         if engine == .native, let reason = test.nativeSkip { return .skipped("native engine: \(reason)") }
+        if engine == .native, test.forks, let threads = Selftests.otherThreads() {
+            return .skipped("native engine: this case forks the test process, and a child forked from a multi-threaded process "
+                + "(\(threads) other threads here) may run only async-signal-safe code; it runs in the single-threaded `hmm selftests --native`")
+        }
         var context: SelftestContext?
         do {
-            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory, engine: engine)
+            let ctx = try SelftestContext(variant: variant, fixture: test.fixture, systemMemory: test.systemMemory, engine: engine,
+                                          forkPolicy: test.forks ? .share : .deny)
             context = ctx
             try test.body(ctx)
             ctx.fd0.close()

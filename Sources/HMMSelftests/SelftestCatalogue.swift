@@ -7,15 +7,16 @@ import Glibc
 #endif
 
 /// The cases of `hmm-tests.c` (torvalds/linux @ 0eaed89c), in file order, each asserting exactly the
-/// values of `reference/hmm-tests-catalogue.md`. A forked child is a forked ``AddressSpace`` whose code
-/// runs inline; `_exit` is ``AddressSpace/exit()``.
+/// values of `reference/hmm-tests-catalogue.md`. A forked child is a ``SelftestChild``: a forked
+/// ``AddressSpace`` on its own thread, or natively a real child process.
 enum SelftestCatalogue {
     static func hmm(_ name: String, pending: String? = nil, knownFailures: [SelftestVariant: String] = [:],
                     nativeSkip: String? = nil, nativeKnownFailures: [SelftestVariant: String] = [:],
-                    systemMemory: Int = 256 << 20,
+                    systemMemory: Int = 256 << 20, forks: Bool = false,
                     _ body: @escaping @Sendable (SelftestContext) throws -> Void) -> Selftest {
         Selftest(name: "hmm." + name, fixture: .hmm, pending: pending, knownFailures: knownFailures,
-                 nativeSkip: nativeSkip, nativeKnownFailures: nativeKnownFailures, systemMemory: systemMemory, body: body)
+                 nativeSkip: nativeSkip, nativeKnownFailures: nativeKnownFailures, systemMemory: systemMemory, forks: forks,
+                 body: body)
     }
 
     /// Why a case that needs the huge zero page from a first read fails natively: the engine gives a
@@ -28,6 +29,18 @@ enum SelftestCatalogue {
     /// shared-memory file, and the host refuses MADV_FREE on shared mappings (EINVAL).
     static let nativeCoherentIsShared =
         "coherent pages are mapped in place from a shared-memory file natively, and the host refuses MADV_FREE on shared mappings (EINVAL)"
+
+    /// Why the fork cases fail in the coherent variant natively: an in-place coherent mapping is
+    /// `MADV_DONTFORK` under every fork policy (a shared mapping would share the child's stores with
+    /// the parent), so a forked child has no mapping there, where the kernel gives it a copy-on-write
+    /// copy, and the parent's later stores land in place instead of breaking copy-on-write to RAM.
+    static let nativeCoherentNotInherited =
+        "natively a coherent page is mapped in place MADV_DONTFORK, so a forked child has no mapping there (EFAULT) and the parent's stores stay in device memory, where the kernel copy-on-writes both"
+
+    /// Why T7 fails natively: shared anonymous memory is not registered (it cannot migrate: T16's
+    /// ENOENT), so it has no frames a device file could reach.
+    static let nativeSharedIsUnreachable =
+        "shared anonymous memory is not registered natively (it cannot migrate: migrate_shared's ENOENT), so the child's device cannot write it: EFAULT"
 
     /// Why T36 fails in the coherent variant, here as with `lib/test_hmm.c`: a coherent dmirror has one
     /// fixed chunk of order-0 pages and cannot add a chunk of 2 MiB folios, so the THP is split on its way
@@ -47,8 +60,10 @@ enum SelftestCatalogue {
         hmm("anon_read_prot", anonReadProt),
         hmm("anon_write", anonWrite),
         hmm("anon_write_prot", anonWriteProt),
-        hmm("anon_write_child", anonWriteChild),
-        hmm("anon_write_child_shared", anonWriteChildShared),
+        hmm("anon_write_child", nativeKnownFailures: [.deviceCoherent: nativeCoherentNotInherited], forks: true, anonWriteChild),
+        hmm("anon_write_child_shared",
+            nativeKnownFailures: [.devicePrivate: nativeSharedIsUnreachable, .deviceCoherent: nativeSharedIsUnreachable], forks: true,
+            anonWriteChildShared),
         hmm("anon_write_huge", anonWriteHuge),
         hmm("anon_write_hugetlbfs", anonWriteHugetlbfs),
         hmm("file_read", fileRead),
@@ -68,9 +83,9 @@ enum SelftestCatalogue {
         hmm2("double_map", doubleMap),
         hmm("exclusive", exclusive),
         hmm("exclusive_mprotect", exclusiveMprotect),
-        hmm("exclusive_cow", exclusiveCOW),
+        hmm("exclusive_cow", forks: true, exclusiveCOW),
         hmm("hmm_gup_test", gupTest),
-        hmm("hmm_cow_in_device", cowInDevice),
+        hmm("hmm_cow_in_device", nativeKnownFailures: [.deviceCoherent: nativeCoherentNotInherited], forks: true, cowInDevice),
         hmm("migrate_anon_huge_empty", migrateAnonHugeEmpty),
         hmm("migrate_anon_huge_zero", migrateAnonHugeZero),
         hmm("migrate_anon_huge_free", nativeKnownFailures: [.deviceCoherent: nativeCoherentIsShared], migrateAnonHugeFree),
@@ -153,15 +168,14 @@ enum SelftestCatalogue {
                 if migrate {
                     try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
                 }
-                let child = try t.simulated("fork() of the test process runs in a helper executable only (issue 11)").fork()
                 // Child: sees the pattern (faulting shared device pages back), writes −i through device 0.
-                try t.expectPattern(t.ints(ptr, size, in: child), "child buffer") { Int32($0) }
-                if !migrate { try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) } }
-                let childFD = try t.devices.device(0).open(child)
-                try t.expectSuccess(childFD, .write, b, npages, faults: 1)
-                if !migrate { try t.expectPattern(t.ints(ptr, size, in: child), "child buffer after WRITE") { -Int32($0) } }
-                childFD.close()
-                child.exit()
+                try t.fork { c in
+                    try c.expectPattern(c.ints(ptr, size), "child buffer") { Int32($0) }
+                    if !migrate { try c.expectPattern(c.mirrorInts(b), "child mirror") { -Int32($0) } }
+                    try c.adopt(ptr, size)
+                    try c.expectSuccess(c.fd, .write, b, npages, faults: 1)
+                    if !migrate { try c.expectPattern(c.ints(ptr, size), "child buffer after WRITE") { -Int32($0) } }
+                }.wait()
                 // Parent.
                 try t.expectPattern(t.ints(ptr, size), "parent buffer") { Int32($0) }
                 try t.process.unmap(base, length: 2 * size)
@@ -175,14 +189,12 @@ enum SelftestCatalogue {
         let b = Buffer(ptr: try t.map(t.bufferSize, [.read, .write], [.shared, .anonymous]), size: t.bufferSize)
         try t.fill(b.ptr, b.size) { Int32($0) }
         t.setMirror(b) { -Int32($0) }
-        let child = try t.simulated("fork() of the test process runs in a helper executable only (issue 11)").fork()
-        try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { Int32($0) }
-        try t.expectPattern(t.mirrorInts(b), "child mirror") { -Int32($0) }
-        let childFD = try t.devices.device(0).open(child)
-        try t.expectSuccess(childFD, .write, b, npages, faults: 1)
-        try t.expectPattern(t.ints(b.ptr, b.size, in: child), "child buffer") { -Int32($0) }
-        childFD.close()
-        child.exit()
+        try t.fork { c in
+            try c.expectPattern(c.ints(b.ptr, b.size), "child buffer") { Int32($0) }
+            try c.expectPattern(c.mirrorInts(b), "child mirror") { -Int32($0) }
+            try c.expectSuccess(c.fd, .write, b, npages, faults: 1)
+            try c.expectPattern(c.ints(b.ptr, b.size), "child buffer") { -Int32($0) }
+        }.wait()
         try t.expectPattern(t.ints(b.ptr, b.size), "parent buffer") { -Int32($0) }
     }
 
@@ -476,23 +488,15 @@ enum SelftestCatalogue {
         let b = try anonBuffer(t)
         try t.fill(b.ptr, b.size) { Int32($0) }
         try t.expectSuccess(t.fd, .exclusive, b, npages)
-        let child = try t.simulated("fork() of the test process runs in a helper executable only (issue 11)").fork()
-        // Parent and child run at once, as the two processes do: the child on its own thread.
-        let shared = Unchecked((t, b, child))
-        let childFailure = Unchecked(Locked<(any Error)?>(nil))
-        let thread = HostThread {
-            do { try incrementAll(shared.value.0, shared.value.1, in: shared.value.2) } catch {
-                childFailure.value.withLock { $0 = error }
-            }
-        }
+        // Parent and child run at once, as the two processes do.
+        let child = try t.fork { c in try incrementAll(c, b, in: c.process) }
         var parentFailure: (any Error)?
         do { try incrementAll(t, b, in: t.process) } catch { parentFailure = error }
-        thread.join()
-        child.exit()
+        let childFailure: (any Error)?
+        do { try child.wait(); childFailure = nil } catch { childFailure = error }
         if let parentFailure { throw parentFailure }
-        if let error = childFailure.value.withLock({ $0 }) {
-            throw SelftestFailure(message: "child: \(error)", line: #line)
-        }
+        if let skip = childFailure as? SelftestSkip { throw skip }
+        if let childFailure { throw SelftestFailure(message: "child: \(childFailure)", line: #line) }
     }
 
     // T28
@@ -520,9 +524,11 @@ enum SelftestCatalogue {
         let b = Buffer(ptr: try t.map(npages * t.page, [.read, .write]), size: npages * t.page)
         try t.fill(b.ptr, b.size) { Int32($0) }
         try t.expectSuccess(t.fd, .migrateToDevice, b, npages)
-        let child = try t.simulated("fork() of the test process runs in a helper executable only (issue 11)").fork()
+        // The child busy-loops until killed; the parent rewrites its pages meanwhile (copy-on-write:
+        // the parent's come back from the device first, the child copies its own).
+        let child = try t.fork(untilKilled: true) { _ in }
         try t.fill(b.ptr, b.size) { Int32($0) }
-        child.exit()
+        try child.kill(t)
         let s = Buffer(ptr: b.ptr, size: b.size, mirror: npages)
         try t.expectSuccess(t.fd, .snapshot, s, npages)
         try t.expectEqual(s.mirror, [UInt8](repeating: MirrorProtection.write, count: npages), "snapshot bytes")

@@ -118,6 +118,8 @@ long cu_anon_huge_kb(uint64_t addr);
 long cu_self_read(void *dst, const void *src, size_t len);
 /// The same for a write of `len` bytes from `src` to `dst` (process_vm_writev).
 long cu_self_write(void *dst, const void *src, size_t len);
+/// The calling thread's stack (pthread_getattr_np): 0 with its lowest address and size, or -1.
+int cu_thread_stack(uint64_t *lo, uint64_t *size);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t cu_now_ns(void);
 

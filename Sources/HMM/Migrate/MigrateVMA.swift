@@ -20,7 +20,7 @@ import Synchronization
 ///
 /// The same class serves both engines: on a simulated ``AddressSpace`` the phases below run the core's
 /// page-table code; on another engine (the native `NativeSpace`) they check the protocol's order and
-/// destinations and hand the page work to its ``MigrationEngine``. A driver's code is the same.
+/// destinations and hand the page work to its `MigrationEngine`. A driver's code is the same.
 public final class MigrateVMA: @unchecked Sendable {
     /// The space migrated, on either engine.
     public let space: any MirroredAddressSpace
@@ -537,7 +537,7 @@ public final class MigrateVMA: @unchecked Sendable {
 
 extension AddressSpace {
     /// Runs `body` with `mmapLock` held for reading: what a driver wraps around ``MigrateVMA`` phases,
-    /// ``RangeFault`` and ``makeDeviceExclusive(_:owner:_:)``.
+    /// ``AddressSpace/rangeFault(_:)`` and ``AddressSpace/makeDeviceExclusive(_:owner:_:)``.
     /// - Throws: what `body` throws, or `.noProcess` after exit.
     public func withMmapReadLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R {
         try mmapLock.withReadLock { () throws(HMMError) -> R in
@@ -562,7 +562,7 @@ extension AddressSpace {
 
 extension AddressSpace {
     /// The mapping containing `address`, read without taking `mmapLock`: call it inside
-    /// ``withMmapReadLock(_:)``.
+    /// ``MirroredAddressSpace/withMmapReadLock(_:)``.
     public func mappingHoldingLock(containing address: UInt64) -> MappingInfo? {
         guard let i = vmaIndex(containing: address) else { return nil }
         let v = vmas[i]

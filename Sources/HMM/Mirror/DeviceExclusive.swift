@@ -9,8 +9,9 @@ extension AddressSpace {
     /// program its MMU before any CPU access can revoke it. The first CPU access afterwards restores the
     /// PTE and sends a `clear` invalidation.
     ///
-    /// Requires `mmapLock` held for reading (``withMmapReadLock(_:)``). `owner` is passed on in the
-    /// `exclusive` invalidation so the caller can recognise (and ignore) its own event.
+    /// Requires `mmapLock` held for reading (``MirroredAddressSpace/withMmapReadLock(_:)``).
+    /// `owner` is passed on in the `exclusive` invalidation so the caller can recognise (and ignore) its
+    /// own event.
     /// - Throws: `.invalidArgument` (address outside user space), `.unsupported` (not private
     ///   anonymous memory, hugetlb), `.fault` (no writable mapping), `.outOfMemory`.
     public func makeDeviceExclusive(

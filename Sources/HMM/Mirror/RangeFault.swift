@@ -96,7 +96,7 @@ extension AddressSpace {
     public static let rangeFaultTimeoutMilliseconds = 1000
 
     /// Fills `range.pfns` with what the CPU page table maps, faulting pages in where the request flags
-    /// ask for it. Requires `mmapLock` held for reading (``withMmapReadLock(_:)``).
+    /// ask for it. Requires `mmapLock` held for reading (``MirroredAddressSpace/withMmapReadLock(_:)``).
     ///
     /// Device-private pages of `devicePrivateOwner` are reported, never faulted — even when a write is
     /// requested and the entry is read-only (after fork or mprotect): the word then lacks

@@ -6,6 +6,9 @@ extension AddressSpace {
     /// shares the pages; unmap retires each page when its last reference drops; the provider's unbind
     /// revokes the mapping (a later touch gets `SIGBUS`).
     /// - Parameters:
+    ///   - provider: the P2PDMA provider whose pool backs the mapping.
+    ///   - length: bytes to map, all allocated now.
+    ///   - protection: `PROT_*`.
     ///   - flags: must contain `.shared` (peer memory is never copied on write); `.populate` is accepted
     ///     and changes nothing (every page is inserted anyway).
     ///   - offset: must be 0: every mapping is a fresh allocation.

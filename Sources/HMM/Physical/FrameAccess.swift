@@ -21,8 +21,8 @@ extension Machine {
         try copy(pfn, toFrame: false, buffer)
     }
 
-    /// Writes 4 KiB from `buffer` into a frame, as ``readFrame(_:into:)`` reads.
-    /// - Throws: as ``readFrame(_:into:)``.
+    /// Writes 4 KiB from `buffer` into a frame, as ``readFrame(_:into:)-(_,UnsafeMutableRawPointer)`` reads.
+    /// - Throws: as ``readFrame(_:into:)-(_,UnsafeMutableRawPointer)``.
     public func writeFrame(_ pfn: PFN, from buffer: UnsafeRawPointer) throws(HMMError) {
         try copy(pfn, toFrame: true, UnsafeMutableRawPointer(mutating: buffer))
     }

@@ -11,7 +11,7 @@ public enum RetiredItem: Hashable, Sendable {
     case deviceFrame(PFN)
     /// The PFN range of an unregistered pagemap, named by its first frame: reusable for a new pagemap
     /// once no walker that might have read one of its PFNs is inside. Reclaiming it does nothing; its
-    /// leaving the queue is the signal (``Epoch/isPending(_:)``).
+    /// leaving the queue is the signal (`Epoch.isPending(_:)`).
     case pagemapRange(PFN)
 }
 
@@ -24,7 +24,7 @@ protocol EpochReclaimer: AnyObject, Sendable {
 ///
 /// A walker (`getUserPages(…, .fast)`) runs inside ``withCriticalSection(_:)``: it publishes the global
 /// epoch it saw in a slot, walks, and clears the slot. A writer that unlinks something a walker may
-/// still hold (a page-table node, a P2PDMA frame) calls ``retire(_:)`` *after* unlinking it: the item is
+/// still hold (a page-table node, a P2PDMA frame) calls `retire(_:)` *after* unlinking it: the item is
 /// tagged with the current epoch, and the epoch advances. The item is reclaimed once every slot is
 /// either empty or shows a later epoch — every walker that could have seen the item has left.
 ///

@@ -52,6 +52,10 @@ public final class ReadWriteLock: @unchecked Sendable {
 
     public init() {
         handle = .allocate(capacity: 1)
+        initialize()
+    }
+
+    private func initialize() {
         var attr = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
@@ -59,6 +63,11 @@ public final class ReadWriteLock: @unchecked Sendable {
         precondition(rc == 0, "pthread_rwlock_init failed: \(rc)")
         pthread_rwlockattr_destroy(&attr)
     }
+
+    /// In the child of a `fork` whose `prepare` hook write-locked this lock: makes the child's copy a
+    /// fresh, unlocked lock. (`unlock` cannot: glibc tells a writer's unlock by the thread id that
+    /// locked, and the child's thread has another.) Only the forking thread exists then.
+    public func reinitializeInForkedChild() { initialize() }
 
     deinit {
         pthread_rwlock_destroy(handle)

@@ -8,6 +8,7 @@ extension AddressSpace {
     ///   - protection: `PROT_*`.
     ///   - flags: exactly one of `.shared` / `.private`; `.anonymous` unless `file` is given.
     ///   - file: the file to map, at byte `offset` (page-aligned).
+    ///   - offset: the byte offset into `file` (page-aligned); 0 for anonymous memory.
     /// - Returns: the start address.
     /// - Throws: `.invalidArgument` (zero length, unaligned address or offset, contradictory flags,
     ///   anonymous with a file, a `.fixed` range that cuts a hugetlb page of an existing mapping),

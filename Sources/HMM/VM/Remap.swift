@@ -19,6 +19,9 @@ extension AddressSpace {
     /// split first.
     /// - Parameters:
     ///   - address: start of the old range (page-aligned), inside one VMA.
+    ///   - length: bytes of the old range.
+    ///   - newLength: bytes of the new range (nonzero).
+    ///   - flags: `.mayMove`, `.fixed` (with `.mayMove`), `.dontUnmap` (with `.mayMove` and equal lengths).
     ///   - target: with `.fixed`, the new address.
     /// - Returns: the new start address.
     /// - Throws: `.invalidArgument` (unaligned, zero new length, contradictory flags, overlapping fixed
