@@ -54,7 +54,7 @@ struct NativeSelftestTests {
 }
 
 /// Runs the `hmm` executable that `swift test` builds beside the test bundle with `arguments`, and
-/// returns what it printed (at most 10 minutes; it is killed after that).
+/// returns what it printed (at most 10 minutes; it is killed after that, and the test fails).
 func runHelper(_ arguments: [String]) throws -> String {
     var exe = [CChar](repeating: 0, count: 4096)
     let n = readlink("/proc/self/exe", &exe, exe.count - 1)
@@ -80,13 +80,18 @@ func runHelper(_ arguments: [String]) throws -> String {
     close(fds[1])
     defer { close(fds[0]) }
     try #require(rc == 0, "posix_spawn \(helper): \(rc)")
+    // Read until the helper closes its output, for at most 10 minutes: a hung helper is killed, so the
+    // test fails instead of wedging the run.
     var out: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
+    let deadline = ContinuousClock.now + .seconds(600)
+    while ContinuousClock.now < deadline {
+        var p = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, 1000) != 0 else { continue }
         let got = chunk.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
         if got <= 0 { break }
         out += chunk[0..<got]
     }
-    #expect(waitChild(pid, seconds: 600) != nil, "the helper hung and was killed")
+    #expect(waitChild(pid, seconds: 30) != nil, "the helper hung and was killed")
     return String(decoding: out, as: UTF8.self)
 }
