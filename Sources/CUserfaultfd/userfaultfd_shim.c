@@ -143,6 +143,7 @@ int cu_read_messages(int fd, struct cu_message *out, int max) {
             o->a = m[i].arg.pagefault.address;
             o->b = m[i].arg.pagefault.flags;
             o->c = m[i].arg.pagefault.feat.ptid;
+            o->thread = m[i].arg.pagefault.feat.ptid;
             break;
         case UFFD_EVENT_FORK: o->a = m[i].arg.fork.ufd; break;
         case UFFD_EVENT_REMAP:
@@ -358,3 +359,5 @@ cu_fault_hook cu_set_fault_hook(cu_fault_hook hook) {
     pthread_once(&probe_once, probe_install);
     return atomic_exchange_explicit(&fault_hook, hook, memory_order_acq_rel);
 }
+
+int cu_gettid(void) { return (int)syscall(SYS_gettid); }

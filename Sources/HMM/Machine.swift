@@ -29,6 +29,8 @@ public final class Machine: @unchecked Sendable {
     public let configuration: Configuration
     /// Event counters.
     public let statistics = Statistics()
+    /// Events and counters by phase, of both engines (a native space publishes to its machine's hub).
+    public let events = EventHub()
     /// Test hook points (fire in debug builds only).
     public let hooks = Hooks()
     /// Deferred reclamation for lockless walkers (GUP-fast): retired page-table nodes and P2PDMA frames.

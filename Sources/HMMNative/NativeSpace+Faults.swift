@@ -35,6 +35,10 @@ extension NativeSpace {
                 continue
             }
             let n = cu_read_messages(uffd, buffer, Int32(room))
+            if _slowPath(machine.events.isObserving) {
+                let t = monotonicNanoseconds()
+                for k in 0..<max(0, Int(n)) { buffer[k].read_at = t }
+            }
             // A remove event's caller zaps as soon as the event is read: mark its pages now, lock-free, so
             // a migration putting bytes back into them learns of the zap (``waitForReader()``).
             for k in 0..<max(0, Int(n)) where buffer[k].kind == UInt32(CU_MSG_REMOVE) {
@@ -73,7 +77,12 @@ extension NativeSpace {
     func faultLoop() {
         while let m = faults.pop() {
             if faultNeedsEvents(m.a) { events.waitFinished(m.c) }
-            _ = faultGate.withReadLock { handleFault(m.a, write: m.b & UInt64(CU_PAGEFAULT_WRITE) != 0) }
+            let write = m.b & UInt64(CU_PAGEFAULT_WRITE) != 0
+            if _slowPath(machine.events.isObserving) {
+                _ = faultGate.withReadLock { handleFaultObserved(m.a, write: write, thread: Int32(bitPattern: m.thread), readAt: m.read_at) }
+            } else {
+                _ = faultGate.withReadLock { handleFault(m.a, write: write) }
+            }
             faults.finish()
         }
     }
@@ -99,7 +108,7 @@ extension NativeSpace {
     /// The event thread.
     func eventLoop() {
         while let m = events.pop() {
-            handleEvent(m)
+            if _slowPath(machine.events.isObserving) { handleEventObserved(m) } else { handleEvent(m) }
             events.finish()
         }
     }
@@ -337,6 +346,10 @@ extension NativeSpace {
             region.setState(i, PageState(.revoked))
         }
         statistics.count(\.poisoned)
+        if machine.events.isObserving {
+            machine.events.publish(.revoke(RevokeEvent(reason: .poison, space: eventSpaceID, address: a, pages: 1, mappings: 0,
+                                                       timestamp: monotonicNanoseconds())))
+        }
         _ = Sys.wake(uffd, a, Sys.page)
     }
 
@@ -352,6 +365,7 @@ extension NativeSpace {
         }
         region.setState(i, .host)
         machine.folioPut(s.pfn)
+        publishExclusive(.restore, a, owner: 0)
     }
 
     /// Puts the bytes of RAM frames `frame…frame+pages` into the hole at `a`: `UFFDIO_MOVE` (no copy; a

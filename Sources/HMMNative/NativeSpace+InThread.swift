@@ -60,7 +60,8 @@ extension NativeSpace {
     func resolveInThread(_ address: UInt64, write: Bool) -> Bool {
         guard !forkedAway.load(ordering: .acquiring), !hasExited else { return false }
         if faultNeedsEvents(address) { catchUpWithEvents() }
-        return faultGate.withReadLock { handleFault(address, write: write) }
+        guard _slowPath(machine.events.isObserving) else { return faultGate.withReadLock { handleFault(address, write: write) } }
+        return faultGate.withReadLock { handleFaultObserved(address, write: write, thread: cu_gettid(), readAt: 0) }
     }
 
     /// Faults the page at `a` in for `rangeFault` and `make_device_exclusive`: `MADV_POPULATE_READ` or

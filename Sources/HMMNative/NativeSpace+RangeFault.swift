@@ -207,6 +207,7 @@ extension NativeSpace {
                 program(frame)
                 machine.folioUnlock(frame)
                 region.setState(i, PageState(.exclusive, pfn: frame, writable: true))
+                publishExclusive(.grant, a, owner: owner.map { UInt(bitPattern: ObjectIdentifier($0)) } ?? 0)
                 return
             }
             // Not present (or on a device): a write fault brings it in, writable, through the fault thread.

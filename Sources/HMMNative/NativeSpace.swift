@@ -234,6 +234,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         return nil
     }
 
+    /// Events name a native space by the host process's id: it is the process's own memory.
+    public var eventSpaceID: Int { Int(getpid()) }
+
     public var description: String { "native space (uffd \(uffd)\(isUserModeOnly ? ", user-mode only" : ""))" }
 
     /// Pages a CPU fault-back asks its driver for (``Options/faultAroundPages``, changeable at run time).

@@ -51,8 +51,11 @@
 /// - REMOVE / UNMAP: a = start, b = end.
 struct cu_message {
     uint32_t kind;
-    uint32_t reserved;
+    /// PAGEFAULT: the faulting thread's id (with THREAD_ID), kept when the engine reuses c.
+    uint32_t thread;
     uint64_t a, b, c;
+    /// When the engine read the message (CLOCK_MONOTONIC ns); 0 unless its events are observed.
+    uint64_t read_at;
 };
 
 // PAGEMAP_SCAN categories (fs/proc/task_mmu.c, 6.7).
@@ -90,6 +93,8 @@ int cu_wake(int fd, uint64_t start, uint64_t len);
 int cu_poll(int fd, int wake_fd, int timeout_ms);
 /// Reads up to `max` messages without blocking; the count read (0 when none is queued).
 int cu_read_messages(int fd, struct cu_message *out, int max);
+/// The calling thread's kernel id (gettid), async-signal-safe.
+int cu_gettid(void);
 /// PAGEMAP_SCAN of [start, end) on an open /proc/self/pagemap: up to `max` runs, reporting the
 /// categories in `return_mask`; *walk_end receives where the walk stopped. Returns the runs written.
 int cu_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, struct cu_page_region *out, int max,

@@ -35,9 +35,14 @@ public protocol MirroredAddressSpace: AnyObject, Sendable {
     func makeDeviceExclusive(_ address: UInt64, owner: (any AnyObject & Sendable)?, _ program: (PFN) -> Void) throws(HMMError)
     /// The mapping containing `address`; call it with `mmapLock` held.
     func mappingHoldingLock(containing address: UInt64) -> MappingInfo?
+    /// How events name this space (``HMMEvent``): a simulated space's ``AddressSpace/id``, the host
+    /// process's id for a native space.
+    var eventSpaceID: Int { get }
 }
 
-extension AddressSpace: MirroredAddressSpace {}
+extension AddressSpace: MirroredAddressSpace {
+    public var eventSpaceID: Int { id }
+}
 
 /// How an engine other than the simulated core carries out the three phases of a ``MigrateVMA`` on its
 /// own memory. For engine implementers (`@_spi(Engine) import HMM`), not drivers: ``MigrateVMA`` checks

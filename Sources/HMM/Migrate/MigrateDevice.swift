@@ -19,6 +19,10 @@ public final class MigrateDevice: @unchecked Sendable {
     /// References the caller holds on the sources beyond the migration's own.
     private let callerReferences: Int32
     private var phase = 1
+    /// Why the device memory empties, for its ``MigrationEvent``: `.release` unless the driver says
+    /// `.eviction` (or another cause).
+    public var cause = MigrationCause.release
+    private var observation = MigrationObservation()
 
     /// `migrate_device_range`: collects the `count` frames from `first`, each in-use one referenced,
     /// locked and unmapped from every space. Free frames, frames whose lock is contended, and frames with
@@ -44,6 +48,7 @@ public final class MigrateDevice: @unchecked Sendable {
         }
         self.machine = machine
         self.callerReferences = callerReferences
+        observation.start(machine)
         // Pages another engine holds (native device-resident pages) have no reverse-map entry: that
         // engine brings them home first.
         let lo = pfns.map(\.rawValue).min()!
@@ -78,6 +83,7 @@ public final class MigrateDevice: @unchecked Sendable {
             machine.putFolio(p)
             src[i] = .empty
         }
+        observation.collected(src)
     }
 
     /// `migrate_device_pages`: moves page state to each destination. Entries without a destination, or
@@ -86,6 +92,7 @@ public final class MigrateDevice: @unchecked Sendable {
     ///   with one reference. Nothing changes on error.
     public func pages() throws(HMMError) {
         guard phase == 1 else { throw .invalid("migrate_device_pages called out of order") }
+        observation.pagesBegan()
         for i in dst.indices {
             guard let d = dst[i].pfn else { continue }
             guard machine.isMigrationDestination(d) else { throw .invalid("dst[\(i)] = \(d) is not a locked order-0 folio holding one reference") }
@@ -107,6 +114,9 @@ public final class MigrateDevice: @unchecked Sendable {
     /// released.
     public func finalize() {
         guard phase != 3 else { return }
+        let outcome = observation.observing
+            ? observation.outcome(machine, src: src, dst: dst, accepted: phase == 2) : MigrationObservation.Outcome()
+        defer { observation.publish(machine, outcome, cause: cause, space: 0, address: 0) }
         let accepted = phase == 2
         phase = 3
         let frames = machine.frames

@@ -50,6 +50,10 @@ public final class MigrateVMA: @unchecked Sendable {
     /// Device THPs a split was refused for (pinned): not retried.
     private var unsplittable: Set<PFN> = []
     private var phase = 0
+    /// Why it migrates, for its ``MigrationEvent``: `.cpuFault` when a fault page is given, else
+    /// `.explicit` unless the driver says otherwise (prefetch, eviction, device fault…).
+    public var cause: MigrationCause
+    private var observation = MigrationObservation()
     /// The VMA as ``setup()`` found it (stable while the caller holds `mmapLock`).
     var vma = VMA(start: 0, end: 0, protection: .none, flags: [], file: nil, pgoff: 0, anonVMA: nil, reservation: nil)
 
@@ -88,6 +92,7 @@ public final class MigrateVMA: @unchecked Sendable {
         self.select = select
         self.owner = owner
         self.faultPage = faultPage
+        cause = faultPage == nil ? .explicit : .cpuFault
         let n = Int((hi - lo) >> UInt64(PageSize.shift))
         src = Array(repeating: .empty, count: n)
         dst = Array(repeating: .empty, count: n)
@@ -120,6 +125,7 @@ public final class MigrateVMA: @unchecked Sendable {
     ///   collected on error.
     public func setup() throws(HMMError) {
         guard phase == 0 else { throw .invalid("migrate_vma_setup called twice") }
+        observation.start(machine)
         // Owners are identities compared with `===`, as the kernel compares `pgmap_owner` pointers: any
         // code in the process can name any driver, so the check catches mistakes, not impostors.
         if !select.isDisjoint(with: [.devicePrivate, .deviceCoherent]) && owner == nil {
@@ -130,6 +136,7 @@ public final class MigrateVMA: @unchecked Sendable {
             phase = 1
             npages = src.count
             cpages = src.reduce(0) { $0 + ($1.isMigrating ? 1 : 0) }
+            observation.collected(src)
             return
         }
         try checkMmapLockHeld("migrate_vma_setup")
@@ -150,6 +157,7 @@ public final class MigrateVMA: @unchecked Sendable {
         mm.invalidating(start, end, .migrate, owner: owner) { collect(vma) }
         npages = src.count
         cpages = unmapAndCheck()
+        observation.collected(src)
         #if DEBUG
         machine.hooks.fire(.migrateAfterSetup)
         #endif
@@ -352,6 +360,7 @@ public final class MigrateVMA: @unchecked Sendable {
     ///   ``finalize()`` afterwards restores every source.
     public func pages() throws(HMMError) {
         guard phase == 1 else { throw .invalid("migrate_vma_pages called out of order") }
+        observation.pagesBegan()
         if let engine {
             try validateDestinations()
             try engine.migratePages(self)
@@ -465,6 +474,13 @@ public final class MigrateVMA: @unchecked Sendable {
     /// caller not hold `mmapLock` (a broken contract), finalize takes it for writing itself.
     public func finalize() {
         guard phase == 1 || phase == 2 else { return }
+        let outcome = observation.observing
+            ? observation.outcome(machine, src: src, dst: dst, accepted: phase == 2) : MigrationObservation.Outcome()
+        defer {
+            if observation.observing {
+                observation.publish(machine, outcome, cause: cause, space: space.eventSpaceID, address: start)
+            }
+        }
         if let engine {
             let accepted = phase == 2
             phase = 3
@@ -610,7 +626,7 @@ extension Machine {
     public func copyPage(from src: PFN, to dst: PFN) throws(HMMError) {
         try checkFrame(src)
         try checkFrame(dst)
-        pointer(dst).copyMemory(from: pointer(src), byteCount: PageSize.base)
+        copyTimed(pointer(dst), pointer(src), PageSize.base)
     }
 
     /// Copies `count` consecutive frames (a folio) in one go; both runs must lie in RAM or in one pagemap.
@@ -625,7 +641,16 @@ extension Machine {
                 : pagemap(of: p) === pagemap(of: p + (count - 1))
             guard sameRegion else { throw .invalid("\(what) run \(p)+\(count) crosses a region boundary") }
         }
-        pointer(dst).copyMemory(from: pointer(src), byteCount: count << PageSize.shift)
+        copyTimed(pointer(dst), pointer(src), count << PageSize.shift)
+    }
+
+    /// The device copy engine's copy, timed into ``EventHub/counters`` while observing.
+    @inline(__always) private func copyTimed(_ dst: UnsafeMutableRawPointer, _ src: UnsafeMutableRawPointer, _ bytes: Int) {
+        guard events.isObserving else { return dst.copyMemory(from: src, byteCount: bytes) }
+        let t = monotonicNanoseconds()
+        dst.copyMemory(from: src, byteCount: bytes)
+        events.counters.add(.deviceCopyNanoseconds, Int(truncatingIfNeeded: monotonicNanoseconds() &- t))
+        events.counters.add(.deviceCopyBytes, bytes)
     }
 
     /// Zero-fills a page the caller holds a reference on.

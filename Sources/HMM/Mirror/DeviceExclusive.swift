@@ -42,7 +42,10 @@ extension AddressSpace {
             if done { program(pfn) }
             frames.unlock(head)
             machine.putFolio(head)
-            if done { return }
+            if done {
+                publishExclusive(.grant, a, owner: owner)
+                return
+            }
         }
     }
 
@@ -92,6 +95,8 @@ extension AddressSpace {
         }
         defer { frames.unlock(head) }
         let a = address & ~PageSize.baseMask
+        var restored = false
+        defer { if restored { publishExclusive(.restore, a, owner: nil) } }
         invalidating(a, a + UInt64(PageSize.base), .clear) {
             let lock = pool.lock(pteN)
             let slot = pteSlot(pteN, a)
@@ -105,6 +110,14 @@ extension AddressSpace {
             slot.pointee.store(PageTableEntry.present(pfn, writable: writable, user: user, young: false, dirty: dirty).rawValue,
                                ordering: .releasing)
             machine.statistics.count(.faultDeviceExclusive)
+            restored = true
         }
+    }
+
+    private func publishExclusive(_ action: ExclusiveEvent.Action, _ a: UInt64, owner: (any AnyObject & Sendable)?) {
+        guard machine.events.isObserving else { return }
+        machine.events.publish(.exclusive(ExclusiveEvent(
+            action: action, space: id, address: a, pages: 1, owner: owner.map { UInt(bitPattern: ObjectIdentifier($0)) } ?? 0,
+            thread: currentThreadID(), timestamp: monotonicNanoseconds())))
     }
 }

@@ -215,7 +215,16 @@ public final class NotifierSubscriptions: @unchecked Sendable {
                 return n
             })
         }
+        guard !list.isEmpty, _slowPath(range.space.machine.events.isObserving) else {
+            for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
+            return true
+        }
+        let t = monotonicNanoseconds()
         for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
+        range.space.machine.events.publish(.invalidation(InvalidationEvent(
+            event: range.event, space: range.space.eventSpaceID, start: range.start, end: range.end,
+            owner: range.owner.map { UInt(bitPattern: ObjectIdentifier($0)) } ?? 0, notifiers: list.count,
+            thread: currentThreadID(), startTime: t, duration: monotonicNanoseconds() &- t)))
         return true
     }
 

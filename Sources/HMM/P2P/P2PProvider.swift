@@ -244,7 +244,14 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
         }
         var revoked = 0
         if first {
-            for space in file.spaces { revoked += space.revokeMappings(of: file) }
+            for space in file.spaces {
+                let n = space.revokeMappings(of: file)
+                revoked += n
+                if n > 0 && machine.events.isObserving {
+                    machine.events.publish(.revoke(RevokeEvent(reason: .peerUnbind, space: space.id, address: 0, pages: 0,
+                                                               mappings: n, timestamp: monotonicNanoseconds())))
+                }
+            }
             machine.statistics.count(.p2pMappingsRevoked, revoked)
         }
         var report = P2PUnbindProgress(elapsed: .zero, outstandingPages: 0, mappingsRevoked: revoked)

@@ -13,7 +13,14 @@ extension AddressSpace {
     /// Requires `mmapLock` held (read or write). Takes PMD and PTE locks itself.
     /// - Throws: `.segmentationFault` (no VMA, or the VMA forbids the access), `.bus` (past the end of a
     ///   file, poison, exhausted hugetlb pool), `.outOfMemory`.
+    @inline(__always)
     func handleFault(_ address: UInt64, _ access: FaultAccess) throws(HMMError) {
+        if _slowPath(machine.events.isObserving) { return try handleFaultObserved(address, access) }
+        try resolveFault(address, access)
+    }
+
+    /// `handle_mm_fault` itself (``handleFault(_:_:)`` less the events).
+    func resolveFault(_ address: UInt64, _ access: FaultAccess) throws(HMMError) {
         guard let vi = vmaIndex(containing: address) else {
             throw HMMError(.segmentationFault, "no mapping at \(hex(address))")
         }
