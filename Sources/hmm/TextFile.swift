@@ -1,0 +1,40 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+
+/// A text file written front to back (a trace, a picture): opened at once so a bad path fails before
+/// any work, buffered by stdio.
+final class TextFile {
+    let path: String
+    private let handle: UnsafeMutablePointer<FILE>
+
+    /// Creates (or truncates) `path`.
+    /// - Throws: a `ValidationError` naming the path and the reason.
+    init(path: String) throws {
+        guard let f = fopen(path, "w") else {
+            throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
+        }
+        self.path = path
+        handle = f
+    }
+
+    func write(_ text: String) {
+        _ = text.withCString { fputs($0, handle) }
+    }
+
+    /// Flushes and closes.
+    /// - Throws: a `ValidationError` if the data could not be written (disk full…).
+    func close() throws {
+        let failed = ferror(handle) != 0
+        let rc = fclose(handle)
+        if failed || rc != 0 { throw ValidationError("writing \(path) failed: \(String(cString: strerror(errno)))") }
+    }
+
+    /// Writes `text` to `path` in one go.
+    static func write(_ text: String, to path: String) throws {
+        let f = try TextFile(path: path)
+        f.write(text)
+        try f.close()
+    }
+}
