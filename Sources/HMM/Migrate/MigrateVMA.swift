@@ -475,7 +475,8 @@ public final class MigrateVMA: @unchecked Sendable {
     public func finalize() {
         guard phase == 1 || phase == 2 else { return }
         let outcome = observation.observing
-            ? observation.outcome(machine, src: src, dst: dst, accepted: phase == 2) : MigrationObservation.Outcome()
+            ? observation.outcome(machine, src: src, dst: dst, accepted: phase == 2, faultPage: faultPage)
+            : MigrationObservation.Outcome()
         defer {
             if observation.observing {
                 observation.publish(machine, outcome, cause: cause, space: space.eventSpaceID, address: start)

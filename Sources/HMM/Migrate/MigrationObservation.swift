@@ -33,18 +33,23 @@ struct MigrationObservation {
         var from = MemoryLocation.system
         var to = MemoryLocation.system
         var devicePagemap: Pagemap?
+        /// Pages of the fault page's folio that moved: the faulting thread still holds them referenced
+        /// (it drops its reference after `migrateToRAM` returns), so they are not counted in use.
+        var heldPages = 0
     }
 
     /// The entries that migrate if finalize accepts them (`accepted`: pages ran).
-    func outcome(_ machine: Machine, src: [MigratePFN], dst: [MigratePFN], accepted: Bool) -> Outcome {
+    func outcome(_ machine: Machine, src: [MigratePFN], dst: [MigratePFN], accepted: Bool, faultPage: PFN? = nil) -> Outcome {
         var o = Outcome()
         guard accepted else { return o }
         var located = false
         for i in src.indices where src[i].isMigrating {
             guard let d = dst[i].pfn else { continue }
             let huge = src[i].isCompound || dst[i].isCompound
-            o.pages += huge ? PageSize.pagesPerPMD : 1
+            let n = huge ? PageSize.pagesPerPMD : 1
+            o.pages += n
             o.huge = o.huge || huge
+            if let f = faultPage, let p = src[i].pfn, f >= p, f < p + n { o.heldPages = n }
             if !located {
                 located = true
                 let sp = src[i].pfn.flatMap { machine.pagemap(of: $0) }
@@ -66,6 +71,6 @@ struct MigrationObservation {
             cause: cause, from: o.from, to: o.to, space: space, address: address, pages: o.pages,
             failedPages: max(0, collected - o.pages), size: o.huge ? .huge : .base, thread: currentThreadID(),
             begin: begin, collect: setupEnd &- begin, copy: pagesAt &- setupEnd, finalize: end &- pagesAt,
-            pagemapSlot: o.devicePagemap?.slot ?? 0, pagemapPagesInUse: o.devicePagemap?.framesInUse ?? 0)))
+            pagemapSlot: o.devicePagemap?.slot ?? 0, pagemapPagesInUse: max(0, (o.devicePagemap?.framesInUse ?? 0) - o.heldPages))))
     }
 }

@@ -117,5 +117,7 @@ public final class EventHub: @unchecked Sendable {
         var taps: [EventRing] = []
     }
     private static let global = Locked(Global())
+    /// Process-wide subscriptions alive (tests use it: while one is, every hub observes).
+    static var processWideSubscriptions: Int { global.withLock { $0.taps.count } }
     private static let nextID = Atomic<Int>(1)
 }
