@@ -300,3 +300,18 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     }
 }
 
+
+extension NativeRegion.Residency {
+    /// The state in the vocabulary both engines' residency pictures share.
+    public var pageResidency: PageResidency {
+        switch self {
+        case .untouched: return .none
+        case .host(let huge, let zero): return zero ? .zeroPage : huge ? .transparentHuge : .anonExclusive
+        case .device(_, let huge): return huge ? .devicePrivateHuge : .devicePrivate
+        case .coherent: return .deviceCoherent
+        case .exclusive: return .deviceExclusive
+        case .revoked: return .revoked
+        case .unmapped: return .absent
+        }
+    }
+}

@@ -17,6 +17,9 @@ struct Demo: ParsableCommand {
     @Flag(help: "Run on this process's real memory (the native engine): a real Int32 buffer migrates, faults back and is unmapped.")
     var native = false
 
+    @Option(help: "Also draw the residency of each step's pages as an SVG picture (one row per step) into this file.")
+    var svg: String?
+
     struct Step: Codable {
         var action: String
         var pageMap: String?
@@ -32,11 +35,13 @@ struct Demo: ParsableCommand {
     }
 
     func run() throws {
-        if native { return try NativeDemo(json: json, memory: memory).run() }
+        if native { return try NativeDemo(json: json, memory: memory, svg: svg).run() }
         let m = try Machine(.init(systemMemory: memory << 20, hugetlbPages: 2))
         var steps: [Step] = []
+        var picture = ResidencyMap()
         func say(_ s: String, _ map: String? = nil) {
             steps.append(Step(action: s, pageMap: map))
+            if let map { picture.add(s, map.compactMap { PageResidency(rawValue: $0) }) }
             guard !json else { return }
             print("• " + s)
             if let map { print("    " + map) }
@@ -156,41 +161,24 @@ struct Demo: ParsableCommand {
             machine: ["systemMemoryMiB": memory, "frames": m.totalFrames, "hugetlbPages": 2],
             steps: steps, counters: counters, framesFree: m.freeFrames, framesUsed: m.totalFrames - m.freeFrames,
             invariants: invariants)
+        if let svg {
+            try TextFile.write(picture.svg(title: "hmm demo: page residency after each step (simulated engine)"), to: svg)
+        }
         if json { return try printJSON(report) }
         print("\ncounters:")
         for (c, v) in m.statistics.snapshot where v != 0 { print("  " + pad(c.description, 24) + "\(v)") }
         print("frames: \(report.framesUsed) used, \(report.framesFree) free (reserved zero pages and the hugetlb "
               + "pool count as used)")
         print("invariants: \(invariants)")
+        if let svg { print("picture: \(svg)") }
         print("legend: . none  z zero page  Z huge zero  a anon (exclusive)  s anon (shared)  r read-only  "
               + "- PROT_NONE/absent  H THP (PMD)  T hugetlb  f file  P device-private  D device-private PMD  "
               + "C device-coherent  X device-exclusive  p PCI P2PDMA")
     }
 
-    /// One character per page.
+    /// One character per page (``PageResidency``); each map also becomes a row of the `--svg` picture.
     func pageMap(_ s: AddressSpace, _ start: UInt64, _ pages: Int) throws -> String {
-        var out = ""
-        for i in 0..<pages {
-            let a = start + UInt64(i) * 4096
-            let e = try s.pagemap(at: a)
-            guard let pfn = e.pfn else {
-                out += e.kind == .devicePrivateRead || e.kind == .devicePrivateWrite ? (e.level == .pmd ? "D" : "P")
-                    : e.kind == .deviceExclusive ? "X" : "."
-                continue
-            }
-            let info = s.mappings.first { $0.start <= a && a < $0.end }
-            let kind = s.machine.pagemap(of: pfn)?.kind
-            if kind == .deviceCoherent { out += "C" }
-            else if kind == .pciP2PDMA { out += "p" }
-            else if pfn == s.machine.zeroPFN { out += "z" }
-            else if e.level == .pmd && pfn.rawValue - UInt64(i) == s.machine.hugeZeroPFN.rawValue { out += "Z" }
-            else if info?.hugetlb == true { out += "T" }
-            else if e.level == .pmd { out += "H" }
-            else if e.fileOrSharedAnon { out += "f" }
-            else if info?.protection.contains(.write) == false { out += "r" }
-            else { out += e.exclusivelyMapped ? "a" : "s" }
-        }
-        return "[" + out + "]"
+        "[" + String(try s.residency(start, pages: pages).map(\.rawValue)) + "]"
     }
 }
 

@@ -11,6 +11,7 @@ import HMMNative
 struct NativeDemo {
     let json: Bool
     let memory: Int
+    let svg: String?
 
     struct Step: Codable {
         var action: String
@@ -41,9 +42,11 @@ struct NativeDemo {
         let gpuFile = try gpu.open(space)
         let cxlFile = try cxl.open(space)
         var steps: [Step] = []
+        var picture = ResidencyMap()
         func say(_ action: String) {
             let step = Step(action: action, residency: residencyMap(region), counters: counters(space))
             steps.append(step)
+            picture.add(action, step.residency.compactMap { PageResidency(rawValue: $0) })
             guard !json else { return }
             print("• " + action)
             print("    " + step.residency)
@@ -100,9 +103,13 @@ struct NativeDemo {
         gpuFile.close()
         cxlFile.close()
         let report = Report(engine: "native", pages: pages, steps: steps, dataCheck: dataCheck, invariants: invariants)
+        if let svg {
+            try TextFile.write(picture.svg(title: "hmm demo --native: residency of a real buffer after each step"), to: svg)
+        }
         if json { return try printJSON(report) }
         print("\ndata: \(dataCheck)")
         print("invariants: \(invariants)")
+        if let svg { print("picture: \(svg)") }
         print("legend: . untouched  z zero page  a host page  H host THP  P device-private  C device-coherent  "
               + "X device-exclusive  ! revoked  - unmapped")
     }
@@ -113,17 +120,7 @@ struct NativeDemo {
         guard let places = try? region.residency(0..<region.length) else {
             return "plain memory now (the space is closed)"
         }
-        return places.map { r -> String in
-            switch r {
-            case .untouched: return "."
-            case .host(let huge, let zero): return zero ? "z" : huge ? "H" : "a"
-            case .device: return "P"
-            case .coherent: return "C"
-            case .exclusive: return "X"
-            case .revoked: return "!"
-            case .unmapped: return "-"
-            }
-        }.joined()
+        return String(places.map(\.pageResidency.rawValue))
     }
 
     func counters(_ space: NativeSpace) -> [String: Int] {
