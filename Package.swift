@@ -7,16 +7,20 @@ let package = Package(
         .library(name: "HMM", targets: ["HMM"]),
         .library(name: "HMMDevices", targets: ["HMMDevices"]),
         .library(name: "HMMNative", targets: ["HMMNative"]),
+        .library(name: "HMMMetrics", targets: ["HMMMetrics"]),
         .executable(name: "hmm", targets: ["hmm"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0")
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
     ],
     targets: [
         .target(name: "HMM"),
         .target(name: "HMMDevices", dependencies: ["HMM"]),
         .target(name: "CUserfaultfd", cSettings: [.define("_GNU_SOURCE")]),
-        .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd"]),
+        .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "HMMMetrics", dependencies: ["HMM", .product(name: "CoreMetrics", package: "swift-metrics")]),
         .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
         .executableTarget(
             name: "hmm",
@@ -28,6 +32,9 @@ let package = Package(
         .testTarget(name: "HMMTests", dependencies: ["HMM", "HMMDevices"]),
         .testTarget(name: "SelftestTests", dependencies: ["HMM", "HMMDevices", "HMMSelftests"]),
         .testTarget(name: "HMMNativeTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd", "HMMSelftests"]),
+        .testTarget(name: "HMMMetricsTests", dependencies: [
+            "HMM", "HMMMetrics", .product(name: "MetricsTestKit", package: "swift-metrics"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,4 +1,5 @@
 import CUserfaultfd
+import Logging
 import HMM
 @_spi(Engine) import HMM
 import Synchronization
@@ -58,6 +59,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         public var forkPolicy = ForkPolicy.deny
         /// Which thread resolves CPU faults (``FaultMode``). Default `.handlerThread`.
         public var faultMode = FaultMode.handlerThread
+        /// Where cold-path diagnostics go (swift-log): capability probes, setup failures, and at close
+        /// a summary of pages lost or stranded. Never written per fault.
+        public var logger = Logger(label: "swift-hmm.native")
         public init() {}
     }
 
@@ -133,6 +137,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         var cleanup: [() -> Void] = [{ _ = Self.machinesInUse.withLock { $0.remove(id) } }]
         func fail(_ e: HMMError) -> HMMError {
             for c in cleanup.reversed() { c() }
+            options.logger.info("native space not created", metadata: ["error": "\(e)"])
             return e
         }
         self.machine = machine
@@ -161,6 +166,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             throw fail(HMMError(.unsupported, "the kernel lacks \(missing.joined(separator: ", ")), which the native engine needs"))
         }
         isUserModeOnly = userModeOnly
+        options.logger.debug("userfaultfd probed", metadata: [
+            "features": "0x\(String(supported, radix: 16))", "userModeOnly": "\(userModeOnly)",
+            "faultMode": "\(options.faultMode)", "forkPolicy": "\(options.forkPolicy)"])
         let forkFeature = options.forkPolicy == .share ? UInt64(CU_FEATURE_EVENT_FORK) : 0
         let sigbusFeature = options.faultMode == .inThread ? UInt64(CU_FEATURE_SIGBUS) : 0
         guard sigbusFeature == 0 || supported & sigbusFeature != 0 else {
@@ -708,6 +716,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             let id = ObjectIdentifier(machine)
             _ = Self.machinesInUse.withLock { $0.remove(id) }
             return lost
+        }
+        let counters = statistics.snapshot
+        options.logger.debug("native space closed", metadata: [
+            "cpuFaults": "\(counters.cpuFaults)", "faultBacks": "\(counters.faultBacks)", "events": "\(counters.events)"])
+        if counters.poisoned > 0 || counters.coherentStranded > 0 {
+            options.logger.warning("pages were lost during this space's life", metadata: [
+                "poisoned": "\(counters.poisoned)", "coherentStranded": "\(counters.coherentStranded)"])
         }
         if let poisoned, poisoned > 0 {
             throw HMMError(.bus, "\(poisoned) device page(s) could not come back and were poisoned (SIGBUS on touch)")
