@@ -44,9 +44,12 @@ struct NativeDemo {
         var steps: [Step] = []
         var picture = ResidencyMap()
         func say(_ action: String) {
-            let step = Step(action: action, residency: residencyMap(region), counters: counters(space))
+            // After the space closed the region is plain memory, all of it home: no map then.
+            let places = try? region.residency(0..<region.length).map(\.pageResidency)
+            let step = Step(action: action, residency: places.map { String($0.map(\.rawValue)) } ?? "plain memory now (the space is closed)",
+                            counters: counters(space))
             steps.append(step)
-            picture.add(action, step.residency.compactMap { PageResidency(rawValue: $0) })
+            if let places { picture.add(action, places) }
             guard !json else { return }
             print("• " + action)
             print("    " + step.residency)
@@ -112,15 +115,6 @@ struct NativeDemo {
         if let svg { print("picture: \(svg)") }
         print("legend: . untouched  z zero page  a host page  H host THP  P device-private  C device-coherent  "
               + "X device-exclusive  ! revoked  - unmapped")
-    }
-
-    /// One character per page of the region.
-    func residencyMap(_ region: NativeRegion) -> String {
-        // After the space closed the region is plain memory, all of it home.
-        guard let places = try? region.residency(0..<region.length) else {
-            return "plain memory now (the space is closed)"
-        }
-        return String(places.map(\.pageResidency.rawValue))
     }
 
     func counters(_ space: NativeSpace) -> [String: Int] {

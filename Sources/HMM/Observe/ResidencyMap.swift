@@ -88,7 +88,7 @@ public struct ResidencyMap: Sendable {
         let gap = 10.0
         let used = PageResidency.allCases.filter { s in rows.contains { $0.pages.contains(s) } }
         let widest = min(perLine, rows.map(\.pages.count).max() ?? 1)
-        let width = max(2 * margin + Double(widest) * cell, 720)
+        let width = max(2 * margin + Double(widest) * cell, 900)
         var height = margin + 28
         for r in rows { height += labelHeight + Double(max(1, (r.pages.count + perLine - 1) / perLine)) * cell + gap }
         let legendColumns = 3
@@ -97,13 +97,16 @@ public struct ResidencyMap: Sendable {
         doc.text(title, x: margin, y: margin + 12, size: 15, bold: true)
         var y = margin + 28
         for (n, r) in rows.enumerated() {
-            doc.text("\(n + 1). \(r.label)", x: margin, y: y + 12, size: 11)
+            // About 6 px a character at 11 px: longer labels are cut (the whole one is the cells' tooltip).
+            let room = Int((width - 2 * margin) / 6.2)
+            let label = "\(n + 1). \(r.label)"
+            doc.text(label.count > room ? String(label.prefix(room - 1)) + "…" : label, x: margin, y: y + 12, size: 11)
             y += labelHeight
             for (i, state) in r.pages.enumerated() {
                 let x = margin + Double(i % perLine) * cell
                 let yy = y + Double(i / perLine) * cell
                 doc.rect(x: x, y: yy, width: cell - 1, height: cell - 1, fill: state.color, stroke: "#ffffff",
-                         title: "page \(i): \(state.label)")
+                         title: "step \(n + 1), page \(i): \(state.label) — \(r.label)")
             }
             y += Double(max(1, (r.pages.count + perLine - 1) / perLine)) * cell + gap
         }
