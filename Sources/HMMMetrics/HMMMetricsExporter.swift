@@ -4,20 +4,20 @@ import Synchronization
 
 /// Publishes a machine's counters through swift-metrics, so a runtime's existing metrics backend
 /// (Prometheus, StatsD, OpenTelemetry…) sees them. The hot paths keep their relaxed atomics
-/// (``Statistics``, ``PhaseCounters``); ``publish()`` reads them and reports what changed since the
+/// (`Statistics`, `PhaseCounters`); ``publish()`` reads them and reports what changed since the
 /// last call — per call a few dozen metric updates, never one per fault.
 ///
 /// Metrics (labels; Prometheus-safe names):
-/// - `hmm_vmstat{event}`: the ``Statistics`` counters (`fault.anon.new_page` …);
-/// - `hmm_<counter>{page_size}`: the ``PhaseCounters/Sized`` counters by 4K / 2M (faults, fault ns,
+/// - `hmm_vmstat{event}`: the `Statistics` counters (`fault.anon.new_page` …);
+/// - `hmm_<counter>{page_size}`: the `PhaseCounters.Sized` counters by 4K / 2M (faults, fault ns,
 ///   migrations, pages, failed pages, collect / copy / finalize ns);
-/// - `hmm_<counter>`: the ``PhaseCounters/Plain`` ones (device copy bytes and ns, invalidations…);
+/// - `hmm_<counter>`: the `PhaseCounters.Plain` ones (device copy bytes and ns, invalidations…);
 /// - `hmm_migrate_bytes{cause}`;
 /// - `hmm_fault_blocked{le_ns}`: the fault-latency histogram, one counter per log2 bucket, and
 ///   `hmm_thread_fault_blocked_ns{thread}` per faulting thread;
 /// - gauge `hmm_free_frames`.
 ///
-/// Phase counters move only while the machine's hub observes (``EventHub/countersEnabled``, or a
+/// Phase counters move only while the machine's hub observes (`EventHub.countersEnabled`, or a
 /// subscriber); turn it on for an always-on export.
 ///
 /// Thread-safe: ``publish()`` runs under a lock of its own; ``start(every:)`` publishes from a thread.
@@ -35,7 +35,7 @@ public final class HMMMetricsExporter: @unchecked Sendable {
     private var thread: HostThread?
     private let threadLock = Locked(())
 
-    /// An exporter of `machine`'s counters through `factory` (the bootstrapped ``MetricsSystem`` by
+    /// An exporter of `machine`'s counters through `factory` (the bootstrapped `MetricsSystem` by
     /// default), every metric carrying `dimensions` too (to tell machines apart).
     public init(machine: Machine, dimensions: [(String, String)] = [], factory: any MetricsFactory = MetricsSystem.factory) {
         self.machine = machine

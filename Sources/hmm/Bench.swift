@@ -5,93 +5,88 @@ import HMM
 import Glibc
 #endif
 
-/// `hmm bench`: the core's benchmarks, each printed with its ratio to a baseline measured in the same run.
+/// `hmm bench`: the core's benchmarks, each printed with its ratio to a baseline measured alternately with
+/// it in the same run (see `BenchReport` for the method).
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmark faults, software-MMU accesses, fork, page walks, migration, device fault-back and snapshots against same-run baselines.")
 
-    @Flag(help: "Small sizes and one repetition (a smoke run for CI).")
+    @Flag(help: "Small sizes and one timed round (a smoke run for CI).")
     var quick = false
 
-    @Option(help: "Repetitions per figure; the median is reported.")
+    @Option(help: "Timed rounds per figure (after a discarded warm-up round); each round measures the baseline and the figure once, and the median of the per-round ratios is reported.")
     var repetitions = 5
+
+    @Flag(help: "Print one JSON document with every figure (value, unit, baseline, ratio and its spread) instead of the table.")
+    var json = false
+
+    @Option(help: "With the migration group: write an SVG plot of GB/s against buffer size to this file.")
+    var svg: String?
 
     @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), native (the native engine on this process's memory through userfaultfd), or all of core and device (default).")
     var group: String?
 
-    func run() throws {
-        let reps = quick ? 1 : max(1, repetitions)
-        let scale = quick ? 16 : 1
+    func validate() throws {
         guard group == nil || ["core", "device", "migration", "p2p", "native"].contains(group!) else {
             throw ValidationError("unknown benchmark group \(group!): use core, device, migration, p2p or native")
         }
-        if group == "native" { return try nativeBenchmarks(reps: reps, quick: quick) }
-        let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
-        if group == "migration" { return try migrationTable(reps: quick ? 1 : 5, quick: quick) }
-        if group == "p2p" { return try p2pBenchmarks(reps: reps, scale: scale) }
-        if group == nil || group == "core" || group == "device" {
-            print("swift-hmm core benchmarks (median of \(reps); ratios against baselines from this same run)")
-            print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")
+        if svg != nil && group != "migration" {
+            throw ValidationError("--svg plots the migration table: use it with `hmm bench migration`")
         }
-        if group == nil || group == "core" {
-            try firstTouch(m, pages: 32768 / scale, reps: reps)
-            try access(m, chunk: 4096, bytes: (64 << 20) / scale, reps: reps)
-            try access(m, chunk: 2 << 20, bytes: (64 << 20) / scale, reps: reps)
-            try forkAndWalk(m, bytes: (256 << 20) / scale, reps: reps)
-            try m.checkInvariants()
-        }
-        if group == nil || group == "device" { try deviceBenchmarks(reps: reps, scale: scale) }
     }
 
-    func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
-
-    func row(_ name: String, _ value: String, _ baseline: String) {
-        print(pad(name, 46) + pad(value, 22) + baseline)
-    }
-
-    /// memcpy of `chunk`-byte blocks over `bytes`, nanoseconds per block. With `distinctSource` every block
-    /// comes from its own place in a second buffer of `bytes` (a cache-cold copy of the same bytes, as a
-    /// migration does); otherwise from one `chunk`-sized source (as a store of one buffer does).
-    func memcpyBaseline(chunk: Int, bytes: Int, reps: Int, distinctSource: Bool = false) -> Double {
-        let srcBytes = distinctSource ? bytes : chunk
-        let src = UnsafeMutableRawPointer.allocate(byteCount: srcBytes, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
-        defer { src.deallocate(); dst.deallocate() }
-        memset(src, 7, srcBytes)
-        memset(dst, 0, bytes)  // the warm-up: the host backs every page before timing
-        var samples: [Double] = []
-        for _ in 0...reps {
-            let t = now()
-            var off = 0
-            while off < bytes {
-                (dst + off).copyMemory(from: src + (distinctSource ? off : 0), byteCount: chunk)
-                off += chunk
+    func run() throws {
+        let reps = quick ? 1 : max(1, repetitions)
+        let scale = quick ? 16 : 1
+        if let svg { try TextFile.checkWritable(svg) }
+        let report = BenchReport(json: json)
+        switch group {
+        case "native":
+            try nativeBenchmarks(report, reps: reps, quick: quick)
+        case "migration":
+            // Short figures at small sizes: more rounds than the other groups for the same stability.
+            try migrationTable(report, reps: quick ? 1 : max(reps, 15), quick: quick, svg: svg)
+        case "p2p":
+            try p2pBenchmarks(report, reps: reps, scale: scale)
+        default:
+            if group == nil || group == "core" {
+                let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
+                report.section("swift-hmm core benchmarks (\(reps) timed rounds after a warm-up round)")
+                try firstTouch(report, m, pages: 32768 / scale, reps: reps)
+                try access(report, m, chunk: 4096, bytes: (64 << 20) / scale, reps: reps)
+                try access(report, m, chunk: 2 << 20, bytes: (64 << 20) / scale, reps: reps)
+                try forkAndWalk(report, m, bytes: (256 << 20) / scale, reps: reps)
+                try m.checkInvariants()
             }
-            blackHole(dst.load(fromByteOffset: bytes - 8, as: UInt64.self))
-            samples.append(Double(now() - t) / Double(bytes / chunk))
+            if group == nil || group == "device" {
+                report.section("swift-hmm device-memory benchmarks (\(reps) timed rounds after a warm-up round)")
+                try deviceBenchmarks(report, reps: reps, scale: scale)
+            }
         }
-        return median(samples)
+        try report.finish()
     }
 
-    func firstTouch(_ m: Machine, pages: Int, reps: Int) throws {
+    func median(_ xs: [Double]) -> Double { BenchReport.quantile(xs, 0.5) ?? .nan }
+
+    func firstTouch(_ report: BenchReport, _ m: Machine, pages: Int, reps: Int) throws {
         let s = try m.makeAddressSpace()
         defer { s.exit() }
-        var samples: [Double] = []
-        for r in 0...reps {
+        let copy = CopyBuffers(bytes: pages * 4096, sourceBytes: 4096)
+        // The warm-up round also warms the host memory behind the arena (which the memcpy never pays).
+        try report.pair(name: "first-touch anon write fault, 4 KiB", unit: "ns/page", baseline: "memcpy 4 KiB",
+                        baselineUnit: "ns", digits: 0, reps: reps,
+                        baselineBody: { copy.copy(chunk: 4096) / Double(pages) },
+                        measuredBody: {
             let p = try s.map(length: pages * 4096, protection: [.read, .write], flags: [.private, .anonymous])
             let t = now()
             for i in 0..<pages { try s.store(UInt8(1), at: p + UInt64(i) * 4096) }
             let ns = Double(now() - t) / Double(pages)
-            if r > 0 { samples.append(ns) }  // the first pass warms the host memory behind the arena
             try s.unmap(p, length: pages * 4096)
-        }
-        let ns = median(samples)
-        let base = memcpyBaseline(chunk: 4096, bytes: pages * 4096, reps: reps)
-        row("first-touch anon write fault, 4 KiB", "\(fixed(ns, 0)) ns/page",
-            "memcpy 4 KiB \(fixed(base, 0)) ns; fault = \(fixed(ns / base)) x memcpy")
+            return ns
+        })
     }
 
-    func access(_ m: Machine, chunk: Int, bytes: Int, reps: Int) throws {
+    func access(_ report: BenchReport, _ m: Machine, chunk: Int, bytes: Int, reps: Int) throws {
         let s = try m.makeAddressSpace()
         defer { s.exit() }
         let raw = try s.map(length: bytes + (2 << 20), protection: [.read, .write], flags: [.private, .anonymous])
@@ -102,68 +97,118 @@ struct Bench: ParsableCommand {
         memset(buf.baseAddress!, 3, chunk)
         let blocks = bytes / chunk
         for i in 0..<blocks { try s.write(UnsafeRawBufferPointer(buf), at: p + UInt64(i * chunk)) }
-        var w: [Double] = []
-        var r: [Double] = []
-        for _ in 0..<reps {
+        let copy = CopyBuffers(bytes: bytes, sourceBytes: chunk)
+        let samples = try BenchReport.rounds(reps: reps) {
+            let base = Double(bytes) / copy.copy(chunk: chunk)
             var t = now()
             for i in 0..<blocks { try s.write(UnsafeRawBufferPointer(buf), at: p + UInt64(i * chunk)) }
-            w.append(Double(now() - t) / Double(blocks))
+            let w = Double(bytes) / Double(now() - t)
             t = now()
             for i in 0..<blocks { try s.read(into: buf, at: p + UInt64(i * chunk)) }
-            r.append(Double(now() - t) / Double(blocks))
+            let r = Double(bytes) / Double(now() - t)
+            return [base, w, r]
         }
-        let base = memcpyBaseline(chunk: chunk, bytes: bytes, reps: reps)
         let label = chunk >= 2 << 20 ? "2 MiB" : "4 KiB"
         let level = try s.pagemap(at: p).level.map { "\($0)" } ?? "none"
-        for (name, ns) in [("store", median(w)), ("load", median(r))] {
-            row("software-MMU \(name), \(label) accesses (\(level))",
-                "\(fixed(Double(chunk) / ns)) GB/s",
-                "memcpy \(fixed(Double(chunk) / base)) GB/s; ratio \(fixed(base / ns)) x memcpy")
+        for (name, k) in [("store", 1), ("load", 2)] {
+            report.add(name: "software-MMU \(name), \(label) accesses (\(level))", unit: "GB/s", baseline: "memcpy",
+                       measured: samples.map { $0[k] }, baselineSamples: samples.map { $0[0] })
         }
     }
 
-    func forkAndWalk(_ m: Machine, bytes: Int, reps: Int) throws {
+    func forkAndWalk(_ report: BenchReport, _ m: Machine, bytes: Int, reps: Int) throws {
         let s = try m.makeAddressSpace()
         defer { s.exit() }
         let p = try s.map(length: bytes, protection: [.read, .write], flags: [.private, .anonymous, .populate])
         let pages = bytes / 4096
-        var walk: [Double] = []
-        for _ in 0..<reps {
-            let t = now()
-            let n = try s.residentPages(p, length: bytes)
-            walk.append(Double(now() - t))
-            precondition(n == pages, "walk found \(n) of \(pages) pages")
-        }
         // Bare baseline: scan an array of as many 64-bit entries for the present bit.
         let entries = UnsafeMutablePointer<UInt64>.allocate(capacity: pages)
         defer { entries.deallocate() }
         for i in 0..<pages { entries[i] = UInt64(i) << 12 | 1 }
-        var scan: [Double] = []
-        for _ in 0..<reps {
-            let t = now()
-            var n = 0
-            for i in 0..<pages where entries[i] & 1 != 0 { n += 1 }
-            blackHole(n)
-            scan.append(Double(now() - t))
-        }
-        var forks: [Double] = []
-        var exits: [Double] = []
-        for _ in 0..<reps {
+        // One round: entry scan, page walk, fork, exit of the child.
+        let samples = try BenchReport.rounds(reps: reps) {
             var t = now()
+            var found = 0
+            for i in 0..<pages where entries[i] & 1 != 0 { found += 1 }
+            blackHole(found)
+            let scan = Double(now() - t)
+            t = now()
+            let n = try s.residentPages(p, length: bytes)
+            let walk = Double(now() - t)
+            precondition(n == pages, "walk found \(n) of \(pages) pages")
+            t = now()
             let child = try s.fork()
-            forks.append(Double(now() - t))
+            let fork = Double(now() - t)
             let inherited = try child.residentPages(p, length: bytes)
             precondition(inherited == pages, "child inherited \(inherited) of \(pages) pages")
             t = now()
             child.exit()
-            exits.append(Double(now() - t))
+            let exit = Double(now() - t)
+            return [scan, walk, fork, exit]
         }
-        let walkNs = median(walk)
-        row("page walk (present pages), \(bytes >> 20) MiB", "\(fixed(walkNs / Double(pages))) ns/page",
-            "bare entry scan \(fixed(median(scan) / Double(pages))) ns/entry; ratio \(fixed(walkNs / median(scan))) x")
-        row("fork of a \(bytes >> 20) MiB populated space", "\(fixed(median(forks) / 1e6)) ms",
-            "page walk \(fixed(walkNs / 1e6)) ms; fork = \(fixed(median(forks) / walkNs, 1)) x walk")
-        row("exit of the forked child", "\(fixed(median(exits) / 1e6)) ms",
-            "fork = \(fixed(median(forks) / median(exits))) x exit")
+        let column = { (k: Int, scale: Double) in samples.map { $0[k] / scale } }
+        report.add(name: "page walk (present pages), \(bytes >> 20) MiB", unit: "ns/page", baseline: "bare entry scan",
+                   baselineUnit: "ns/entry", measured: column(1, Double(pages)), baselineSamples: column(0, Double(pages)))
+        report.add(name: "fork of a \(bytes >> 20) MiB populated space", unit: "ms", baseline: "page walk",
+                   measured: column(2, 1e6), baselineSamples: column(1, 1e6))
+        report.add(name: "exit of the forked child", unit: "ms", baseline: "fork (ratio = fork / exit)",
+                   ratio: .baselineOverMeasured, measured: column(3, 1e6), baselineSamples: column(2, 1e6))
+    }
+}
+
+/// Two buffers for memcpy baselines, allocated and first-touched once, outside every timed region (a
+/// baseline that paid the host's first-touch faults would measure the kernel, not the copy).
+///
+/// Buffers of 2 MiB and more are 2 MiB-aligned and advised `MADV_HUGEPAGE`, as the machine's arenas are
+/// (`Arena`): a copy through 4 KiB host pages would miss the TLB where the simulated migration does not,
+/// and how much depends on what the host had free that run — the ratio would move with it.
+final class CopyBuffers {
+    let bytes: Int
+    let sourceBytes: Int
+    private let source: UnsafeMutableRawPointer
+    private let destination: UnsafeMutableRawPointer
+
+    /// A destination of `bytes` and a source of `sourceBytes` (`bytes` when nil: every block copied from its
+    /// own place, as a migration copies distinct pages; one block's size: every block from the same
+    /// place, as a store of one buffer does).
+    init(bytes: Int, sourceBytes: Int? = nil) {
+        self.bytes = bytes
+        self.sourceBytes = sourceBytes ?? bytes
+        source = Self.allocate(self.sourceBytes)
+        destination = Self.allocate(bytes)
+        memset(source, 7, self.sourceBytes)
+        memset(destination, 0, bytes)
+    }
+
+    deinit {
+        free(source)
+        free(destination)
+    }
+
+    private static func allocate(_ bytes: Int) -> UnsafeMutableRawPointer {
+        let huge = bytes >= 2 << 20
+        var p: UnsafeMutableRawPointer?
+        guard posix_memalign(&p, huge ? 2 << 20 : 4096, bytes) == 0, let p else {
+            fatalError("cannot allocate \(bytes) bytes for a memcpy baseline")
+        }
+        if huge { _ = madvise(p, bytes, Int32(MADV_HUGEPAGE)) }
+        return p
+    }
+
+    /// Nanoseconds to copy all `bytes` in `chunk`-byte blocks from the source to the destination, or back
+    /// from the destination to the source with `reverse` (a migration's way back; needs a full-size source).
+    func copy(chunk: Int, reverse: Bool = false) -> Double {
+        precondition(!reverse || sourceBytes == bytes, "a copy back needs a source as large as the destination")
+        let from = reverse ? destination : source
+        let to = reverse ? source : destination
+        let distinct = sourceBytes == bytes
+        let t = now()
+        var off = 0
+        while off < bytes {
+            (to + off).copyMemory(from: from + (distinct ? off : 0), byteCount: chunk)
+            off += chunk
+        }
+        blackHole(to.load(fromByteOffset: bytes - 8, as: UInt64.self))
+        return Double(now() - t)
     }
 }

@@ -13,7 +13,9 @@ func now() -> UInt64 {
 @_optimize(none) @inline(never)
 func blackHole<T>(_ value: T) {}
 
+/// `value` with `digits` decimals ("12.30"; no point with 0 digits; "nan"/"inf" as they are).
 func fixed(_ value: Double, _ digits: Int = 2) -> String {
+    if digits <= 0 && value.isFinite && abs(value) < 9e18 { return "\(Int(value.rounded()))" }
     var scale = 1.0
     for _ in 0..<digits { scale *= 10 }
     let v = (value * scale).rounded() / scale

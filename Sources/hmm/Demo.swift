@@ -35,6 +35,7 @@ struct Demo: ParsableCommand {
     }
 
     func run() throws {
+        if let svg { try TextFile.checkWritable(svg) }
         if native { return try NativeDemo(json: json, memory: memory, svg: svg).run() }
         let m = try Machine(.init(systemMemory: memory << 20, hugetlbPages: 2))
         var steps: [Step] = []

@@ -7,22 +7,22 @@ import Glibc
 /// Device-memory benchmarks of `hmm bench`: migration bandwidth in 4 KiB pages each way, CPU fault-back
 /// latency, and `RangeFault` snapshot throughput, each against a baseline measured in the same run.
 extension Bench {
-    func deviceBenchmarks(reps: Int, scale: Int) throws {
+    func deviceBenchmarks(_ report: BenchReport, reps: Int, scale: Int) throws {
         let m = try Machine(.init(systemMemory: (1 << 30) + (256 << 20) / scale))
         // Touch all of RAM once, so that no figure below pays the host's first-touch faults (which the
         // memcpy baselines never pay).
         let warm = try m.makeAddressSpace()
         _ = try warm.map(length: (m.freeFrames - 512) * 4096, protection: [.read, .write], flags: [.private, .anonymous, .populate])
         warm.exit()
-        // The snapshot populates (and so warms the host memory behind) most of RAM: run it first so the
-        // migrations below do not pay the host's first-touch faults that the memcpy baseline never pays.
-        try snapshot(m, bytes: (1 << 30) / scale, reps: reps)
-        try migration(m, bytes: (64 << 20) / scale, reps: reps * (ProcessInfoShim.profiling ? 20 : 1))
-        try faultBack(m, pages: 4096 / scale, reps: reps)
+        try snapshot(report, m, bytes: (1 << 30) / scale, reps: reps)
+        try migration(report, m, bytes: (64 << 20) / scale, reps: reps * (ProcessInfoShim.profiling ? 20 : 1))
+        try faultBack(report, m, pages: 4096 / scale, reps: reps)
         try m.checkInvariants()
     }
 
-    func migration(_ m: Machine, bytes: Int, reps: Int) throws {
+    /// Migration of `bytes` in 4 KiB pages each way, against a memcpy of the same bytes there and back
+    /// between two buffers of their own (one round: copy there, copy back, migrate there, migrate back).
+    func migration(_ report: BenchReport, _ m: Machine, bytes: Int, reps: Int) throws {
         let dev = try MirrorDevice(machine: m, minor: 0, kind: .devicePrivate, chunkSize: bytes)
         let s = try m.makeAddressSpace()
         let fd = try dev.open(s)
@@ -32,9 +32,12 @@ extension Bench {
         }
         let pages = bytes / 4096
         let p = try s.map(length: bytes, protection: [.read, .write], flags: [.private, .anonymous, .populate])
-        var toDevice: [Double] = []
-        var toSystem: [Double] = []
-        for r in 0...reps {
+        let copy = CopyBuffers(bytes: bytes)
+        let gbps = { (ns: Double) in Double(bytes) / ns }
+        // The warm-up round first-touches the device memory behind the mirror.
+        let samples = try BenchReport.rounds(reps: reps) {
+            let copyThere = copy.copy(chunk: 4096)
+            let copyBack = copy.copy(chunk: 4096, reverse: true)
             var t = now()
             let there = try fd.migrateToDevice(p, pages: pages, into: nil)
             let d = Double(now() - t)
@@ -42,24 +45,17 @@ extension Bench {
             let back = try fd.migrateToSystem(p, pages: pages)
             let b = Double(now() - t)
             precondition(there.cpages == pages && back.cpages == pages, "migrated \(there.cpages)/\(back.cpages) of \(pages)")
-            if r > 0 {  // the first round warms the host memory behind both arenas
-                toDevice.append(d)
-                toSystem.append(b)
-            }
+            return [gbps(copyThere), gbps(copyBack), gbps(d), gbps(b)]
         }
-        let base = bulkCopyBaseline(bytes: bytes, reps: reps)
-        for (name, ns) in [("system -> device", median(toDevice)), ("device -> system", median(toSystem))] {
-            row("migrate \(bytes >> 20) MiB \(name), 4 KiB pages", "\(fixed(Double(bytes) / ns)) GB/s",
-                "memcpy \(fixed(Double(bytes) / base)) GB/s; ratio \(fixed(base / ns)) x memcpy")
+        for (name, k) in [("system -> device", 0), ("device -> system", 1)] {
+            report.add(name: "migrate \(bytes >> 20) MiB \(name), 4 KiB pages", unit: "GB/s", baseline: "memcpy",
+                       measured: samples.map { $0[k + 2] }, baselineSamples: samples.map { $0[k] })
         }
     }
 
-    /// memcpy of the same bytes a migration moves, cache-cold, 4 KiB at a time: nanoseconds for all of it.
-    func bulkCopyBaseline(bytes: Int, reps: Int) -> Double {
-        memcpyBaseline(chunk: 4096, bytes: bytes, reps: reps, distinctSource: true) * Double(bytes / 4096)
-    }
-
-    func faultBack(_ m: Machine, pages: Int, reps: Int) throws {
+    /// CPU fault-back of device-private pages, one at a time; a round is a memcpy of as many 4 KiB pages
+    /// and a fault-back of every page, and gives the median fault latency of the round.
+    func faultBack(_ report: BenchReport, _ m: Machine, pages: Int, reps: Int) throws {
         let dev = try MirrorDevice(machine: m, minor: 1, kind: .devicePrivate, chunkSize: max(2 << 20, pages * 4096))
         let s = try m.makeAddressSpace()
         let fd = try dev.open(s)
@@ -68,26 +64,32 @@ extension Bench {
             s.exit()
         }
         let p = try s.map(length: pages * 4096, protection: [.read, .write], flags: [.private, .anonymous, .populate])
-        var samples: [Double] = []
-        samples.reserveCapacity(pages * reps)
-        for r in 0...reps {
+        let copy = CopyBuffers(bytes: pages * 4096, sourceBytes: 4096)
+        var all: [Double] = []
+        all.reserveCapacity(pages * (reps + 1))
+        var round = [Double](repeating: 0, count: pages)
+        var first = true
+        let samples = try BenchReport.rounds(reps: reps) {
+            let base = copy.copy(chunk: 4096) / Double(pages) / 1000
             _ = try fd.migrateToDevice(p, pages: pages, into: nil)
             for i in 0..<pages {
                 let t = now()
                 let v: UInt8 = try s.load(at: p + UInt64(i) * 4096)
-                let ns = Double(now() - t)
+                round[i] = Double(now() - t)
                 blackHole(UInt64(v))
-                if r > 0 { samples.append(ns) }
             }
+            if !first { all.append(contentsOf: round) }
+            first = false
+            return [base, median(round) / 1000]
         }
-        samples.sort()
-        let base = memcpyBaseline(chunk: 4096, bytes: pages * 4096, reps: reps)
-        row("CPU fault-back of a device-private 4 KiB page",
-            "median \(fixed(samples[samples.count / 2] / 1000, 2)) us",
-            "p99 \(fixed(samples[samples.count * 99 / 100] / 1000, 2)) us; median = \(fixed(samples[samples.count / 2] / base, 1)) x memcpy 4 KiB")
+        all.sort()
+        report.add(name: "CPU fault-back of a device-private 4 KiB page", unit: "us", baseline: "memcpy 4 KiB",
+                   note: "median over rounds; p99 of all faults \(fixed(all[all.count * 99 / 100] / 1000)) us",
+                   measured: samples.map { $0[1] }, baselineSamples: samples.map { $0[0] })
     }
 
-    func snapshot(_ m: Machine, bytes: Int, reps: Int) throws {
+    /// `RangeFault` snapshot of present pages against a page walk of the same range, alternately.
+    func snapshot(_ report: BenchReport, _ m: Machine, bytes: Int, reps: Int) throws {
         let s = try m.makeAddressSpace()
         defer { s.exit() }
         let pages = bytes / 4096
@@ -101,23 +103,22 @@ extension Bench {
         let notifier = try s.insertIntervalNotifier(start: p, length: UInt64(bytes), Silent())
         defer { notifier.remove() }
         var range = try HMMRange(notifier: notifier, start: p, end: p + UInt64(bytes))
-        var snap: [Double] = []
-        var walk: [Double] = []
-        for _ in 0...reps {
-            range.notifierSeq = notifier.readBegin()
+        let samples = try BenchReport.rounds(reps: reps) {
             var t = now()
-            try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&range) }
-            snap.append(Double(now() - t))
-            precondition(range.pfns[pages - 1] & HMMPFN.valid != 0, "snapshot missed the last page")
-            t = now()
             let n = try s.residentPages(p, length: bytes)
-            walk.append(Double(now() - t))
+            let walk = Double(now() - t) / Double(pages)
             precondition(n == pages)
+            range.notifierSeq = notifier.readBegin()
+            t = now()
+            try s.withMmapReadLock { () throws(HMMError) in try s.rangeFault(&range) }
+            let snap = Double(now() - t) / Double(pages)
+            precondition(range.pfns[pages - 1] & HMMPFN.valid != 0, "snapshot missed the last page")
+            return [walk, snap]
         }
-        let ns = median(snap) / Double(pages)
-        let w = median(walk) / Double(pages)
-        row("RangeFault snapshot, \(bytes >> 20) MiB present", "\(fixed(1e3 / ns, 0)) M pages/s",
-            "\(fixed(ns, 2)) ns/page; page walk \(fixed(w, 2)) ns/page; ratio \(fixed(ns / w)) x walk")
+        let snap = samples.map { $0[1] }
+        report.add(name: "RangeFault snapshot, \(bytes >> 20) MiB present", unit: "ns/page", baseline: "page walk",
+                   note: "\(fixed(1e3 / median(snap), 1)) M pages/s",
+                   measured: snap, baselineSamples: samples.map { $0[0] })
     }
 }
 

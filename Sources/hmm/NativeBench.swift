@@ -9,7 +9,7 @@ import Glibc
 #endif
 
 /// `hmm bench native`: the native engine on this process's real memory, each figure beside a baseline
-/// measured in the same run, rounds interleaved (the machine is noisy):
+/// measured alternately with it in the same rounds (`BenchReport`; the machine is noisy):
 /// - CPU fault-back of one 4 KiB page vs a bare userfaultfd round trip (a minimal handler thread
 ///   resolving each fault with `UFFDIO_COPY`);
 /// - the same in in-thread mode vs a bare in-thread resolution (`UFFD_FEATURE_SIGBUS`, a signal hook
@@ -18,9 +18,10 @@ import Glibc
 /// - migration to the device and back, 4 KiB and 2 MiB units, vs memcpy of the same bytes;
 /// - snapshot (`HMM_DMIRROR_SNAPSHOT`) pages/s vs a bare `PAGEMAP_SCAN` of the same range.
 extension Bench {
-    func nativeBenchmarks(reps: Int, quick: Bool) throws {
+    func nativeBenchmarks(_ report: BenchReport, reps: Int, quick: Bool) throws {
+        report.section("swift-hmm native engine benchmarks (\(reps) timed rounds after a warm-up round)")
         if let reason = NativeSpace.unsupportedReason() {
-            print("native benchmarks skipped: \(reason)")
+            report.note("native benchmarks skipped: \(reason)")
             return
         }
         let machine = try Machine(.init(systemMemory: quick ? 64 << 20 : 512 << 20))
@@ -29,15 +30,13 @@ extension Bench {
         let gpu = try MirrorDevice(machine: machine, minor: 0, kind: .devicePrivate, chunkSize: quick ? 32 << 20 : 256 << 20)
         let file = try gpu.open(space)
         defer { file.close() }
-        print("swift-hmm native engine benchmarks (median of \(reps); ratios against baselines from this same run)")
-        print(pad("figure", 46) + pad("value", 22) + "baseline / ratio")
 
         // 1. Fault-back latency, one page per fault.
         let pages = quick ? 256 : 4096
         try space.setFaultAroundPages(1)
-        let (b1, n1) = try interleaved(reps, { bareRoundTrip(pages: pages) },
-                                       { try faultBack(space, file, pages: pages, threads: 1) })
-        row("CPU fault-back, 1 page (µs/fault)", fixed(n1 / 1000), "bare uffd COPY \(fixed(b1 / 1000)) µs → \(fixed(n1 / b1))×")
+        try report.pair(name: "CPU fault-back, 1 page", unit: "µs/fault", baseline: "bare uffd COPY", reps: reps,
+                        baselineBody: { bareRoundTrip(pages: pages) / 1000 },
+                        measuredBody: { try faultBack(space, file, pages: pages, threads: 1) / 1000 })
 
         // 1b. In-thread mode: a second machine's space (one space per machine).
         let machine2 = try Machine(.init(systemMemory: quick ? 64 << 20 : 512 << 20))
@@ -49,76 +48,73 @@ extension Bench {
         let file2 = try gpu2.open(inThread)
         defer { file2.close() }
         try inThread.setFaultAroundPages(1)
-        let (b2, n2) = try interleaved(reps, { bareInThread(pages: pages) },
-                                       { try faultBack(inThread, file2, pages: pages, threads: 1) })
-        row("in-thread fault-back, 1 page (µs/fault)", fixed(n2 / 1000), "bare SIGBUS + COPY \(fixed(b2 / 1000)) µs → \(fixed(n2 / b2))×")
+        try report.pair(name: "in-thread fault-back, 1 page", unit: "µs/fault", baseline: "bare SIGBUS + COPY",
+                        reps: reps, baselineBody: { bareInThread(pages: pages) / 1000 },
+                        measuredBody: { try faultBack(inThread, file2, pages: pages, threads: 1) / 1000 })
         try space.setFaultAroundPages(16)
         try inThread.setFaultAroundPages(16)
+        let kpages = { (nsPerPage: Double) in 1e6 / nsPerPage }
         for threads in [1, 2] {
-            let (handler, mine) = try interleaved(reps, { try faultBack(space, file, pages: pages * 4, threads: threads) },
-                                                  { try faultBack(inThread, file2, pages: pages * 4, threads: threads) })
-            let m = 1e9 / mine
-            let h = 1e9 / handler
-            row("in-thread fault-around 16, \(threads) thr (kpages/s)", fixed(m / 1000, 0),
-                "handler mode \(fixed(h / 1000, 0)) kpages/s → \(fixed(m / h))×")
+            try report.pair(name: "in-thread fault-around 16, \(threads) thr", unit: "kpages/s", baseline: "handler mode",
+                            digits: 0, reps: reps,
+                            baselineBody: { kpages(try faultBack(space, file, pages: pages * 4, threads: threads)) },
+                            measuredBody: { kpages(try faultBack(inThread, file2, pages: pages * 4, threads: threads)) })
         }
-        try space.setFaultAroundPages(1)
 
         // 2. Fault-around throughput.
         for threads in [1, 2] {
-            let (single, around) = try interleaved(reps, {
+            try report.pair(name: "fault-around 16, \(threads) thr", unit: "kpages/s", baseline: "per page", digits: 0,
+                            reps: reps, baselineBody: {
                 try space.setFaultAroundPages(1)
-                return try faultBack(space, file, pages: pages * 4, threads: threads)
-            }, {
+                return kpages(try faultBack(space, file, pages: pages * 4, threads: threads))
+            }, measuredBody: {
                 try space.setFaultAroundPages(16)
-                return try faultBack(space, file, pages: pages * 4, threads: threads)
+                return kpages(try faultBack(space, file, pages: pages * 4, threads: threads))
             })
-            let a = 1e9 / around
-            let s = 1e9 / single
-            row("fault-around 16, \(threads) thr (kpages/s)", fixed(a / 1000, 0),
-                "per page \(fixed(s / 1000, 0)) kpages/s → \(fixed(a / s))×")
         }
         try space.setFaultAroundPages(16)
 
-        // 3. Migration to the device and back.
+        // 3. Migration to the device and back, against a memcpy of the same bytes in the same units, there
+        // and back between two buffers of its own (one round: copy there, copy back, migrate there, back).
         let bytes = quick ? 8 << 20 : 64 << 20
+        let copy = CopyBuffers(bytes: bytes)
         for huge in [false, true] {
-            var to: [Double] = []
-            var back: [Double] = []
-            var copy: [Double] = []
             let region = try space.allocate(length: bytes, hugePages: huge, populate: true)
             memset(region.pointer, 5, bytes)
-            for _ in 0..<reps {
-                copy.append(memcpyBaseline(chunk: huge ? 2 << 20 : 4096, bytes: bytes, reps: 0, distinctSource: true)
-                                * Double(bytes / (huge ? 2 << 20 : 4096)))
+            let unitBytes = huge ? 2 << 20 : 4096
+            let gbps = { (ns: Double) in Double(bytes) / ns }
+            let samples = try BenchReport.rounds(reps: reps) {
+                let copyThere = copy.copy(chunk: unitBytes)
+                let copyBack = copy.copy(chunk: unitBytes, reverse: true)
                 var t = now()
                 _ = try file.migrateToDevice(region.address, pages: bytes >> 12, into: nil)
-                to.append(Double(now() - t))
+                let to = Double(now() - t)
                 t = now()
                 _ = try file.migrateToSystem(region.address, pages: bytes >> 12)
-                back.append(Double(now() - t))
+                return [gbps(copyThere), gbps(copyBack), gbps(to), gbps(Double(now() - t))]
             }
-            let stillHuge = huge ? " (AnonHugePages \(cu_anon_huge_kb(region.address) >> 10) MiB of \(bytes >> 20))" : ""
+            let stillHuge = huge ? "AnonHugePages \(cu_anon_huge_kb(region.address) >> 10) MiB of \(bytes >> 20)" : nil
             region.free()
-            let gbps = { (ns: Double) in Double(bytes) / ns }
-            let c = gbps(median(copy))
             let unit = huge ? "2 MiB" : "4 KiB"
-            row("migrate to device, \(unit) units (GB/s)", fixed(gbps(median(to))), "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(to)) / c))×")
-            row("migrate to system, \(unit) units (GB/s)", fixed(gbps(median(back))),
-                "memcpy \(fixed(c)) GB/s → \(fixed(gbps(median(back)) / c))×\(stillHuge)")
+            for (dir, k) in [("device", 0), ("system", 1)] {
+                report.add(name: "migrate to \(dir), \(unit) units", unit: "GB/s", baseline: "memcpy",
+                           note: k == 1 ? stillHuge : nil,
+                           measured: samples.map { $0[2 + k] }, baselineSamples: samples.map { $0[k] })
+            }
         }
 
         // First writes to untouched memory: a huge-advised region gets one zeroed THP per 2 MiB unit,
         // against 4 KiB zero fills, one fault per page.
         let firstTouchBytes = quick ? 4 << 20 : 32 << 20
-        let (small, huge) = try interleaved(reps, { try firstWrites(space, bytes: firstTouchBytes, huge: false) },
-                                            { try firstWrites(space, bytes: firstTouchBytes, huge: true) })
-        row("first writes, huge-advised region (GB/s)", fixed(Double(firstTouchBytes) / huge),
-            "4 KiB zero fills \(fixed(Double(firstTouchBytes) / small)) GB/s → \(fixed(small / huge))×")
+        let firstGBps = { (ns: Double) in Double(firstTouchBytes) / ns }
+        try report.pair(name: "first writes, huge-advised region", unit: "GB/s", baseline: "4 KiB zero fills",
+                        reps: reps,
+                        baselineBody: { firstGBps(try firstWrites(space, bytes: firstTouchBytes, huge: false)) },
+                        measuredBody: { firstGBps(try firstWrites(space, bytes: firstTouchBytes, huge: true)) })
 
         // Device-coherent memory mapped in place: what a migration costs against device-private, and
         // CPU reads of the coherent pages against the same reads of host pages (no fault either way).
-        try coherentBenchmarks(machine, space, reps: reps, bytes: quick ? 2 << 20 : 16 << 20,
+        try coherentBenchmarks(report, machine, space, reps: reps, bytes: quick ? 2 << 20 : 16 << 20,
                                privateFile: file)
 
         // 4. Snapshot vs a bare PAGEMAP_SCAN.
@@ -126,13 +122,13 @@ extension Bench {
         let region = try space.allocate(length: snapPages << 12, hugePages: false, populate: true)
         defer { region.free() }
         var out = [UInt8](repeating: 0, count: snapPages)
-        var snap: [Double] = []
-        var scan: [Double] = []
         let fd = open("/proc/self/pagemap", O_RDONLY)
         defer { close(fd) }
         var vec = [cu_page_region](repeating: cu_page_region(), count: 64)
-        for _ in 0..<reps {
-            var t = now()
+        let mpages = { (ns: Double) in Double(snapPages) / ns * 1000 }
+        try report.pair(name: "snapshot, 4 KiB pages", unit: "Mpages/s", baseline: "bare PAGEMAP_SCAN", reps: reps,
+                        baselineBody: {
+            let t = now()
             var a = region.address
             var walkEnd: UInt64 = 0
             while a < region.end {
@@ -140,14 +136,12 @@ extension Bench {
                 if n < 0 || walkEnd <= a { break }
                 a = walkEnd
             }
-            scan.append(Double(now() - t))
-            t = now()
+            return mpages(Double(now() - t))
+        }, measuredBody: {
+            let t = now()
             _ = try file.snapshot(region.address, pages: snapPages, into: &out)
-            snap.append(Double(now() - t))
-        }
-        let sp = Double(snapPages) / median(snap) * 1000
-        let bp = Double(snapPages) / median(scan) * 1000
-        row("snapshot, 4 KiB pages (Mpages/s)", fixed(sp), "bare PAGEMAP_SCAN \(fixed(bp)) Mpages/s → \(fixed(sp / bp))×")
+            return mpages(Double(now() - t))
+        })
         try machine.checkInvariants()
     }
 
@@ -160,8 +154,8 @@ extension Bench {
         return Double(now() - t)
     }
 
-    private func coherentBenchmarks(_ machine: Machine, _ space: NativeSpace, reps: Int, bytes: Int,
-                                    privateFile: MirrorFile) throws {
+    private func coherentBenchmarks(_ report: BenchReport, _ machine: Machine, _ space: NativeSpace, reps: Int,
+                                    bytes: Int, privateFile: MirrorFile) throws {
         let coherent = try MirrorDevice(machine: machine, minor: 2, kind: .deviceCoherent, chunkSize: max(bytes, 32 << 20))
         let file = try coherent.open(space)
         defer { file.close() }
@@ -169,10 +163,6 @@ extension Bench {
         defer { region.free() }
         memset(region.pointer, 7, bytes)
         let pages = bytes >> 12
-        var priv: [Double] = []
-        var coh: [Double] = []
-        var hostRead: [Double] = []
-        var cohRead: [Double] = []
         /// Sums the region's 64-bit words (a CPU read of every byte).
         func readAll() -> Double {
             let words = region.pointer.bindMemory(to: UInt64.self, capacity: bytes / 8)
@@ -182,38 +172,29 @@ extension Bench {
             blackHole(sum)
             return Double(now() - t)
         }
-        for _ in 0..<reps {
+        let usPerPage = { (ns: Double) in ns / Double(pages) / 1000 }
+        let gbps = { (ns: Double) in Double(bytes) / ns }
+        // One round: device-private there and back, a read of the host pages, coherent there, a read in
+        // place, coherent back.
+        let samples = try BenchReport.rounds(reps: reps) {
             var t = now()
             _ = try privateFile.migrateToDevice(region.address, pages: pages, into: nil)
             _ = try privateFile.migrateToSystem(region.address, pages: pages)
-            priv.append(Double(now() - t))
-            hostRead.append(readAll())
+            let priv = Double(now() - t)
+            let hostRead = readAll()
             t = now()
             _ = try file.migrateToDevice(region.address, pages: pages, into: nil)
             let mid = now()
-            cohRead.append(readAll())
+            let cohRead = readAll()
             let back = now()
             _ = try file.migrateToSystem(region.address, pages: pages)
-            coh.append(Double(mid - t) + Double(now() - back))
+            let coh = Double(mid - t) + Double(now() - back)
+            return [usPerPage(priv), usPerPage(coh), gbps(hostRead), gbps(cohRead)]
         }
-        let p = median(priv) / Double(pages) / 1000
-        let c = median(coh) / Double(pages) / 1000
-        row("coherent: migrate there and back (µs/page)", fixed(c), "device-private \(fixed(p)) µs/page → \(fixed(c / p))×")
-        let h = Double(bytes) / median(hostRead)
-        let r = Double(bytes) / median(cohRead)
-        row("coherent: CPU read in place (GB/s)", fixed(r), "host pages \(fixed(h)) GB/s → \(fixed(r / h))×")
-    }
-
-    /// Runs `baseline` and `measured` alternately `reps` times (the machine is noisy: interleaving puts
-    /// both under the same conditions) and returns their medians.
-    private func interleaved(_ reps: Int, _ baseline: () throws -> Double, _ measured: () throws -> Double) rethrows -> (Double, Double) {
-        var a: [Double] = []
-        var b: [Double] = []
-        for _ in 0..<reps {
-            a.append(try baseline())
-            b.append(try measured())
-        }
-        return (median(a), median(b))
+        report.add(name: "coherent: migrate there and back", unit: "µs/page", baseline: "device-private",
+                   measured: samples.map { $0[1] }, baselineSamples: samples.map { $0[0] })
+        report.add(name: "coherent: CPU read in place", unit: "GB/s", baseline: "host pages",
+                   measured: samples.map { $0[3] }, baselineSamples: samples.map { $0[2] })
     }
 
     /// Nanoseconds per page for `threads` threads touching every page of a region whose pages all sit on

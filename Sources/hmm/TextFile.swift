@@ -31,6 +31,14 @@ final class TextFile {
         if failed || rc != 0 { throw ValidationError("writing \(path) failed: \(String(cString: strerror(errno)))") }
     }
 
+    /// Throws unless a file at `path` can be created (its folder exists and is writable): a run that
+    /// measures for a minute should not find out at the end that its output has nowhere to go.
+    static func checkWritable(_ path: String) throws {
+        let folder = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        let target = access(path, F_OK) == 0 ? path : folder.isEmpty ? "/" : folder
+        if access(target, W_OK) != 0 { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
+    }
+
     /// Writes `text` to `path` in one go.
     static func write(_ text: String, to path: String) throws {
         let f = try TextFile(path: path)

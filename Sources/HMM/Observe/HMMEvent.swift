@@ -207,7 +207,7 @@ public enum MigrationCause: UInt8, CaseIterable, Sendable, CustomStringConvertib
 /// A migration: one `migrate_vma` (or `migrate_device_range`) from setup to finalize. The phases split its
 /// time as Xe's counters do: `collect` (setup: lock and unmap the sources), `copy` (the driver allocating
 /// and copying between setup and pages) and `finalize` (pages and finalize: move metadata, remap, free).
-/// Phase times are zero when the hub was not timing (no subscriber and ``EventHub/timing`` off).
+/// Phase times are recorded only while the hub observes.
 public struct MigrationEvent: Sendable, Equatable {
     public var cause: MigrationCause
     public var from: MemoryLocation
