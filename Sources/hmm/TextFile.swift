@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import ArgumentParser
 
 /// A text file written front to back (a trace, a picture): opened at once so a bad path fails before
 /// any work, buffered by stdio.
@@ -10,10 +9,10 @@ final class TextFile {
     private let handle: UnsafeMutablePointer<FILE>
 
     /// Creates (or truncates) `path`.
-    /// - Throws: a `ValidationError` naming the path and the reason.
+    /// - Throws: an ``OutputError`` naming the path and the reason.
     init(path: String) throws {
         guard let f = fopen(path, "w") else {
-            throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
+            throw OutputError(path: path, reason: String(cString: strerror(errno)))
         }
         self.path = path
         handle = f
@@ -24,11 +23,11 @@ final class TextFile {
     }
 
     /// Flushes and closes.
-    /// - Throws: a `ValidationError` if the data could not be written (disk full…).
+    /// - Throws: an ``OutputError`` if the data could not be written (disk full…).
     func close() throws {
         let failed = ferror(handle) != 0
         let rc = fclose(handle)
-        if failed || rc != 0 { throw ValidationError("writing \(path) failed: \(String(cString: strerror(errno)))") }
+        if failed || rc != 0 { throw OutputError(path: path, reason: String(cString: strerror(errno))) }
     }
 
     /// Throws unless a file at `path` can be created (its folder exists and is writable): a run that
@@ -36,7 +35,7 @@ final class TextFile {
     static func checkWritable(_ path: String) throws {
         let folder = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         let target = access(path, F_OK) == 0 ? path : folder.isEmpty ? "/" : folder
-        if access(target, W_OK) != 0 { throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))") }
+        if access(target, W_OK) != 0 { throw OutputError(path: path, reason: String(cString: strerror(errno))) }
     }
 
     /// Writes `text` to `path` in one go.
@@ -45,4 +44,11 @@ final class TextFile {
         f.write(text)
         try f.close()
     }
+}
+
+/// An output file could not be written (printed as the error, without the usage text).
+struct OutputError: Error, CustomStringConvertible {
+    let path: String
+    let reason: String
+    var description: String { "cannot write \(path): \(reason)" }
 }
