@@ -16,7 +16,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
     ],
     targets: [
-        .target(name: "HMM"),
+        .target(name: "CCycleCounter"),
+        .target(name: "HMM", dependencies: ["CCycleCounter"]),
         .target(name: "HMMDevices", dependencies: ["HMM"]),
         .target(name: "CUserfaultfd", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd", .product(name: "Logging", package: "swift-log")]),

@@ -21,17 +21,29 @@ public final class EventHub: @unchecked Sendable {
     /// Bit 0: some ring is attached. Bit 1: counters were asked for.
     private let state = Atomic<Int>(0)
     private let lock = ReadWriteLock()
-    /// Attached rings; read under `lock` for reading, changed under it for writing.
-    private var rings: [EventRing] = []
+    /// The most rings one hub delivers to (subscriptions of its own and process-wide ones together).
+    public static let maximumSubscriptions = 64
+    /// Attached rings, each retained, in a fixed buffer so a publisher walks them without retaining
+    /// anything or checking exclusive access: read under `lock` for reading, changed under it for writing.
+    private let rings: UnsafeMutablePointer<Unmanaged<EventRing>>
+    private let ringCount = Atomic<Int>(0)
     private let lost = Atomic<Int>(0)
 
     init() {
         id = Self.nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+        rings = .allocate(capacity: Self.maximumSubscriptions)
         Self.global.withLock { g in
-            g.hubs.removeAll { $0.object == nil }
-            g.hubs.append(WeakBox(self))
-            for tap in g.taps { attach(tap) }
+            g.hubs.append(Unmanaged.passUnretained(self))
+            for tap in g.taps { _ = attach(tap) }
         }
+    }
+
+    deinit {
+        // Leaves the process-wide list before its memory goes (a tap being added meanwhile waits for the
+        // list's lock, so it never reaches this hub).
+        Self.global.withLock { g in g.hubs.removeAll { $0.toOpaque() == Unmanaged.passUnretained(self).toOpaque() } }
+        for i in 0..<ringCount.load(ordering: .relaxed) { rings[i].release() }
+        rings.deallocate()
     }
 
     /// Whether events and counters are being recorded: one relaxed load, what every hot path checks first.
@@ -42,6 +54,7 @@ public final class EventHub: @unchecked Sendable {
     public var countersEnabled: Bool {
         get { state.load(ordering: .relaxed) & 2 != 0 }
         set {
+            CycleClock.prepare()
             lock.withWriteLock {
                 if newValue { _ = state.bitwiseOr(2, ordering: .relaxed) } else { _ = state.bitwiseAnd(~2, ordering: .relaxed) }
             }
@@ -56,8 +69,13 @@ public final class EventHub: @unchecked Sendable {
     /// - Throws: `.invalidArgument` for a capacity outside 2…2^24 or an empty set of kinds.
     public func subscribe(capacity: Int = 1 << 14, kinds: HMMEventKinds = .all) throws(HMMError) -> EventSubscription {
         let ring = try Self.makeRing(capacity: capacity, kinds: kinds)
-        attach(ring)
-        return EventSubscription(ring: ring) { [weak self] r in self?.detach(r) }
+        CycleClock.prepare()
+        guard attach(ring) else {
+            throw HMMError(.busy, "a hub delivers to at most \(Self.maximumSubscriptions) subscriptions")
+        }
+        // The subscription keeps the hub (whose events it reads) alive; no weak reference, so the hub's
+        // reference count stays on the fast path.
+        return EventSubscription(ring: ring) { r in self.detach(r) }
     }
 
     /// A subscription to every hub of the process, today's and those machines made later create: what a
@@ -65,15 +83,15 @@ public final class EventHub: @unchecked Sendable {
     /// - Throws: `.invalidArgument` for a capacity outside 2…2^24 or an empty set of kinds.
     public static func subscribeToAll(capacity: Int = 1 << 16, kinds: HMMEventKinds = .all) throws(HMMError) -> EventSubscription {
         let ring = try makeRing(capacity: capacity, kinds: kinds)
+        CycleClock.prepare()
         global.withLock { g in
             g.taps.append(ring)
-            g.hubs.removeAll { $0.object == nil }
-            for hub in g.hubs { hub.object?.attach(ring) }
+            for hub in g.hubs { _ = hub._withUnsafeGuaranteedRef { $0.attach(ring) } }
         }
         return EventSubscription(ring: ring) { r in
             global.withLock { g in
                 g.taps.removeAll { $0 === r }
-                for hub in g.hubs { hub.object?.detach(r) }
+                for hub in g.hubs { hub._withUnsafeGuaranteedRef { $0.detach(r) } }
             }
         }
     }
@@ -88,7 +106,10 @@ public final class EventHub: @unchecked Sendable {
             return
         }
         let record = HMMEventRecord(source: id, event: event)
-        for ring in rings where ring.kinds.contains(event.kind) { ring.push(record) }
+        let kind = event.kind
+        for i in 0..<ringCount.load(ordering: .relaxed) {
+            rings[i]._withUnsafeGuaranteedRef { ring in if ring.kinds.contains(kind) { ring.push(record) } }
+        }
         lock.unlock()
     }
 
@@ -98,22 +119,37 @@ public final class EventHub: @unchecked Sendable {
         return EventRing(capacity: capacity, kinds: kinds)
     }
 
-    private func attach(_ ring: EventRing) {
+    /// Adds `ring`; false if the hub already delivers to ``maximumSubscriptions`` rings (a process-wide
+    /// subscription then misses this hub).
+    private func attach(_ ring: EventRing) -> Bool {
         lock.withWriteLock {
-            rings.append(ring)
+            let n = ringCount.load(ordering: .relaxed)
+            guard n < Self.maximumSubscriptions else { return false }
+            rings[n] = Unmanaged.passRetained(ring)
+            ringCount.store(n + 1, ordering: .relaxed)
             _ = state.bitwiseOr(1, ordering: .relaxed)
+            return true
         }
     }
 
     private func detach(_ ring: EventRing) {
-        lock.withWriteLock {
-            rings.removeAll { $0 === ring }
-            if rings.isEmpty { _ = state.bitwiseAnd(~1, ordering: .relaxed) }
+        let removed: Unmanaged<EventRing>? = lock.withWriteLock {
+            let n = ringCount.load(ordering: .relaxed)
+            guard let k = (0..<n).first(where: { rings[$0].toOpaque() == Unmanaged.passUnretained(ring).toOpaque() }) else {
+                return nil
+            }
+            let r = rings[k]
+            rings[k] = rings[n - 1]
+            ringCount.store(n - 1, ordering: .relaxed)
+            if n == 1 { _ = state.bitwiseAnd(~1, ordering: .relaxed) }
+            return r
         }
+        removed?.release()
     }
 
     private struct Global {
-        var hubs: [WeakBox<EventHub>] = []
+        /// Live hubs, unretained: a hub removes itself in its deinit.
+        var hubs: [Unmanaged<EventHub>] = []
         var taps: [EventRing] = []
     }
     private static let global = Locked(Global())

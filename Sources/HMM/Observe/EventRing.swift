@@ -34,6 +34,8 @@ final class EventRing: @unchecked Sendable {
         sequences = .allocate(capacity: c)
         for i in 0..<c { (sequences + i).initialize(to: Atomic(i)) }
         slots = .allocate(capacity: c)
+        // Touched now, on the subscriber's thread: a publisher never takes the page fault of a first write.
+        UnsafeMutableRawPointer(slots).initializeMemory(as: UInt8.self, repeating: 0, count: c * MemoryLayout<HMMEventRecord>.stride)
         drops = .allocate(capacity: HMMEventKind.allCases.count)
         for i in 0..<HMMEventKind.allCases.count { (drops + i).initialize(to: Atomic(0)) }
     }
