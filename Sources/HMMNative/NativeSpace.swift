@@ -92,7 +92,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let forkHeld = Atomic<Bool>(false)
     /// Set in a forked child: this copy of the space has no threads.
     let forkedAway = Atomic<Bool>(false)
-    let subscriptions = NotifierSubscriptions()
+    let subscriptions: NotifierSubscriptions
     private let regionList = Locked<[NativeRegion]>([])
     private let closedFlag = Atomic<Bool>(false)
     private let closeLock = Locked(())
@@ -141,6 +141,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             return e
         }
         self.machine = machine
+        subscriptions = NotifierSubscriptions(machine: machine)
         self.options = options
         faultAround = Atomic(options.faultAroundPages)
 

@@ -38,7 +38,12 @@ struct NativeObserveTests {
             _ = try file.migrateToDevice(region.address, pages: 16, into: nil)
             let word = region.pointer.load(fromByteOffset: 5 << 12, as: UInt32.self)
             #expect(word == 9 &+ UInt32((5 << 12) / 4))
-            let events = drained(sub)
+            // The fault thread publishes its event after waking the toucher: wait for it.
+            var events: [HMMEvent] = []
+            #expect(eventually {
+                events += drained(sub)
+                return faults(events).contains { $0.hit == .devicePrivate }
+            })
             let f = faults(events).filter { $0.hit == .devicePrivate }
             #expect(f.count == 1)
             #expect(f.first?.thread == cu_gettid(), "the faulting thread, not the fault thread")
@@ -67,7 +72,12 @@ struct NativeObserveTests {
             let sub = try machine.events.subscribe(kinds: HMMEventKinds(.cpuFault))
             #expect(region.pointer.load(as: UInt8.self) == 0)
             region.pointer.storeBytes(of: 1, toByteOffset: 4096, as: UInt8.self)
-            let f = faults(drained(sub))
+            var events: [HMMEvent] = []
+            #expect(eventually {
+                events += drained(sub)
+                return faults(events).count >= 2
+            })
+            let f = faults(events)
             #expect(f.map(\.hit) == [.zeroPage, .newPage])
             #expect(f.map(\.access) == [.read, .write])
             sub.cancel()

@@ -22,7 +22,8 @@ public final class MigrateDevice: @unchecked Sendable {
     /// Why the device memory empties, for its ``MigrationEvent``: `.release` unless the driver says
     /// `.eviction` (or another cause).
     public var cause = MigrationCause.release
-    private var observation = MigrationObservation()
+    /// (Unchecked, as `MigrateVMA`'s: only the thread running the phases touches it.)
+    @exclusivity(unchecked) private var observation = MigrationObservation()
 
     /// `migrate_device_range`: collects the `count` frames from `first`, each in-use one referenced,
     /// locked and unmapped from every space. Free frames, frames whose lock is contended, and frames with

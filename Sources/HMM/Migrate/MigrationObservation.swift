@@ -26,7 +26,9 @@ struct MigrationObservation {
         if observing { pagesBegin = monotonicNanoseconds() }
     }
 
-    /// What moved, read before finalize (which may drop the references these PFNs are good for).
+    /// What moved, read before finalize (which may drop the references these PFNs are good for): the
+    /// memories are named while the migration holds their frames, and the device's pagemap is kept
+    /// (one reference) to read its pages in use afterwards.
     struct Outcome {
         var pages = 0
         var huge = false
@@ -52,11 +54,11 @@ struct MigrationObservation {
             if let f = faultPage, let p = src[i].pfn, f >= p, f < p + n { o.heldPages = n }
             if !located {
                 located = true
-                let sp = src[i].pfn.flatMap { machine.pagemap(of: $0) }
-                let dp = machine.pagemap(of: d)
-                if let sp { o.from = MemoryLocation(sp) }
-                if let dp { o.to = MemoryLocation(dp) }
-                o.devicePagemap = dp ?? sp
+                let fromSlot = src[i].pfn.map { machine.pagemapSlot(of: $0) } ?? 0
+                let toSlot = machine.pagemapSlot(of: d)
+                o.from = machine.memory(ofPagemapSlot: fromSlot)
+                o.to = machine.memory(ofPagemapSlot: toSlot)
+                if toSlot != 0 || fromSlot != 0 { o.devicePagemap = machine.pagemap(of: toSlot != 0 ? d : src[i].pfn!) }
             }
         }
         return o
@@ -71,6 +73,7 @@ struct MigrationObservation {
             cause: cause, from: o.from, to: o.to, space: space, address: address, pages: o.pages,
             failedPages: max(0, collected - o.pages), size: o.huge ? .huge : .base, thread: currentThreadID(),
             begin: begin, collect: setupEnd &- begin, copy: pagesAt &- setupEnd, finalize: end &- pagesAt,
-            pagemapSlot: o.devicePagemap?.slot ?? 0, pagemapPagesInUse: max(0, (o.devicePagemap?.framesInUse ?? 0) - o.heldPages))))
+            pagemapSlot: o.devicePagemap?.slot ?? 0,
+            pagemapPagesInUse: max(0, (o.devicePagemap?.framesInUse ?? 0) - o.heldPages))))
     }
 }

@@ -154,8 +154,11 @@ public final class NotifierSubscriptions: @unchecked Sendable {
     /// invalidation skips the lock when it reads zero. Inserting takes the space's `mmapLock` for
     /// writing, so no invalidation can miss a notifier inserted before it began.
     private let count = Atomic<Int>(0)
+    /// The hub invalidations are published to (the space's machine's), unowned: the space holds both.
+    private unowned(unsafe) let events: EventHub?
 
-    public init() {}
+    /// Subscriptions of a space on `machine`, whose hub hears the invalidations.
+    public init(machine: Machine?) { events = machine?.events }
 
     /// Subscribes `n`. The caller excludes invalidations that must not miss it (the simulated engine
     /// holds `mmapLock` for writing).
@@ -215,13 +218,13 @@ public final class NotifierSubscriptions: @unchecked Sendable {
                 return n
             })
         }
-        guard !list.isEmpty, _slowPath(range.space.machine.events.isObserving) else {
+        guard !list.isEmpty, let events, _slowPath(events.isObserving) else {
             for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
             return true
         }
         let t = monotonicNanoseconds()
         for n in list { _ = n.operations.invalidate(n, range: range, sequence: cur) }
-        range.space.machine.events.publish(.invalidation(InvalidationEvent(
+        events.publish(.invalidation(InvalidationEvent(
             event: range.event, space: range.space.eventSpaceID, start: range.start, end: range.end,
             owner: range.owner.map { UInt(bitPattern: ObjectIdentifier($0)) } ?? 0, notifiers: list.count,
             thread: currentThreadID(), startTime: t, duration: monotonicNanoseconds() &- t)))

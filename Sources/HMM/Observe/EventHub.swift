@@ -9,9 +9,11 @@ import Synchronization
 /// (counted per kind); publishing never waits: a subscriber being added or removed at that instant
 /// (the hub's lock held for writing) loses the event for every ring (``lostToReconfiguration``).
 ///
-/// Locking: a hub's ring list is guarded by its read-write lock (publishers try-lock it for reading);
-/// the process-wide list of hubs and taps (``subscribeToAll(capacity:kinds:)``) by a lock taken before
-/// any hub's.
+/// Locking: publishers enter a hub's ring list through a gate, an atomic count of publishers inside
+/// plus a writer bit; a publisher that finds the bit set leaves at once (the event is lost, counted).
+/// Adding or removing a ring takes the hub's configuration lock, sets the bit, waits for the publishers
+/// inside to leave, changes the list and clears the bit. The process-wide list of hubs and taps
+/// (``subscribeToAll(capacity:kinds:)``) has a lock taken before any hub's configuration lock.
 public final class EventHub: @unchecked Sendable {
     /// Which hub an event came from (``HMMEventRecord/source``); unique in the process.
     public let id: Int
@@ -20,11 +22,15 @@ public final class EventHub: @unchecked Sendable {
 
     /// Bit 0: some ring is attached. Bit 1: counters were asked for.
     private let state = Atomic<Int>(0)
-    private let lock = ReadWriteLock()
+    /// Publishers inside (low bits) and ``writerBit``.
+    private let gate = Atomic<Int>(0)
+    private static let writerBit = 1 << 62
+    /// Serializes ring-list changes and the counters switch.
+    private let configuration = Locked(())
     /// The most rings one hub delivers to (subscriptions of its own and process-wide ones together).
     public static let maximumSubscriptions = 64
     /// Attached rings, each retained, in a fixed buffer so a publisher walks them without retaining
-    /// anything or checking exclusive access: read under `lock` for reading, changed under it for writing.
+    /// anything or checking exclusive access: read inside the gate, changed by ``changingRings(_:)``.
     private let rings: UnsafeMutablePointer<Unmanaged<EventRing>>
     private let ringCount = Atomic<Int>(0)
     private let lost = Atomic<Int>(0)
@@ -55,7 +61,7 @@ public final class EventHub: @unchecked Sendable {
         get { state.load(ordering: .relaxed) & 2 != 0 }
         set {
             CycleClock.prepare()
-            lock.withWriteLock {
+            configuration.withLock { _ in
                 if newValue { _ = state.bitwiseOr(2, ordering: .relaxed) } else { _ = state.bitwiseAnd(~2, ordering: .relaxed) }
             }
         }
@@ -101,7 +107,8 @@ public final class EventHub: @unchecked Sendable {
     public func publish(_ event: HMMEvent) {
         guard isObserving else { return }
         counters.record(event)
-        guard lock.tryReadLock() else {
+        guard gate.wrappingAdd(1, ordering: .acquiring).newValue & Self.writerBit == 0 else {
+            gate.wrappingSubtract(1, ordering: .releasing)
             lost.wrappingAdd(1, ordering: .relaxed)
             return
         }
@@ -110,7 +117,7 @@ public final class EventHub: @unchecked Sendable {
         for i in 0..<ringCount.load(ordering: .relaxed) {
             rings[i]._withUnsafeGuaranteedRef { ring in if ring.kinds.contains(kind) { ring.push(record) } }
         }
-        lock.unlock()
+        gate.wrappingSubtract(1, ordering: .releasing)
     }
 
     private static func makeRing(capacity: Int, kinds: HMMEventKinds) throws(HMMError) -> EventRing {
@@ -122,7 +129,7 @@ public final class EventHub: @unchecked Sendable {
     /// Adds `ring`; false if the hub already delivers to ``maximumSubscriptions`` rings (a process-wide
     /// subscription then misses this hub).
     private func attach(_ ring: EventRing) -> Bool {
-        lock.withWriteLock {
+        changingRings {
             let n = ringCount.load(ordering: .relaxed)
             guard n < Self.maximumSubscriptions else { return false }
             rings[n] = Unmanaged.passRetained(ring)
@@ -133,7 +140,7 @@ public final class EventHub: @unchecked Sendable {
     }
 
     private func detach(_ ring: EventRing) {
-        let removed: Unmanaged<EventRing>? = lock.withWriteLock {
+        let removed: Unmanaged<EventRing>? = changingRings {
             let n = ringCount.load(ordering: .relaxed)
             guard let k = (0..<n).first(where: { rings[$0].toOpaque() == Unmanaged.passUnretained(ring).toOpaque() }) else {
                 return nil
@@ -145,6 +152,16 @@ public final class EventHub: @unchecked Sendable {
             return r
         }
         removed?.release()
+    }
+
+    /// Runs `body` with no publisher inside the ring list and none able to enter.
+    private func changingRings<R>(_ body: () -> R) -> R {
+        configuration.withLock { _ in
+            gate.bitwiseOr(Self.writerBit, ordering: .acquiringAndReleasing)
+            while gate.load(ordering: .acquiring) & ~Self.writerBit != 0 { sched_yieldShim() }
+            defer { gate.bitwiseAnd(~Self.writerBit, ordering: .releasing) }
+            return body()
+        }
     }
 
     private struct Global {

@@ -19,8 +19,9 @@ final class EventRing: @unchecked Sendable {
     private let sequences: UnsafeMutablePointer<Atomic<Int>>
     private let slots: UnsafeMutablePointer<HMMEventRecord>
     private let tail = Atomic<Int>(0)
-    /// The reader's ticket; only the thread holding the subscription's reader lock touches it.
-    private var head = 0
+    /// The reader's ticket; only the thread holding the subscription's reader lock touches it (so no
+    /// dynamic exclusivity check is needed per event).
+    @exclusivity(unchecked) private var head = 0
     private let drops: UnsafeMutablePointer<Atomic<Int>>
     let kinds: HMMEventKinds
 

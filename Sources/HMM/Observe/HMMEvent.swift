@@ -101,7 +101,7 @@ public struct MemoryLocation: Hashable, Sendable, CustomStringConvertible {
 
     /// The memory of `pagemap`'s owner.
     public init(_ pagemap: Pagemap) {
-        self.init(device: UInt(bitPattern: ObjectIdentifier(pagemap.owner)), kind: pagemap.kind)
+        self.init(device: pagemap.ownerIdentity, kind: pagemap.kind)
     }
 
     public var isSystem: Bool { kind == nil }

@@ -101,6 +101,8 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
     /// The managing driver's identity: compared with ``MigrateVMA``'s `owner` and ``HMMRange``'s
     /// `devicePrivateOwner`.
     public let owner: any AnyObject & Sendable
+    /// `owner`'s identity as a number (``MemoryLocation/device``), kept so events need not touch `owner`.
+    let ownerIdentity: UInt
     /// First frame of the region.
     public let firstPFN: PFN
     /// Frames in the region.
@@ -119,6 +121,7 @@ public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
         self.machine = machine
         self.kind = kind
         self.owner = owner
+        ownerIdentity = UInt(bitPattern: ObjectIdentifier(owner))
         self.firstPFN = firstPFN
         self.count = count
         self.slot = slot
@@ -311,6 +314,19 @@ extension Machine {
         let slot = frames.pagemapSlot(pfn)
         guard slot != 0, let pm = pagemapTable[slot]?.takeUnretainedValue(), pm.contains(pfn) else { return nil }
         return pm
+    }
+
+    /// The pagemap slot of a device frame (0 for RAM): a name for its pagemap that costs no reference.
+    @inline(__always) func pagemapSlot(of pfn: PFN) -> Int {
+        guard pfn.rawValue >= UInt64(ramFrames), pfn.rawValue < UInt64(frames.capacity) else { return 0 }
+        return frames.pagemapSlot(pfn)
+    }
+
+    /// The memory of pagemap `slot`, read without taking a reference: call it while holding a frame of
+    /// the pagemap (which keeps it registered).
+    func memory(ofPagemapSlot slot: Int) -> MemoryLocation {
+        guard slot != 0, let pm = pagemapTable[slot] else { return .system }
+        return pm._withUnsafeGuaranteedRef { p in MemoryLocation(device: p.ownerIdentity, kind: p.kind) }
     }
 
     /// The kind of device memory behind a frame; nil for system RAM (or no frame at all).

@@ -79,8 +79,6 @@ public final class ReadWriteLock: @unchecked Sendable {
     public func unlock() { precondition(pthread_rwlock_unlock(handle) == 0) }
     /// Takes the lock for writing if nobody holds it; false otherwise (held for reading or writing).
     public func tryWriteLock() -> Bool { pthread_rwlock_trywrlock(handle) == 0 }
-    /// Takes the lock for reading unless a writer holds it (or waits for it).
-    public func tryReadLock() -> Bool { pthread_rwlock_tryrdlock(handle) == 0 }
 
     @inline(__always) public func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         readLock()

@@ -22,7 +22,7 @@ public final class AddressSpace: @unchecked Sendable {
     let mmapLock = ReadWriteLock()
     let rmapLock = ReadWriteLock()
     /// Interval notifiers (`mmu_notifier_subscriptions`).
-    let notifiers = NotifierSubscriptions()
+    let notifiers: NotifierSubscriptions
     /// Sorted, non-overlapping. Guarded by `mmapLock` + `rmapLock` (both write to modify).
     var vmas: [VMA] = []
     /// The PGD node; 0 after exit.
@@ -38,6 +38,7 @@ public final class AddressSpace: @unchecked Sendable {
     init(machine: Machine, id: Int) throws(HMMError) {
         self.machine = machine
         self.id = id
+        notifiers = NotifierSubscriptions(machine: machine)
         root = try machine.pageTables.allocate()
         pgdNode = root
     }
