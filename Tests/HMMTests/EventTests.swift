@@ -223,16 +223,18 @@ struct EventTests {
 
     @Test("a process-wide subscription sees machines made after it, each record naming its machine's hub")
     func subscribeToAll() throws {
-        let sub = try EventHub.subscribeToAll(capacity: 1 << 12, kinds: HMMEventKinds(.policy))
+        // Eviction events: no engine publishes them, so other tests running meanwhile cannot fill the ring.
+        let sub = try EventHub.subscribeToAll(capacity: 1 << 12, kinds: HMMEventKinds(.eviction))
         let m1 = try Machine(.init(systemMemory: 16 << 20))
         let m2 = try Machine(.init(systemMemory: 16 << 20))
-        let e = PolicyEvent(kind: .pin, space: 0, address: 0x1000, bytes: 4096, processor: .system, timestamp: 1)
-        m1.events.publish(.policy(e))
-        m2.events.publish(.policy(e))
+        let e = EvictionEvent(device: .system, space: 0, address: 0x1000, pages: 1, neededBy: 0x2000, timestamp: 1)
+        m1.events.publish(.eviction(e))
+        m2.events.publish(.eviction(e))
         var sources: [Int] = []
         sub.drain { sources.append($0.source) }
-        // Other suites' machines may publish policy events meanwhile; ours must be there.
         #expect(sources.contains(m1.events.id) && sources.contains(m2.events.id))
+        #expect(sub.dropped(.eviction) == 0)
+        #expect(m1.events.counters[.evictions] == 1 && m1.events.counters[.evictedPages] == 1)
         sub.cancel()
         #expect((!m1.events.isObserving && !m2.events.isObserving) || EventHub.processWideSubscriptions > 0)
     }
