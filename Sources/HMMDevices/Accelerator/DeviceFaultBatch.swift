@@ -1,0 +1,112 @@
+import HMM
+
+/// One device fault as the fault buffer records it (UVM's `GpuFault`: address and access type).
+public struct DeviceFaultRecord: Hashable, Sendable {
+    /// The page's address.
+    public let address: UInt64
+    public let access: DeviceAccess
+}
+
+/// What a device access wants.
+public enum DeviceAccess: UInt8, Sendable, Comparable {
+    case read, write, atomic
+    public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+    /// Whether the access needs a writable mapping.
+    public var writes: Bool { self != .read }
+}
+
+/// A batch of faults as a ``DeviceFaultServicer`` gets it: deduplicated (one record per page, with the
+/// strongest access), sorted by address and grouped per 2 MiB block — UVM's batch preprocessing.
+public struct DeviceFaultBatch: Sendable {
+    /// The faults of one 2 MiB virtual block.
+    public struct Block: Sendable {
+        /// The block's first address (2 MiB-aligned).
+        public let start: UInt64
+        /// Page indexes in the block (0…511) that faulted, ascending, with their access.
+        public var pages: [(index: Int, access: DeviceAccess)]
+    }
+    /// A number per batch, from 1.
+    public let id: Int
+    public let blocks: [Block]
+    /// Faults taken from the buffer, before deduplication.
+    public let rawFaults: Int
+
+    /// Builds a batch from raw records.
+    public init(id: Int, records: [DeviceFaultRecord]) {
+        self.id = id
+        rawFaults = records.count
+        var strongest: [UInt64: DeviceAccess] = [:]
+        for r in records { strongest[r.address] = max(strongest[r.address] ?? .read, r.access) }
+        var blocks: [Block] = []
+        for (address, access) in strongest.sorted(by: { $0.key < $1.key }) {
+            let start = address & ~blockMask
+            let index = Int((address - start) >> UInt64(PageSize.shift))
+            if blocks.last?.start == start {
+                blocks[blocks.count - 1].pages.append((index, access))
+            } else {
+                blocks.append(Block(start: start, pages: [(index, access)]))
+            }
+        }
+        self.blocks = blocks
+    }
+
+    /// Pages after deduplication.
+    public var uniqueFaults: Int { blocks.reduce(0) { $0 + $1.pages.count } }
+}
+
+/// Decides what a batch of device faults does — migrate, prefetch, evict, map remotely — and does it
+/// through the context's primitives (``AcceleratorContext/migrateToDevice(_:cause:)``,
+/// ``AcceleratorContext/evict(_:cause:)``, ``AcceleratorContext/mapRemote(_:write:)``). Called on the
+/// context's fault thread, one batch at a time, with no lock held.
+public protocol DeviceFaultServicer: AnyObject, Sendable {
+    /// Services `batch`; a thrown error fails the kernel (every worker waiting on a fault gets it).
+    func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError)
+}
+
+/// Plain demand paging: each faulting page, and nothing else, migrates to the device; when device
+/// memory is exhausted the batch fails with `.outOfMemory`. The baseline every policy is measured
+/// against.
+public final class DemandPaging: DeviceFaultServicer {
+    public init() {}
+
+    public func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError) {
+        for block in batch.blocks {
+            let runs = Self.runs(block.start, block.pages.map(\.index))
+            _ = try context.migrateToDevice(runs, cause: .deviceFault)
+            try context.satisfy(block)
+        }
+    }
+
+    /// Consecutive page indexes of a block as address ranges.
+    public static func runs(_ blockStart: UInt64, _ indexes: [Int]) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for index in indexes.sorted() {
+            let a = blockStart + UInt64(index) << UInt64(PageSize.shift)
+            if let last = runs.last, last.upperBound == a {
+                runs[runs.count - 1] = last.lowerBound..<(a + UInt64(PageSize.base))
+            } else {
+                runs.append(a..<(a + UInt64(PageSize.base)))
+            }
+        }
+        return runs
+    }
+}
+
+extension AcceleratorContext {
+    /// Makes every faulted page of `block` usable for its access where migration left it unusable: a page
+    /// that could not move (pinned, shared, another device's), or a device page mapped read-only that a
+    /// write wants — mapped where it is, through `hmm_range_fault` (which upgrades the CPU's mapping
+    /// first, breaking copy-on-write). Without this a worker would fault on it forever.
+    public func satisfy(_ block: DeviceFaultBatch.Block) throws(HMMError) {
+        for (index, access) in block.pages {
+            let a = block.start + UInt64(index) << UInt64(PageSize.shift)
+            let m = mapping(at: a)
+            if m.mapped && (m.writable || !access.writes) { continue }
+            _ = try mapRemote(a..<(a + UInt64(PageSize.base)), write: access.writes)
+        }
+    }
+}
+
+/// Offset bits of a 4 KiB page, and of a 2 MiB block.
+let pageMask = UInt64(PageSize.base - 1)
+let blockMask = UInt64(PageSize.pmd - 1)
