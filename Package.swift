@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "HMMDevices", targets: ["HMMDevices"]),
         .library(name: "HMMNative", targets: ["HMMNative"]),
         .library(name: "HMMMetrics", targets: ["HMMMetrics"]),
+        .library(name: "ManagedMemory", targets: ["ManagedMemory"]),
         .executable(name: "hmm", targets: ["hmm"]),
     ],
     dependencies: [
@@ -21,18 +22,20 @@ let package = Package(
         .target(name: "HMMDevices", dependencies: ["HMM"]),
         .target(name: "CUserfaultfd", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "HMMNative", dependencies: ["HMM", "CUserfaultfd", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "ManagedMemory", dependencies: ["HMM", "HMMDevices", "HMMNative"]),
         .target(name: "HMMMetrics", dependencies: ["HMM", .product(name: "CoreMetrics", package: "swift-metrics")]),
         .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
         .executableTarget(
             name: "hmm",
             dependencies: [
-                "HMM", "HMMDevices", "HMMSelftests", "HMMNative", "CUserfaultfd",
+                "HMM", "HMMDevices", "HMMSelftests", "HMMNative", "CUserfaultfd", "ManagedMemory",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "HMMTests", dependencies: ["HMM", "HMMDevices"]),
         .testTarget(name: "SelftestTests", dependencies: ["HMM", "HMMDevices", "HMMSelftests"]),
         .testTarget(name: "HMMNativeTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd", "HMMSelftests"]),
+        .testTarget(name: "ManagedMemoryTests", dependencies: ["HMM", "HMMDevices", "HMMNative", "ManagedMemory"]),
         .testTarget(name: "HMMMetricsTests", dependencies: [
             "HMM", "HMMMetrics", .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),

@@ -5,6 +5,11 @@ public struct DeviceFaultRecord: Hashable, Sendable {
     /// The page's address.
     public let address: UInt64
     public let access: DeviceAccess
+
+    public init(address: UInt64, access: DeviceAccess) {
+        self.address = address
+        self.access = access
+    }
 }
 
 /// What a device access wants.

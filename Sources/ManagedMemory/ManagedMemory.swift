@@ -1,0 +1,397 @@
+import HMM
+import HMMDevices
+import HMMNative
+
+/// Managed memory on an accelerator — `cudaMallocManaged` with UVM's policy layer, over HMM: allocations
+/// any processor can touch, pages migrated to device memory on device faults (with prefetching),
+/// evicted back when device memory or a budget runs out, on either engine.
+///
+/// The manager is its accelerator context's ``DeviceFaultServicer``: every fault batch comes here, and
+/// per 2 MiB block the ``PrefetchPolicy`` widens what migrates, the ``EvictionPolicy`` picks what leaves
+/// when room is needed, and the options say whether running out evicts or fails with `.outOfMemory`
+/// naming the budget — never a silent swap storm, never a hang. Every decision is a ``PolicyEvent`` on
+/// the machine's event hub.
+///
+/// One manager per accelerator: device memory in use is the accelerator's.
+///
+/// Locking: the manager's state lock is a leaf for bookkeeping; it is never held while migrating.
+public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
+    /// What to do when a fault needs device memory beyond the budget.
+    public enum Exhaustion: Sendable {
+        /// Evict blocks chosen by the eviction policy (the default).
+        case evict
+        /// Fail the kernel with `.outOfMemory`, naming the budget.
+        case fail
+    }
+
+    public struct Options: Sendable {
+        public var prefetch: any PrefetchPolicy = DensityPrefetch()
+        public var eviction: any EvictionPolicy = AllocationOrderEviction()
+        /// Device memory this manager may use, in bytes (nil: all of the accelerator's).
+        public var budget: Int? = nil
+        public var onExhaustion = Exhaustion.evict
+        /// Device memory each allocation owner may hold, in bytes.
+        public var quotas: [String: Int] = [:]
+        /// Proactive eviction: above `high` × budget after a batch, evict down to `low` × budget.
+        public var watermarks: (high: Double, low: Double)? = nil
+        /// Faults per batch (UVM's 256).
+        public var batchSize = 256
+        public init() {}
+    }
+
+    /// Hints per allocation (UVM's `cudaMemAdvise`, AMD SVM's attributes).
+    public struct Advice: OptionSet, Sendable {
+        public let rawValue: Int
+        public init(rawValue: Int) { self.rawValue = rawValue }
+        /// The device maps the pages where they are instead of migrating them (accessed-by).
+        public static let accessedBy = Advice(rawValue: 1)
+    }
+
+    /// What the manager did.
+    public struct Statistics: Sendable, Equatable {
+        public var batches = 0
+        public var faultedPages = 0
+        public var prefetchedPages = 0
+        public var evictions = 0
+        public var evictedPages = 0
+        public var remoteMappedPages = 0
+        public var failures = 0
+    }
+
+    public let accelerator: Accelerator
+    public let space: ManagedSpace
+    public let options: Options
+    /// The accelerator's context on the space, serviced by this manager.
+    public private(set) var context: AcceleratorContext!
+    public let budgetPages: Int
+
+    private struct Block {
+        var allocation: Int
+        var firstResident = -1
+        var lastAllocated = -1
+        var lastUse = -1
+    }
+    private struct State {
+        var allocations: [Int: ManagedAllocation] = [:]
+        var nextAllocation = 1
+        var blocks: [UInt64: Block] = [:]
+        var sequence = 0
+        var stats = Statistics()
+    }
+    private let state = Locked(State())
+
+    /// A manager of `accelerator`'s memory for `space`.
+    /// - Throws: `.invalidArgument` (a budget outside 1 page…the accelerator's memory, watermarks not
+    ///   0 < low < high ≤ 1, a negative quota), what creating the context throws (`.busy` if the
+    ///   accelerator already has one on the space).
+    public init(accelerator: Accelerator, space: ManagedSpace, options: Options = Options()) throws(HMMError) {
+        let budget = options.budget ?? accelerator.memoryPages * PageSize.base
+        guard budget >= PageSize.base, budget <= accelerator.memoryPages * PageSize.base else {
+            throw HMMError(.invalidArgument, "budget of \(budget) bytes is outside 4 KiB…\(accelerator.memoryPages * PageSize.base)")
+        }
+        if let w = options.watermarks, !(w.low > 0 && w.low < w.high && w.high <= 1) {
+            throw HMMError(.invalidArgument, "watermarks must satisfy 0 < low < high ≤ 1")
+        }
+        guard options.quotas.values.allSatisfy({ $0 >= 0 }) else { throw HMMError(.invalidArgument, "a quota is negative") }
+        self.accelerator = accelerator
+        self.space = space
+        self.options = options
+        budgetPages = budget / PageSize.base
+        context = try AcceleratorContext(accelerator: accelerator, space: space.mirrored, servicer: self,
+                                         batchSize: options.batchSize)
+    }
+
+    /// Evicts everything and closes the context; allocations stay mapped (CPU memory).
+    public func close() { context.close() }
+
+    public var statistics: Statistics { state.withLock { $0.stats } }
+
+    /// Device pages in use (the accelerator's).
+    public var devicePagesInUse: Int { accelerator.memoryPages - accelerator.freePages }
+
+    // MARK: allocations
+
+    /// Allocates `bytes` (rounded up to 4 KiB) of managed memory owned by `owner`.
+    /// - Throws: `.invalidArgument` (zero or over 1 TiB), `.outOfMemory`, what the engine throws.
+    public func allocate(_ bytes: Int, owner: String = "default", advice: Advice = []) throws(HMMError) -> ManagedAllocation {
+        guard bytes > 0, bytes <= 1 << 40 else { throw HMMError(.invalidArgument, "allocation of \(bytes) bytes") }
+        let length = (bytes + PageSize.base - 1) & ~(PageSize.base - 1)
+        let (address, region) = try space.map(length)
+        do throws(HMMError) { try context.register(address, length: length) } catch {
+            space.unmap(address, length, region)
+            throw error
+        }
+        return state.withLock { s in
+            let id = s.nextAllocation
+            s.nextAllocation += 1
+            let a = ManagedAllocation(manager: self, id: id, address: address, length: length, owner: owner, advice: advice, region: region)
+            s.allocations[id] = a
+            var b = address
+            while b < address + UInt64(length) {
+                s.blocks[b] = Block(allocation: id)
+                b += UInt64(PageSize.pmd)
+            }
+            return a
+        }
+    }
+
+    /// Frees an allocation: its device pages are released, its memory unmapped.
+    /// - Throws: `.invalidArgument` if it is not this manager's or already freed, `.busy` while a kernel runs.
+    public func free(_ a: ManagedAllocation) throws(HMMError) {
+        guard state.withLock({ $0.allocations[a.id] != nil }) else {
+            throw HMMError(.invalidArgument, "allocation \(a.id) is not live in this manager")
+        }
+        try context.unregister(a.address)
+        state.withLock { s in
+            s.allocations[a.id] = nil
+            var b = a.address
+            while b < a.address + UInt64(a.length) {
+                s.blocks[b] = nil
+                b += UInt64(PageSize.pmd)
+            }
+        }
+        space.unmap(a.address, a.length, a.region)
+    }
+
+    /// Runs a kernel on the accelerator (``AcceleratorContext/launch(items:workers:_:)``).
+    public func launch(items: Int, workers: Int, _ body: @escaping @Sendable (DeviceLane, Int) throws(HMMError) -> Void) throws(HMMError) -> AcceleratorContext.KernelReport {
+        try context.launch(items: items, workers: workers, body)
+    }
+
+    // MARK: servicing
+
+    public func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError) {
+        let seq = state.withLock { s -> Int in
+            s.sequence += 1
+            s.stats.batches += 1
+            return s.sequence
+        }
+        sampleAccessBits(seq)
+        for block in batch.blocks {
+            do throws(HMMError) { try service(block, seq) } catch {
+                state.withLock { $0.stats.failures += 1 }
+                throw error
+            }
+        }
+        if let w = options.watermarks, devicePagesInUse > Int(Double(budgetPages) * w.high) {
+            try evictDown(to: Int(Double(budgetPages) * w.low), protecting: Set(batch.blocks.map(\.start)), neededBy: nil)
+        }
+    }
+
+    private func service(_ block: DeviceFaultBatch.Block, _ seq: Int) throws(HMMError) {
+        guard let (allocation, _) = state.withLock({ s -> (ManagedAllocation, Block)? in
+            guard let b = s.blocks[block.start], let a = s.allocations[b.allocation] else { return nil }
+            return (a, b)
+        }) else {
+            // Not managed (a range registered by someone else): plain demand paging.
+            try DemandPaging().service(DeviceFaultBatch(id: seq, records: block.pages.map {
+                DeviceFaultRecord(address: block.start + UInt64($0.index) << UInt64(PageSize.shift), access: $0.access)
+            }), in: context)
+            return
+        }
+        state.withLock { $0.stats.faultedPages += block.pages.count }
+        if allocation.advice.contains(.accessedBy) {
+            var mapped = 0
+            for run in DemandPaging.runs(block.start, block.pages.map(\.index)) {
+                mapped += try context.mapRemote(run, write: block.pages.contains { $0.access.writes })
+            }
+            state.withLock { $0.stats.remoteMappedPages += mapped }
+            publish(.remoteMap, block.start, mapped)
+            try context.satisfy(block)
+            return
+        }
+        let pagesInBlock = min(PageSize.pagesPerPMD, Int((allocation.address + UInt64(allocation.length) - block.start) >> UInt64(PageSize.shift)))
+        let local = context.localPages(block: block.start)
+        let faulted = PageBitmap(block.pages.map(\.index))
+        let touched = !local.isEmpty || space.populatedPages(block.start, pagesInBlock << PageSize.shift, allocation.region) > 0
+        let view = BlockState(start: block.start, pages: pagesInBlock, local: local, faulted: faulted, touched: touched)
+        var extra = options.prefetch.prefetch(view).subtracting(faulted).subtracting(local)
+        for i in extra.indexes where i >= pagesInBlock { extra.remove(i) }
+        let wanted = faulted.subtracting(local)
+        // Room: evict others' blocks first; if the budget still cannot hold the prefetch, drop it.
+        let need = wanted.count + extra.count
+        let room = try makeRoom(need, owner: allocation.owner, protecting: block.start, neededBy: block.start)
+        if room < need { extra = PageBitmap() }
+        if room < wanted.count {
+            throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) pages at \(hex(block.start)) need room and \(options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted")")
+        }
+        let moved = try context.migrateToDevice(DemandPaging.runs(block.start, wanted.indexes), cause: .deviceFault)
+        var prefetched = 0
+        if !extra.isEmpty {
+            prefetched = try context.migrateToDevice(DemandPaging.runs(block.start, extra.indexes), cause: .prefetch)
+            publish(.prefetch, block.start, prefetched)
+        }
+        try context.satisfy(block)
+        state.withLock { s in
+            s.stats.prefetchedPages += prefetched
+            guard var b = s.blocks[block.start] else { return }
+            if moved + prefetched > 0 {
+                if b.firstResident < 0 { b.firstResident = seq }
+                b.lastAllocated = seq
+            }
+            b.lastUse = seq
+            s.blocks[block.start] = b
+        }
+        // Prefetch that crosses into the next block of the allocation.
+        let ahead = options.prefetch.ahead(view)
+        let next = block.start + UInt64(PageSize.pmd)
+        if ahead > 0, next < allocation.address + UInt64(allocation.length) {
+            let n = min(ahead, Int((allocation.address + UInt64(allocation.length) - next) >> UInt64(PageSize.shift)))
+            let missing = PageBitmap(0..<n).subtracting(context.localPages(block: next))
+            if !missing.isEmpty, try makeRoom(missing.count, owner: allocation.owner, protecting: block.start, neededBy: next) >= missing.count {
+                let p = try context.migrateToDevice(DemandPaging.runs(next, missing.indexes), cause: .prefetch)
+                publish(.prefetch, next, p)
+                state.withLock { s in
+                    s.stats.prefetchedPages += p
+                    if p > 0, var b = s.blocks[next] {
+                        if b.firstResident < 0 { b.firstResident = seq }
+                        b.lastAllocated = seq
+                        s.blocks[next] = b
+                    }
+                }
+            }
+        }
+    }
+
+    /// Free pages under the budget (and the owner's quota) for `need` pages, evicting other blocks as
+    /// the policy picks if allowed; returns the room there is afterwards.
+    private func makeRoom(_ need: Int, owner: String, protecting: UInt64, neededBy: UInt64) throws(HMMError) -> Int {
+        var room = min(budgetPages - devicePagesInUse, accelerator.freePages)
+        if let quota = options.quotas[owner] { room = min(room, quota / PageSize.base - pagesHeld(by: owner)) }
+        guard room < need, options.onExhaustion == .evict else { return max(0, room) }
+        while room < need {
+            guard let victim = pickVictim(protecting: [protecting], owner: options.quotas[owner] != nil ? owner : nil) else { break }
+            try evictBlock(victim, neededBy: neededBy)
+            room = min(budgetPages - devicePagesInUse, accelerator.freePages)
+            if let quota = options.quotas[owner] { room = min(room, quota / PageSize.base - pagesHeld(by: owner)) }
+        }
+        return max(0, room)
+    }
+
+    private func evictDown(to target: Int, protecting: Set<UInt64>, neededBy: UInt64?) throws(HMMError) {
+        while devicePagesInUse > target, let victim = pickVictim(protecting: protecting, owner: nil) {
+            try evictBlock(victim, neededBy: neededBy)
+        }
+    }
+
+    private func pickVictim(protecting: Set<UInt64>, owner: String?) -> ResidentBlock? {
+        let candidates = state.withLock { s in
+            s.blocks.filter { start, b in
+                !protecting.contains(start) && b.firstResident >= 0
+                    && (owner == nil || s.allocations[b.allocation]?.owner == owner)
+            }
+        }
+        var resident: [ResidentBlock] = []
+        for (start, b) in candidates {
+            let n = context.localPages(block: start).count
+            if n > 0 {
+                resident.append(ResidentBlock(start: start, localPages: n, firstResident: b.firstResident,
+                                              lastAllocated: b.lastAllocated, lastUse: b.lastUse))
+            }
+        }
+        return options.eviction.victim(among: resident)
+    }
+
+    private func evictBlock(_ victim: ResidentBlock, neededBy: UInt64?) throws(HMMError) {
+        let n = try context.evict(victim.start..<(victim.start + UInt64(PageSize.pmd)), cause: .eviction)
+        state.withLock { s in
+            s.stats.evictions += 1
+            s.stats.evictedPages += n
+            if var b = s.blocks[victim.start] {
+                b.firstResident = -1
+                s.blocks[victim.start] = b
+            }
+        }
+        let hub = accelerator.machine.events
+        if hub.isObserving {
+            hub.publish(.eviction(EvictionEvent(device: accelerator.location, space: space.mirrored.eventSpaceID,
+                                                address: victim.start, pages: n, neededBy: neededBy,
+                                                timestamp: monotonicNanoseconds())))
+        }
+        publish(.evict, victim.start, n)
+    }
+
+    /// Device pages held by `owner`'s blocks.
+    private func pagesHeld(by owner: String) -> Int {
+        let starts = state.withLock { s in s.blocks.filter { s.allocations[$0.value.allocation]?.owner == owner }.map(\.key) }
+        return starts.reduce(0) { $0 + context.localPages(block: $1).count }
+    }
+
+    /// LRU's input: blocks whose pages the device touched since the last batch are used now.
+    private func sampleAccessBits(_ seq: Int) {
+        guard options.eviction is LRUEviction else { return }
+        let resident = state.withLock { s in s.blocks.filter { $0.value.firstResident >= 0 }.map(\.key) }
+        var used: [UInt64] = []
+        for start in resident where context.testAndClearAccessed(start, start + UInt64(PageSize.pmd)) { used.append(start) }
+        state.withLock { s in for start in used { s.blocks[start]?.lastUse = seq } }
+    }
+
+    private func publish(_ kind: PolicyEvent.Kind, _ address: UInt64, _ pages: Int) {
+        let hub = accelerator.machine.events
+        guard hub.isObserving, pages > 0 else { return }
+        hub.publish(.policy(PolicyEvent(kind: kind, space: space.mirrored.eventSpaceID, address: address,
+                                        bytes: pages << PageSize.shift, processor: accelerator.location,
+                                        timestamp: monotonicNanoseconds())))
+    }
+}
+
+/// A managed allocation: `length` bytes at `address`, reachable by the CPU and the accelerator.
+public final class ManagedAllocation: @unchecked Sendable {
+    public unowned let manager: ManagedMemory
+    public let id: Int
+    public let address: UInt64
+    public let length: Int
+    public let owner: String
+    public let advice: ManagedMemory.Advice
+    let region: NativeRegion?
+
+    init(manager: ManagedMemory, id: Int, address: UInt64, length: Int, owner: String, advice: ManagedMemory.Advice,
+         region: NativeRegion?) {
+        self.manager = manager
+        self.id = id
+        self.address = address
+        self.length = length
+        self.owner = owner
+        self.advice = advice
+        self.region = region
+    }
+
+    /// Reads `count` 64-bit words from word `index` through the CPU (faulting device pages back).
+    /// - Throws: `.invalidArgument` outside the allocation, what the CPU access throws.
+    public func cpuLoad(_ index: Int, count: Int) throws(HMMError) -> [UInt64] {
+        try check(index, count)
+        var out = [UInt64](repeating: 0, count: count)
+        let at = address + UInt64(index * 8)
+        let space = manager.space
+        var failure: HMMError?
+        out.withUnsafeMutableBytes { b in
+            do throws(HMMError) { try space.cpuRead(at, into: b) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return out
+    }
+
+    /// Writes words from word `index` through the CPU.
+    /// - Throws: `.invalidArgument` outside the allocation, what the CPU access throws.
+    public func cpuStore(_ words: [UInt64], at index: Int) throws(HMMError) {
+        try check(index, words.count)
+        let at = address + UInt64(index * 8)
+        let space = manager.space
+        var failure: HMMError?
+        words.withUnsafeBytes { b in
+            do throws(HMMError) { try space.cpuWrite(at, from: b) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    private func check(_ index: Int, _ count: Int) throws(HMMError) {
+        guard index >= 0, count >= 0, (index + count) * 8 <= length else {
+            throw HMMError(.invalidArgument, "words \(index)..<\(index + count) are outside the allocation of \(length) bytes")
+        }
+    }
+
+    /// The address of word `index`.
+    public func word(_ index: Int) -> UInt64 { address + UInt64(index * 8) }
+}
+
+private func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
