@@ -213,7 +213,7 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         let room = try makeRoom(need, owner: allocation.owner, protecting: block.start, neededBy: block.start)
         if room < need { extra = PageBitmap() }
         if room < wanted.count {
-            throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) pages at \(hex(block.start)) need room and \(options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted")")
+            throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) page(s) at \(hex(block.start)) need room and \(options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted")")
         }
         let moved = try context.migrateToDevice(DemandPaging.runs(block.start, wanted.indexes), cause: .deviceFault)
         var prefetched = 0

@@ -58,6 +58,14 @@ public enum ManagedSpace: Sendable {
         }
     }
 
+    /// CPU faults that brought device pages back so far (the simulated machine's, or the native space's).
+    public var cpuFaultBacks: Int {
+        switch self {
+        case .simulated(let s): return s.machine.statistics[.faultDevicePrivate]
+        case .native(let s): return s.statistics.snapshot.faultBacks
+        }
+    }
+
     /// Copies bytes out through the CPU (faulting device pages back, as a CPU load would).
     func cpuRead(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(HMMError) {
         switch self {

@@ -26,8 +26,8 @@ struct Trace: ParsableCommand {
     func run() throws {
         var args = command
         if args.first == "--" { args.removeFirst() }
-        guard let name = args.first, ["demo", "bench", "selftests"].contains(name) else {
-            throw ValidationError("hmm trace runs demo, bench or selftests: hmm trace -o FILE -- demo")
+        guard let name = args.first, ["demo", "bench", "selftests", "workload"].contains(name) else {
+            throw ValidationError("hmm trace runs demo, bench, selftests or workload: hmm trace -o FILE -- demo")
         }
         var traced = try HMMCommand.parseAsRoot(args)
         let file = try TextFile(path: output)

@@ -77,6 +77,24 @@ public final class DeviceLane: @unchecked Sendable {
         }
     }
 
+    /// Atomically lowers the 64-bit word at `address` to `value` if it is larger; returns the old value.
+    public func atomicMin(_ value: UInt64, at address: UInt64) throws(HMMError) -> UInt64 {
+        guard address & 7 == 0 else { throw HMMError(.invalidArgument, "atomic at \(address) is not 8-byte aligned") }
+        let p = try translate(address, .atomic)
+        return AtomicStripes.shared.withLock(address) {
+            let old = p.load(as: UInt64.self)
+            if value < old { p.storeBytes(of: value, as: UInt64.self) }
+            return old
+        }
+    }
+
+    /// Atomically reads the 64-bit word at `address` (ordered with the lanes' atomics on it).
+    public func atomicLoad(at address: UInt64) throws(HMMError) -> UInt64 {
+        guard address & 7 == 0 else { throw HMMError(.invalidArgument, "atomic at \(address) is not 8-byte aligned") }
+        let p = try translate(address, .read)
+        return AtomicStripes.shared.withLock(address) { p.load(as: UInt64.self) }
+    }
+
     @inline(__always) private func check(_ address: UInt64, _ size: Int) throws(HMMError) {
         guard (address & pageMask) + UInt64(size) <= UInt64(PageSize.base) else {
             throw HMMError(.invalidArgument, "device access at \(address) of \(size) bytes crosses a page")
