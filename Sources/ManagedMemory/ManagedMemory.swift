@@ -1,6 +1,9 @@
 import HMM
 import HMMDevices
 import HMMNative
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Managed memory on an accelerator — `cudaMallocManaged` with UVM's policy layer, over HMM: allocations
 /// any processor can touch, pages migrated to device memory on device faults (with prefetching),
@@ -36,6 +39,8 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         public var watermarks: (high: Double, low: Double)? = nil
         /// Faults per batch (UVM's 256).
         public var batchSize = 256
+        /// Thrashing detection and mitigation (UVM's, with a diagnosis); nil turns it off.
+        public var thrashing: ThrashingPolicy? = ThrashingPolicy()
         public init() {}
     }
 
@@ -56,6 +61,11 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         public var evictedPages = 0
         public var remoteMappedPages = 0
         public var failures = 0
+        /// Pages found thrashing (each with a diagnosis event), throttles, pins and unpins.
+        public var thrashingDetected = 0
+        public var throttles = 0
+        public var pins = 0
+        public var unpins = 0
     }
 
     public let accelerator: Accelerator
@@ -77,6 +87,10 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         var blocks: [UInt64: Block] = [:]
         var sequence = 0
         var stats = Statistics()
+        /// Thrashing state of the pages that migrated lately.
+        var pages: [UInt64: PageThrashing] = [:]
+        /// Pinned pages and when their pin ends.
+        var pinned: [UInt64: UInt64] = [:]
     }
     private let state = Locked(State())
 
@@ -167,6 +181,7 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
             return s.sequence
         }
         sampleAccessBits(seq)
+        unpinExpired()
         for block in batch.blocks {
             do throws(HMMError) { try service(block, seq) } catch {
                 state.withLock { $0.stats.failures += 1 }
@@ -202,10 +217,33 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         }
         let pagesInBlock = min(PageSize.pagesPerPMD, Int((allocation.address + UInt64(allocation.length) - block.start) >> UInt64(PageSize.shift)))
         let local = context.localPages(block: block.start)
-        let faulted = PageBitmap(block.pages.map(\.index))
+        var faulted = PageBitmap(block.pages.map(\.index))
+        var thrashing = PageBitmap()
+        if let policy = options.thrashing {
+            let (pin, throttle, hot) = thrashingDecisions(block, local, policy)
+            thrashing = hot
+            if !throttle.isEmpty {
+                // Throttle the requester: its faults on these pages wait one lapse (UVM's nap).
+                publish(.throttleStart, block.start, throttle.count)
+                usleep(UInt32(policy.lapse / 1000))
+                publish(.throttleEnd, block.start, throttle.count)
+                state.withLock { $0.stats.throttles += 1 }
+            }
+            if !pin.isEmpty {
+                // Pinned where it is: the device maps the page remotely instead of moving it.
+                for run in DemandPaging.runs(block.start, pin.indexes) {
+                    let writes = block.pages.contains { pin.contains($0.index) && $0.access.writes }
+                    let n = try context.mapRemote(run, write: writes)
+                    state.withLock { $0.stats.remoteMappedPages += n }
+                    publish(.remoteMap, run.lowerBound, n)
+                }
+                faulted = faulted.subtracting(pin)
+            }
+        }
         let touched = !local.isEmpty || space.populatedPages(block.start, pagesInBlock << PageSize.shift, allocation.region) > 0
         let view = BlockState(start: block.start, pages: pagesInBlock, local: local, faulted: faulted, touched: touched)
-        var extra = options.prefetch.prefetch(view).subtracting(faulted).subtracting(local)
+        // Thrashing pages are never prefetched (UVM removes them from the prefetch region).
+        var extra = options.prefetch.prefetch(view).subtracting(faulted).subtracting(local).subtracting(thrashing)
         for i in extra.indexes where i >= pagesInBlock { extra.remove(i) }
         let wanted = faulted.subtracting(local)
         // Room: evict others' blocks first; if the budget still cannot hold the prefetch, drop it.
@@ -215,13 +253,14 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         if room < wanted.count {
             throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) page(s) at \(hex(block.start)) need room and \(options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted")")
         }
-        let moved = try context.migrateToDevice(DemandPaging.runs(block.start, wanted.indexes), cause: .deviceFault)
+        var refused: [UInt64] = []
+        let moved = try context.migrateToDevice(DemandPaging.runs(block.start, wanted.indexes), cause: .deviceFault, refused: &refused)
         var prefetched = 0
         if !extra.isEmpty {
             prefetched = try context.migrateToDevice(DemandPaging.runs(block.start, extra.indexes), cause: .prefetch)
             publish(.prefetch, block.start, prefetched)
         }
-        try context.satisfy(block)
+        try context.satisfy(block, refused: refused)
         state.withLock { s in
             s.stats.prefetchedPages += prefetched
             guard var b = s.blocks[block.start] else { return }
@@ -315,6 +354,102 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
     private func pagesHeld(by owner: String) -> Int {
         let starts = state.withLock { s in s.blocks.filter { s.allocations[$0.value.allocation]?.owner == owner }.map(\.key) }
         return starts.reduce(0) { $0 + context.localPages(block: $1).count }
+    }
+
+    // MARK: thrashing
+
+    /// Records the block's device faults that will migrate pages and decides per page: the pages to pin
+    /// (map remotely), to throttle, and every page now thrashing (kept out of prefetch).
+    private func thrashingDecisions(_ block: DeviceFaultBatch.Block, _ local: PageBitmap,
+                                    _ policy: ThrashingPolicy) -> (pin: PageBitmap, throttle: PageBitmap, thrashing: PageBitmap) {
+        let now = monotonicNanoseconds()
+        var pin = PageBitmap()
+        var throttle = PageBitmap()
+        var hot = PageBitmap()
+        var detected: [(UInt64, PolicyEvent.Hint)] = []
+        var pinnedNow: [UInt64] = []
+        state.withLock { s in
+            for (index, access) in block.pages where !local.contains(index) {
+                let a = block.start + UInt64(index) << UInt64(PageSize.shift)
+                var t = s.pages[a] ?? PageThrashing()
+                if t.record(access.writes ? .deviceWrite : .deviceRead, at: now, policy) {
+                    detected.append((a, t.hint))
+                    s.stats.thrashingDetected += 1
+                }
+                switch t.decide(at: now, policy) {
+                case .migrate: break
+                case .throttle: throttle.insert(index)
+                case .pin:
+                    pin.insert(index)
+                    if s.pinned[a] == nil {
+                        s.pinned[a] = t.pinnedUntil
+                        s.stats.pins += 1
+                        pinnedNow.append(a)
+                    }
+                }
+                if t.thrashing { hot.insert(index) }
+                s.pages[a] = t
+            }
+        }
+        for (a, hint) in detected { announce(a, hint) }
+        for a in pinnedNow { publish(.pin, a, 1) }
+        return (pin, throttle, hot)
+    }
+
+    /// A CPU touch brought pages back: a thrashing event for each (the other processor's half of the
+    /// ping-pong).
+    public func cpuFaultedBack(_ pages: [UInt64], write: Bool, in context: AcceleratorContext) {
+        guard let policy = options.thrashing else { return }
+        let now = monotonicNanoseconds()
+        var detected: [(UInt64, PolicyEvent.Hint)] = []
+        state.withLock { s in
+            for a in pages {
+                var t = s.pages[a] ?? PageThrashing()
+                if t.record(write ? .cpuWrite : .cpuRead, at: now, policy) {
+                    detected.append((a, t.hint))
+                    s.stats.thrashingDetected += 1
+                }
+                s.pages[a] = t
+            }
+            // Bounded bookkeeping: forget quiet pages once the table grows.
+            if s.pages.count > 1 << 16 { s.pages = s.pages.filter { now &- $0.value.last < policy.epoch } }
+        }
+        for (a, hint) in detected { announce(a, hint) }
+    }
+
+    /// ThrashingDetected, and the diagnosis naming the advice that would stop it.
+    private func announce(_ a: UInt64, _ hint: PolicyEvent.Hint) {
+        let hub = accelerator.machine.events
+        guard hub.isObserving else { return }
+        let t = monotonicNanoseconds()
+        for kind in [PolicyEvent.Kind.thrashingDetected, .diagnosis] {
+            hub.publish(.policy(PolicyEvent(kind: kind, space: space.mirrored.eventSpaceID, address: a, bytes: PageSize.base,
+                                            processor: accelerator.location, hint: kind == .diagnosis ? hint : .none,
+                                            timestamp: t)))
+        }
+    }
+
+    /// Pins past their time end: the device's remote mappings are dropped, so the next access faults
+    /// and the page migrates again (UVM's delayed unpin work).
+    private func unpinExpired() {
+        let now = monotonicNanoseconds()
+        let expired = state.withLock { s -> [UInt64] in
+            let done = s.pinned.filter { $0.value <= now }.map(\.key)
+            for a in done {
+                s.pinned[a] = nil
+                s.stats.unpins += 1
+            }
+            return done
+        }
+        for a in expired {
+            context.dropMappings(a, a + UInt64(PageSize.base))
+            publish(.unpin, a, 1)
+        }
+    }
+
+    /// The diagnoses so far: for each page found thrashing, the advice that would stop it.
+    public var diagnoses: [(address: UInt64, hint: PolicyEvent.Hint)] {
+        state.withLock { s in s.pages.filter { $0.value.thrashing }.map { ($0.key, $0.value.hint) }.sorted { $0.0 < $1.0 } }
     }
 
     /// LRU's input: blocks whose pages the device touched since the last batch are used now.

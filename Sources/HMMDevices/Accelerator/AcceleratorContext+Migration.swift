@@ -6,11 +6,14 @@ import HMM
 extension AcceleratorContext {
     /// Migrates the system pages (and never-touched holes) of `runs` to device memory and maps them on the
     /// device; pages already there, or that cannot move (pinned, shared, another device's), are left
-    /// as they are. Returns the pages migrated.
+    /// as they are. Returns the pages migrated; the addresses of pages the migration could not collect
+    /// (pinned, shared, another device's — not a page the CPU took back meanwhile) are appended to
+    /// `refused` when given.
     /// - Throws: `.outOfMemory` when device memory has fewer free pages than a run needs (nothing of that
     ///   run moves; earlier runs stay moved) — a servicer evicts first; `.invalidArgument` for a run
     ///   outside the space's mappings.
-    public func migrateToDevice(_ runs: [Swift.Range<UInt64>], cause: MigrationCause) throws(HMMError) -> Int {
+    public func migrateToDevice(_ runs: [Swift.Range<UInt64>], cause: MigrationCause,
+                                refused: UnsafeMutablePointer<[UInt64]>? = nil) throws(HMMError) -> Int {
         var total = 0
         try space.withMmapReadLock { () throws(HMMError) in
             for run in runs where !run.isEmpty {
@@ -24,6 +27,13 @@ extension AcceleratorContext {
                 var entries: [(UInt64, UInt64)] = []
                 do throws(HMMError) {
                     let want = (0..<m.npages).filter { m.src[$0].isMigrating }
+                    if let refused {
+                        for i in 0..<m.npages where !m.src[i].isMigrating {
+                            let a = m.start + UInt64(i) << UInt64(PageSize.shift)
+                            // Already this device's: nothing to refuse.
+                            if !mapping(at: a).local { refused.pointee.append(a) }
+                        }
+                    }
                     guard !want.isEmpty else {
                         m.finalize()
                         continue
@@ -79,7 +89,8 @@ extension AcceleratorContext {
                     continue
                 }
                 let next = min(range.upperBound, vma.end, (a | blockMask) + 1)
-                total += try moveToSystem(a..<next, cause: cause, faultPage: nil)
+                var moved: [UInt64] = []
+                total += try moveToSystem(a..<next, cause: cause, faultPage: nil, moved: &moved)
                 a = next
             }
         }
@@ -89,12 +100,15 @@ extension AcceleratorContext {
 
     /// A CPU touched a device page: its fault window comes back (cause `.cpuFault`).
     func migrateToRAM(_ fault: DeviceFault) throws(HMMError) {
-        let n = try moveToSystem(fault.range, cause: .cpuFault, faultPage: fault.page)
+        var moved: [UInt64] = []
+        let n = try moveToSystem(fault.range, cause: .cpuFault, faultPage: fault.page, moved: &moved)
         count { $0.pagesToSystem += n }
+        if !moved.isEmpty { servicer.cpuFaultedBack(moved, write: fault.write, in: self) }
     }
 
     /// One piece (within a VMA) back to system memory. Requires `mmapLock` held.
-    private func moveToSystem(_ piece: Swift.Range<UInt64>, cause: MigrationCause, faultPage: PFN?) throws(HMMError) -> Int {
+    private func moveToSystem(_ piece: Swift.Range<UInt64>, cause: MigrationCause, faultPage: PFN?,
+                              moved addresses: inout [UInt64]) throws(HMMError) -> Int {
         let m = try MigrateVMA(space: space, start: piece.lowerBound, end: piece.upperBound, select: .devicePrivate,
                                owner: accelerator, faultPage: faultPage)
         m.cause = cause
@@ -115,6 +129,7 @@ extension AcceleratorContext {
                 m.dst[i] = MigratePFN(page, flags: m.src[i].isWritable ? MigratePFN.write : 0)
                 try machine.copyPage(from: s, to: page)
                 moved += 1
+                addresses.append(m.start + UInt64(i) << UInt64(PageSize.shift))
             }
             try m.pages()
         } catch {

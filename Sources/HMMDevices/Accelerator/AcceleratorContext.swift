@@ -234,6 +234,10 @@ public final class AcceleratorContext: @unchecked Sendable {
         synchronizeWorkers()
     }
 
+    /// Drops the device's mappings of `[lo, hi)` (a shootdown): the next device access faults. What a
+    /// policy does to end a pin, so the page migrates again.
+    public func dropMappings(_ lo: UInt64, _ hi: UInt64) { unmapFromDevice(lo, hi) }
+
     /// Waits until every worker inside a work item when this was called has left it (or is waiting on
     /// a fault): a TLB shootdown. Never waits for a worker that entered after the call began.
     public func synchronizeWorkers() {

@@ -66,6 +66,13 @@ public struct DeviceFaultBatch: Sendable {
 public protocol DeviceFaultServicer: AnyObject, Sendable {
     /// Services `batch`; a thrown error fails the kernel (every worker waiting on a fault gets it).
     func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError)
+    /// A CPU touch brought `pages` (addresses) back from the device (`write`: a store). Called on the
+    /// faulting thread after the move, with no lock held; for bookkeeping (thrashing), not for moving.
+    func cpuFaultedBack(_ pages: [UInt64], write: Bool, in context: AcceleratorContext)
+}
+
+extension DeviceFaultServicer {
+    public func cpuFaultedBack(_ pages: [UInt64], write: Bool, in context: AcceleratorContext) {}
 }
 
 /// Plain demand paging: each faulting page, and nothing else, migrates to the device; when device
@@ -77,8 +84,9 @@ public final class DemandPaging: DeviceFaultServicer {
     public func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError) {
         for block in batch.blocks {
             let runs = Self.runs(block.start, block.pages.map(\.index))
-            _ = try context.migrateToDevice(runs, cause: .deviceFault)
-            try context.satisfy(block)
+            var refused: [UInt64] = []
+            _ = try context.migrateToDevice(runs, cause: .deviceFault, refused: &refused)
+            try context.satisfy(block, refused: refused)
         }
     }
 
@@ -98,15 +106,17 @@ public final class DemandPaging: DeviceFaultServicer {
 }
 
 extension AcceleratorContext {
-    /// Makes every faulted page of `block` usable for its access where migration left it unusable: a page
-    /// that could not move (pinned, shared, another device's), or a device page mapped read-only that a
-    /// write wants — mapped where it is, through `hmm_range_fault` (which upgrades the CPU's mapping
-    /// first, breaking copy-on-write). Without this a worker would fault on it forever.
-    public func satisfy(_ block: DeviceFaultBatch.Block) throws(HMMError) {
+    /// Makes faulted pages of `block` usable where migration cannot: pages in `refused` (they could not
+    /// move: pinned, shared, another device's) are mapped where they are, and a device page mapped
+    /// read-only that a write wants gets its CPU mapping upgraded (breaking copy-on-write) and its
+    /// entry made writable — both through `hmm_range_fault`. Without this a worker would fault on them
+    /// forever. A page the CPU took back while it migrated is left alone: its access faults again.
+    public func satisfy(_ block: DeviceFaultBatch.Block, refused: [UInt64] = []) throws(HMMError) {
         for (index, access) in block.pages {
             let a = block.start + UInt64(index) << UInt64(PageSize.shift)
             let m = mapping(at: a)
             if m.mapped && (m.writable || !access.writes) { continue }
+            guard (m.mapped && m.local) || refused.contains(a) else { continue }
             _ = try mapRemote(a..<(a + UInt64(PageSize.base)), write: access.writes)
         }
     }
