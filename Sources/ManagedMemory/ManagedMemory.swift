@@ -44,12 +44,41 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         public init() {}
     }
 
-    /// Hints per allocation (UVM's `cudaMemAdvise`, AMD SVM's attributes).
-    public struct Advice: OptionSet, Sendable {
-        public let rawValue: Int
-        public init(rawValue: Int) { self.rawValue = rawValue }
-        /// The device maps the pages where they are instead of migrating them (accessed-by).
-        public static let accessedBy = Advice(rawValue: 1)
+    /// Hints per allocation (UVM's `cudaMemAdvise`, AMD SVM's attributes, Xe's madvise).
+    public struct Advice: Sendable, Equatable {
+        /// Where the pages should live.
+        public enum Location: Sendable, Equatable {
+            /// System memory: the device maps the pages remotely instead of migrating them.
+            case cpu
+            /// Device memory: a block's first touch brings it whole (UVM's first-touch rule).
+            case device
+        }
+        /// How much a fault migrates at least (Xe's chunk sizes).
+        public enum Granularity: Int, Sendable {
+            case page = 1
+            case bigPage = 16
+            case block = 512
+        }
+        public var preferredLocation: Location? = nil
+        /// The device maps the pages where they are instead of migrating them.
+        public var accessedBy = false
+        /// Device reads are served in place (mapped remotely, read-only) and only writes migrate. UVM
+        /// duplicates such pages instead; on HMM that needs the CPU's mapping write-protected, which the
+        /// mechanism does not give a driver (UVM's own HMM mode does not support read duplication either).
+        public var readMostly = false
+        public var granularity = Granularity.page
+
+        public init(preferredLocation: Location? = nil, accessedBy: Bool = false, readMostly: Bool = false,
+                    granularity: Granularity = .page) {
+            self.preferredLocation = preferredLocation
+            self.accessedBy = accessedBy
+            self.readMostly = readMostly
+            self.granularity = granularity
+        }
+
+        public static let none = Advice()
+        public static let accessedBy = Advice(accessedBy: true)
+        public static let readMostly = Advice(readMostly: true)
     }
 
     /// What the manager did.
@@ -127,7 +156,7 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
 
     /// Allocates `bytes` (rounded up to 4 KiB) of managed memory owned by `owner`.
     /// - Throws: `.invalidArgument` (zero or over 1 TiB), `.outOfMemory`, what the engine throws.
-    public func allocate(_ bytes: Int, owner: String = "default", advice: Advice = []) throws(HMMError) -> ManagedAllocation {
+    public func allocate(_ bytes: Int, owner: String = "default", advice: Advice = .none) throws(HMMError) -> ManagedAllocation {
         guard bytes > 0, bytes <= 1 << 40 else { throw HMMError(.invalidArgument, "allocation of \(bytes) bytes") }
         let length = (bytes + PageSize.base - 1) & ~(PageSize.base - 1)
         let (address, region) = try space.map(length)
@@ -205,22 +234,35 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
             return
         }
         state.withLock { $0.stats.faultedPages += block.pages.count }
-        if allocation.advice.contains(.accessedBy) {
+        let advice = allocation.advice
+        // Pages the advice keeps where they are: all of them (accessed-by, preferred CPU), or the reads
+        // of a read-mostly allocation.
+        let inPlace = block.pages.filter { advice.accessedBy || advice.preferredLocation == .cpu || (advice.readMostly && !$0.access.writes) }
+        if !inPlace.isEmpty {
             var mapped = 0
-            for run in DemandPaging.runs(block.start, block.pages.map(\.index)) {
-                mapped += try context.mapRemote(run, write: block.pages.contains { $0.access.writes })
+            for (index, access) in inPlace {
+                let a = block.start + UInt64(index) << UInt64(PageSize.shift)
+                mapped += try context.mapRemote(a..<(a + UInt64(PageSize.base)), write: access.writes)
             }
             state.withLock { $0.stats.remoteMappedPages += mapped }
             publish(.remoteMap, block.start, mapped)
-            try context.satisfy(block)
-            return
+            if inPlace.count == block.pages.count {
+                try context.satisfy(block)
+                return
+            }
         }
+        let migrating = DeviceFaultBatch.Block(start: block.start, pages: block.pages.filter { p in !inPlace.contains { $0.index == p.index } })
         let pagesInBlock = min(PageSize.pagesPerPMD, Int((allocation.address + UInt64(allocation.length) - block.start) >> UInt64(PageSize.shift)))
         let local = context.localPages(block: block.start)
-        var faulted = PageBitmap(block.pages.map(\.index))
+        var faulted = PageBitmap(migrating.pages.map(\.index))
+        // The allocation's granularity: a fault moves at least its aligned 64 KiB or 2 MiB.
+        if advice.granularity != .page {
+            let g = advice.granularity.rawValue
+            for i in faulted.indexes { for j in (i / g * g)..<min(pagesInBlock, i / g * g + g) { faulted.insert(j) } }
+        }
         var thrashing = PageBitmap()
         if let policy = options.thrashing {
-            let (pin, throttle, hot) = thrashingDecisions(block, local, policy)
+            let (pin, throttle, hot) = thrashingDecisions(migrating, local, policy)
             thrashing = hot
             if !throttle.isEmpty {
                 // Throttle the requester: its faults on these pages wait one lapse (UVM's nap).
@@ -232,7 +274,7 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
             if !pin.isEmpty {
                 // Pinned where it is: the device maps the page remotely instead of moving it.
                 for run in DemandPaging.runs(block.start, pin.indexes) {
-                    let writes = block.pages.contains { pin.contains($0.index) && $0.access.writes }
+                    let writes = migrating.pages.contains { pin.contains($0.index) && $0.access.writes }
                     let n = try context.mapRemote(run, write: writes)
                     state.withLock { $0.stats.remoteMappedPages += n }
                     publish(.remoteMap, run.lowerBound, n)
@@ -240,7 +282,9 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
                 faulted = faulted.subtracting(pin)
             }
         }
-        let touched = !local.isEmpty || space.populatedPages(block.start, pagesInBlock << PageSize.shift, allocation.region) > 0
+        // First touch brings the whole block only where the device is the destination preferred (or none is).
+        let touched = !local.isEmpty || advice.preferredLocation == .cpu
+            || space.populatedPages(block.start, pagesInBlock << PageSize.shift, allocation.region) > 0
         let view = BlockState(start: block.start, pages: pagesInBlock, local: local, faulted: faulted, touched: touched)
         // Thrashing pages are never prefetched (UVM removes them from the prefetch region).
         var extra = options.prefetch.prefetch(view).subtracting(faulted).subtracting(local).subtracting(thrashing)

@@ -122,6 +122,58 @@ struct ManagedMemoryTests {
         }
     }
 
+    @Test("preferred location CPU: device accesses map system memory, nothing migrates", arguments: Engine.allCases)
+    func preferredCPU(engine: Engine) throws {
+        try withManager(engine, deviceMemory: 8 << 20) { mm in
+            let a = try mm.allocate(64 << 12, advice: .init(preferredLocation: .cpu))
+            try a.cpuStore((0..<(64 * 512)).map { UInt64($0) }, at: 0)
+            let r = try mm.launch(items: 64, workers: 2) { (lane, p) throws(HMMError) in
+                _ = try lane.load(UInt64.self, at: a.address + UInt64(p) << 12)
+            }
+            #expect(r.pagesToDevice == 0 && r.pagesMappedRemotely >= 64, "every page mapped where it is (a page faulted twice in one batch window maps twice)")
+            try mm.free(a)
+        }
+    }
+
+    @Test("read-mostly: reads are served in place, a write migrates the page", arguments: Engine.allCases)
+    func readMostly(engine: Engine) throws {
+        try withManager(engine, deviceMemory: 8 << 20) { mm in
+            let a = try mm.allocate(16 << 12, advice: .readMostly)
+            try a.cpuStore((0..<(16 * 512)).map { UInt64($0) }, at: 0)
+            let reads = try mm.launch(items: 16, workers: 2) { (lane, p) throws(HMMError) in
+                _ = try lane.load(UInt64.self, at: a.address + UInt64(p) << 12)
+            }
+            #expect(reads.pagesToDevice == 0 && reads.pagesMappedRemotely >= 16)
+            let write = try mm.launch(items: 1, workers: 1) { (lane, _) throws(HMMError) in
+                try lane.store(UInt64(99), at: a.address + 8)
+            }
+            #expect(try a.cpuLoad(1, count: 1) == [99])
+            #expect(write.faults >= 1)
+            try mm.free(a)
+        }
+    }
+
+    @Test("read duplication (a device copy beside a read-only CPU copy) is not available on HMM",
+          .disabled("HMM gives a driver no way to write-protect the CPU's mapping of a page it copies; UVM's HMM mode does not duplicate either (anchors B5). read-mostly serves reads in place instead (issue 13)"))
+    func readDuplication() throws {}
+
+    @Test("granularity: one fault moves its aligned 64 KiB, or its whole 2 MiB block")
+    func granularity() throws {
+        for (g, expected) in [(ManagedMemory.Advice.Granularity.bigPage, 16), (.block, 512)] {
+            var o = ManagedMemory.Options()
+            o.prefetch = NoPrefetch()
+            try withManager(.simulated, deviceMemory: 8 << 20, options: o) { mm in
+                let a = try mm.allocate(2 << 20, advice: .init(granularity: g))
+                try a.cpuStore([1], at: 0)
+                let r = try mm.launch(items: 1, workers: 1) { (lane, _) throws(HMMError) in
+                    _ = try lane.load(UInt64.self, at: a.address + 5 << 12)
+                }
+                #expect(r.pagesToDevice == expected)
+                try mm.free(a)
+            }
+        }
+    }
+
     @Test("bad input: budgets, watermarks, quotas and allocations are checked")
     func badInput() throws {
         let machine = try Machine(.init(systemMemory: 64 << 20))

@@ -141,8 +141,8 @@ extension AcceleratorContext {
     }
 
     /// Maps `range`'s pages on the device where they are — host memory, through `hmm_range_fault` —
-    /// instead of migrating them (an accessed-by hint, or a page that cannot move). Returns the pages
-    /// mapped.
+    /// instead of migrating them (an accessed-by hint, or a page that cannot move); writable only when
+    /// `write` asks for it (a read maps read-only, so a later write faults). Returns the pages mapped.
     /// - Throws: `.fault` (no mapping there), `.permission` (a write to a read-only mapping), `.busy`.
     public func mapRemote(_ range: Swift.Range<UInt64>, write: Bool) throws(HMMError) -> Int {
         var mapped = 0
@@ -170,7 +170,7 @@ extension AcceleratorContext {
                         let local = machine.pagemap(of: pfn)?.owner === accelerator
                         let bytes = UInt64(UInt(bitPattern: try machine.framePointer(pfn)))
                         self.range(containing: page)?.slot(page).pointee.store(
-                            bytes | Self.valid | (local ? Self.local : 0) | (w & HMMPFN.write != 0 ? Self.writable : 0),
+                            bytes | Self.valid | (local ? Self.local : 0) | (write && w & HMMPFN.write != 0 ? Self.writable : 0),
                             ordering: .releasing)
                         if !local { mapped += 1 }
                     }

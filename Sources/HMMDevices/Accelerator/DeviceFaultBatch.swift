@@ -29,6 +29,11 @@ public struct DeviceFaultBatch: Sendable {
         public let start: UInt64
         /// Page indexes in the block (0…511) that faulted, ascending, with their access.
         public var pages: [(index: Int, access: DeviceAccess)]
+
+        public init(start: UInt64, pages: [(index: Int, access: DeviceAccess)]) {
+            self.start = start
+            self.pages = pages
+        }
     }
     /// A number per batch, from 1.
     public let id: Int
