@@ -38,6 +38,19 @@ extension AcceleratorContext {
                         m.finalize()
                         continue
                     }
+                    // A page the device maps remotely (host memory) is about to be copied: the device
+                    // stops writing it first (this migration's own invalidation is not acted on).
+                    var shot = false
+                    mapLock.withLock { _ in
+                        for i in want {
+                            let a = m.start + UInt64(i) << UInt64(PageSize.shift)
+                            if let slot = range(containing: a)?.slot(a), slot.pointee.load(ordering: .relaxed) != 0 {
+                                slot.pointee.store(0, ordering: .relaxed)
+                                shot = true
+                            }
+                        }
+                    }
+                    if shot { synchronizeWorkers() }
                     var pages = accelerator.allocatePages(want.count)
                     guard pages.count == want.count else {
                         accelerator.giveBack(pages)

@@ -67,6 +67,10 @@ public final class AcceleratorContext: @unchecked Sendable {
 
     struct FaultState {
         var pending: [DeviceFaultRecord] = []
+        /// What `pending` holds, so a replayed fault already waiting is not queued twice (UVM flushes
+        /// duplicates before replaying; without this a worker woken by someone else's batch re-queues
+        /// its fault each time, and the buffer grows faster than small batches drain it).
+        var queued: Set<DeviceFaultRecord> = []
         var serviced = 0
         var failure: HMMError?
         var stopping = false
@@ -75,7 +79,7 @@ public final class AcceleratorContext: @unchecked Sendable {
 
     /// What the context did, cumulative.
     public struct Statistics: Sendable, Equatable {
-        /// Faults recorded by workers (each miss of each replay counts).
+        /// Faults recorded by workers (a miss already waiting in the buffer is not recorded again).
         public var faults = 0
         /// Batches serviced, and the faults they held after deduplication.
         public var batches = 0
@@ -331,11 +335,13 @@ public final class AcceleratorContext: @unchecked Sendable {
 
     /// A worker's miss: record it, wait outside the work item for the batch that services it.
     func fault(_ address: UInt64, _ access: DeviceAccess) throws(HMMError) {
-        let seen = faults.withLock { s -> Int in
-            s.pending.append(DeviceFaultRecord(address: address & ~pageMask, access: access))
-            return s.serviced
+        let (seen, added) = faults.withLock { s -> (Int, Bool) in
+            let record = DeviceFaultRecord(address: address & ~pageMask, access: access)
+            guard s.queued.insert(record).inserted else { return (s.serviced, false) }
+            s.pending.append(record)
+            return (s.serviced, true)
         }
-        count { $0.faults += 1 }
+        if added { count { $0.faults += 1 } }
         faults.broadcast()
         let failure = faults.wait(until: { $0.serviced > seen || $0.failure != nil }) { $0.failure }
         if let failure { throw failure }
@@ -351,6 +357,7 @@ public final class AcceleratorContext: @unchecked Sendable {
                 let k = min(batchSize, s.pending.count)
                 let taken = Array(s.pending.prefix(k))
                 s.pending.removeFirst(k)
+                for r in taken { s.queued.remove(r) }
                 return taken
             }
             guard let records else { return }
