@@ -295,7 +295,11 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         let room = try makeRoom(need, owner: allocation.owner, protecting: block.start, neededBy: block.start)
         if room < need { extra = PageBitmap() }
         if room < wanted.count {
-            throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) page(s) at \(hex(block.start)) need room and \(options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted")")
+            let why = options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted"
+            if let quota = options.quotas[allocation.owner], pagesHeld(by: allocation.owner) + wanted.count > quota / PageSize.base {
+                throw HMMError(.outOfMemory, "quota of \(quota >> 20) MiB for owner '\(allocation.owner)' exhausted: \(wanted.count) page(s) at \(hex(block.start)) need room and \(why) (a block is evicted whole: a quota needs at least two 2 MiB blocks)")
+            }
+            throw HMMError(.outOfMemory, "device budget of \(budgetPages >> 8) MiB exhausted: \(wanted.count) page(s) at \(hex(block.start)) need room and \(why)")
         }
         var refused: [UInt64] = []
         let moved = try context.migrateToDevice(DemandPaging.runs(block.start, wanted.indexes), cause: .deviceFault, refused: &refused)

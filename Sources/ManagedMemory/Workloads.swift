@@ -38,6 +38,10 @@ public enum Workload: String, CaseIterable, Sendable, CustomStringConvertible {
         public var evictions: Int
         public var evictedPages: Int
         public var remoteMappedPages: Int
+        /// Pages found thrashing, throttles and pins (UVM's `num_thrashing` / `num_throttle` / `num_pin`).
+        public var thrashingDetected: Int
+        public var throttles: Int
+        public var pins: Int
         public var migratedBytesByCause: [String: Int]
         public var dataCheck: Bool
     }
@@ -80,6 +84,8 @@ public enum Workload: String, CaseIterable, Sendable, CustomStringConvertible {
                       prefetchedPages: s.prefetchedPages - before.stats.prefetchedPages,
                       evictions: s.evictions - before.stats.evictions, evictedPages: s.evictedPages - before.stats.evictedPages,
                       remoteMappedPages: c.pagesMappedRemotely - before.context.pagesMappedRemotely,
+                      thrashingDetected: s.thrashingDetected - before.stats.thrashingDetected,
+                      throttles: s.throttles - before.stats.throttles, pins: s.pins - before.stats.pins,
                       migratedBytesByCause: bytes, dataCheck: ok)
     }
 

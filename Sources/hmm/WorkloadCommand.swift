@@ -92,6 +92,9 @@ struct WorkloadCommand: ParsableCommand {
         print("hmm workload \(name) on the \(native ? "native" : "simulated") engine: \(deviceMemory) MiB device memory, "
               + "working set \(result.workingSetBytes >> 20) MiB (\(oversubscription) %), prefetch \(result.prefetch), eviction \(result.eviction), \(workers) workers")
         print(table([result]))
+        let bytes = result.migratedBytesByCause.sorted { $0.key < $1.key }.map { "\($0.key) \(fixed(Double($0.value) / 1048576, 1))" }
+        print("MiB migrated by cause: \(bytes.isEmpty ? "none" : bytes.joined(separator: ", "))")
+        print("remote-mapped pages \(result.remoteMappedPages); thrashing: \(result.thrashingDetected) pages detected, \(result.throttles) throttles, \(result.pins) pins")
         print("data check: \(result.dataCheck ? "ok" : "FAILED")")
         if !result.dataCheck { throw ExitCode.failure }
     }

@@ -174,6 +174,58 @@ struct ManagedMemoryTests {
         }
     }
 
+    @Test("a per-owner quota holds an owner's device pages under it; other owners keep their room")
+    func quota() throws {
+        var o = ManagedMemory.Options()
+        o.quotas = ["small": 4 << 20, "tiny": 1 << 20]
+        o.prefetch = NoPrefetch()
+        try withManager(.simulated, deviceMemory: 16 << 20, options: o) { mm in
+            let small = try mm.allocate(8 << 20, owner: "small")
+            let big = try mm.allocate(2 << 20, owner: "big")
+            try small.cpuStore((0..<(1 << 20)).map { UInt64($0) }, at: 0)
+            _ = try mm.launch(items: 2048, workers: 2) { (lane, p) throws(HMMError) in
+                _ = try lane.load(UInt64.self, at: small.address + UInt64(p) << 12)
+            }
+            #expect(mm.statistics.evictions > 0, "the owner evicted its own blocks to stay under 4 MiB")
+            #expect(mm.devicePagesInUse <= 1024)
+            _ = try mm.launch(items: 512, workers: 2) { (lane, p) throws(HMMError) in
+                try lane.store(UInt64(p), at: big.address + UInt64(p) << 12)
+            }
+            #expect(mm.devicePagesInUse >= 512, "the other owner got its 2 MiB")
+            // A quota below two blocks cannot be kept by evicting whole blocks: a clear error.
+            let tiny = try mm.allocate(4 << 20, owner: "tiny")
+            do {
+                _ = try mm.launch(items: 1024, workers: 1) { (lane, p) throws(HMMError) in
+                    _ = try lane.load(UInt64.self, at: tiny.address + UInt64(p) << 12)
+                }
+                Issue.record("the tiny quota should have failed the kernel")
+            } catch let error as HMMError {
+                #expect(error.code == .outOfMemory && error.message.contains("quota of 1 MiB for owner 'tiny'"))
+            }
+            try mm.free(tiny)
+            let words = try small.cpuLoad(0, count: 1 << 20)
+            #expect(words.enumerated().allSatisfy { $0.element == UInt64($0.offset) })
+            try mm.free(small)
+            try mm.free(big)
+        }
+    }
+
+    @Test("watermarks: above the high mark after a batch, blocks are evicted down to the low mark")
+    func watermarks() throws {
+        var o = ManagedMemory.Options()
+        o.watermarks = (high: 0.75, low: 0.5)
+        try withManager(.simulated, deviceMemory: 8 << 20, options: o) { mm in
+            let a = try mm.allocate(8 << 20)
+            _ = try mm.launch(items: 2048, workers: 2) { (lane, p) throws(HMMError) in
+                try lane.store(UInt64(p), at: a.address + UInt64(p) << 12)
+            }
+            #expect(mm.devicePagesInUse <= 2048 * 3 / 4 + 512, "never far above the high mark")
+            #expect(mm.statistics.evictions > 0)
+            #expect(try a.cpuLoad(2047 * 512, count: 1) == [2047])
+            try mm.free(a)
+        }
+    }
+
     @Test("bad input: budgets, watermarks, quotas and allocations are checked")
     func badInput() throws {
         let machine = try Machine(.init(systemMemory: 64 << 20))
