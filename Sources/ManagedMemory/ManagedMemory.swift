@@ -290,10 +290,10 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         var extra = options.prefetch.prefetch(view).subtracting(faulted).subtracting(local).subtracting(thrashing)
         for i in extra.indexes where i >= pagesInBlock { extra.remove(i) }
         let wanted = faulted.subtracting(local)
-        // Room: evict others' blocks first; if the budget still cannot hold the prefetch, drop it.
-        let need = wanted.count + extra.count
-        let room = try makeRoom(need, owner: allocation.owner, protecting: block.start, neededBy: block.start)
-        if room < need { extra = PageBitmap() }
+        // Room: other blocks are evicted for the faulted pages only; prefetching uses what is free then
+        // (evicting for speculation turns a random workload past the budget into an eviction storm).
+        let room = try makeRoom(wanted.count, owner: allocation.owner, protecting: block.start, neededBy: block.start)
+        if room < wanted.count + extra.count { extra = PageBitmap() }
         if room < wanted.count {
             let why = options.onExhaustion == .fail ? "the policy is to fail" : "nothing can be evicted"
             if let quota = options.quotas[allocation.owner], pagesHeld(by: allocation.owner) + wanted.count > quota / PageSize.base {
@@ -325,7 +325,7 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
         if ahead > 0, next < allocation.address + UInt64(allocation.length) {
             let n = min(ahead, Int((allocation.address + UInt64(allocation.length) - next) >> UInt64(PageSize.shift)))
             let missing = PageBitmap(0..<n).subtracting(context.localPages(block: next))
-            if !missing.isEmpty, try makeRoom(missing.count, owner: allocation.owner, protecting: block.start, neededBy: next) >= missing.count {
+            if !missing.isEmpty, freeRoom(owner: allocation.owner) >= missing.count {
                 let p = try context.migrateToDevice(DemandPaging.runs(next, missing.indexes), cause: .prefetch)
                 publish(.prefetch, next, p)
                 state.withLock { s in
@@ -352,6 +352,13 @@ public final class ManagedMemory: DeviceFaultServicer, @unchecked Sendable {
             room = min(budgetPages - devicePagesInUse, accelerator.freePages)
             if let quota = options.quotas[owner] { room = min(room, quota / PageSize.base - pagesHeld(by: owner)) }
         }
+        return max(0, room)
+    }
+
+    /// Pages free under the budget and the owner's quota, without evicting anything.
+    private func freeRoom(owner: String) -> Int {
+        var room = min(budgetPages - devicePagesInUse, accelerator.freePages)
+        if let quota = options.quotas[owner] { room = min(room, quota / PageSize.base - pagesHeld(by: owner)) }
         return max(0, room)
     }
 
