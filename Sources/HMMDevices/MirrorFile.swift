@@ -83,8 +83,8 @@ public final class MirrorFile: @unchecked Sendable {
         self.id = id
         self.space = space
         machine = device.machine
-        let forwarder = WeakForwarder()
-        forwarder.file = self
+        let forwarder = WeakForwarder<MirrorFile>()
+        forwarder.target = self
         notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, forwarder)
     }
 
@@ -565,18 +565,26 @@ public final class MirrorFile: @unchecked Sendable {
     public var mappedPages: Int { state.withLock { $0.table.count } }
 }
 
-/// The file's notifier operations: they refer to the file weakly, so the notifier (which the file owns)
-/// does not keep the file alive.
-final class WeakForwarder: IntervalNotifierOperations, @unchecked Sendable {
-    weak var file: MirrorFile?
+/// A driver object that handles invalidations of a notifier it owns.
+protocol InvalidationTarget: AnyObject {
+    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool
+}
+
+/// Notifier operations that refer to their target weakly, so the notifier (which the target owns) does
+/// not keep it alive; once it is gone they only set the sequence. A mirror file's and an accelerator
+/// context's.
+final class WeakForwarder<Target: InvalidationTarget>: IntervalNotifierOperations, @unchecked Sendable {
+    weak var target: Target?
     func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
-        guard let file else {
+        guard let target else {
             notifier.setSequence(sequence)
             return true
         }
-        return file.invalidate(notifier, range: range, sequence: sequence)
+        return target.invalidate(notifier, range: range, sequence: sequence)
     }
 }
+
+extension MirrorFile: InvalidationTarget {}
 
 /// The snapshot's temporary notifier: it only records the sequence.
 final class SequenceOnlyNotifier: IntervalNotifierOperations, @unchecked Sendable {

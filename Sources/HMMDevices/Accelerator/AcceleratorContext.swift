@@ -112,8 +112,8 @@ public final class AcceleratorContext: @unchecked Sendable {
         self.batchSize = batchSize
         workerStates = .allocate(capacity: Self.maximumWorkers)
         for i in 0..<Self.maximumWorkers { (workerStates + i).initialize(to: Atomic(0)) }
-        let forwarder = ContextForwarder()
-        forwarder.context = self
+        let forwarder = WeakForwarder<AcceleratorContext>()
+        forwarder.target = self
         notifier = try space.insertIntervalNotifier(start: 0, length: 0x8000_0000_0000, forwarder)
         accelerator.add(self)
     }
@@ -255,7 +255,7 @@ public final class AcceleratorContext: @unchecked Sendable {
 
     // MARK: notifier
 
-    fileprivate func invalidate(_ n: IntervalNotifier, range r: NotifierRange, sequence: UInt64) -> Bool {
+    func invalidate(_ n: IntervalNotifier, range r: NotifierRange, sequence: UInt64) -> Bool {
         // The context's own migrations update the table themselves (at the right moment for each).
         if !r.isMigration(by: accelerator) { unmapFromDevice(r.start, r.end) }
         mapLock.withLock { _ in n.setSequence(sequence) }
@@ -381,17 +381,7 @@ public final class AcceleratorContext: @unchecked Sendable {
     }
 }
 
-/// Forwards notifier callbacks to a context without keeping it alive.
-private final class ContextForwarder: IntervalNotifierOperations, @unchecked Sendable {
-    weak var context: AcceleratorContext?
-    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
-        guard let context else {
-            notifier.setSequence(sequence)
-            return true
-        }
-        return context.invalidate(notifier, range: range, sequence: sequence)
-    }
-}
+extension AcceleratorContext: InvalidationTarget {}
 
 /// A set of page indexes of one 2 MiB block (512 bits).
 public struct PageBitmap: Equatable, Sendable {
