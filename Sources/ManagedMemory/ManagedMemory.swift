@@ -582,6 +582,10 @@ public final class ManagedAllocation: @unchecked Sendable {
 
     /// The address of word `index`.
     public func word(_ index: Int) -> UInt64 { address + UInt64(index * 8) }
+
+    /// The allocation as a pointer (a native space's memory is this process's: plain loads and stores
+    /// reach it, faulting device pages back; a simulated space's addresses are not host addresses).
+    public var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: UInt(address))! }
 }
 
 private func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -1,5 +1,6 @@
 import HMM
 import HMMDevices
+import HMMNative
 import ManagedMemory
 import Synchronization
 import Testing
@@ -50,9 +51,12 @@ struct ThrashingTests {
         #expect(reads.thrashing && reads.hint == .readMostly)
     }
 
-    func pingPong(deviceWrites: Bool) throws -> (ManagedMemory.Statistics, [PolicyEvent.Hint], [PolicyEvent.Kind]) {
+    func pingPong(deviceWrites: Bool, native: Bool = false) throws -> (ManagedMemory.Statistics, [PolicyEvent.Hint], [PolicyEvent.Kind])? {
         let machine = try Machine(.init(systemMemory: 64 << 20))
         let gpu = try Accelerator(machine: machine, memory: 4 << 20)
+        if native && NativeSpace.unsupportedReason() != nil { return nil }
+        let nativeSpace = native ? try NativeSpace(machine: machine) : nil
+        defer { try? nativeSpace?.close() }
         let s = try machine.makeAddressSpace()
         // A wide lapse: the ping-pong below takes a kernel launch per round, and a loaded test machine
         // can stretch a round past UVM's 500 µs (the rule at 500 µs is tested above with exact times).
@@ -61,7 +65,7 @@ struct ThrashingTests {
         o.thrashing?.pinDuration = 10_000_000_000
         o.thrashing?.epoch = 60_000_000_000
         o.thrashing?.pinAfterThrottles = 3
-        let mm = try ManagedMemory(accelerator: gpu, space: .simulated(s), options: o)
+        let mm = try ManagedMemory(accelerator: gpu, space: nativeSpace.map { .native($0) } ?? .simulated(s), options: o)
         let events = try machine.events.subscribe(capacity: 1 << 16, kinds: HMMEventKinds(.policy))
         let a = try mm.allocate(4 << 12)
         // Rounds of: the device touches the page (it migrates there), the CPU writes it (it comes back).
@@ -70,7 +74,8 @@ struct ThrashingTests {
             _ = try mm.launch(items: 1, workers: 1) { (lane, _) throws(HMMError) in
                 if deviceWrites { _ = try lane.atomicAdd(1, at: a.address) } else { _ = try lane.load(UInt64.self, at: a.address + 16) }
             }
-            try s.store(UInt64(r), at: a.address + 8)
+            // A plain CPU store: through the software MMU, or natively a real store into the page.
+            if native { a.pointer.storeBytes(of: UInt64(r), toByteOffset: 8, as: UInt64.self) } else { try s.store(UInt64(r), at: a.address + 8) }
         }
         if deviceWrites { #expect(try a.cpuLoad(0, count: 1) == [UInt64(rounds)], "every device increment landed") }
         var kinds: [PolicyEvent.Kind] = []
@@ -87,9 +92,9 @@ struct ThrashingTests {
         return (stats, hints, kinds)
     }
 
-    @Test("a CPU store loop and device atomics on one page: detected, throttled, pinned, diagnosed accessed-by")
-    func writePingPong() throws {
-        let (stats, hints, kinds) = try pingPong(deviceWrites: true)
+    @Test("a CPU store loop and device atomics on one page: detected, throttled, pinned, diagnosed accessed-by", arguments: [false, true])
+    func writePingPong(native: Bool) throws {
+        guard let (stats, hints, kinds) = try pingPong(deviceWrites: true, native: native) else { return }
         #expect(stats.thrashingDetected >= 1)
         #expect(stats.throttles >= 3)
         #expect(kinds.contains(.thrashingDetected) && kinds.contains(.throttleStart) && kinds.contains(.throttleEnd))
@@ -97,9 +102,9 @@ struct ThrashingTests {
         #expect(stats.pins == 1 && kinds.contains(.pin) && stats.remoteMappedPages >= 1, "pinned after 3 throttles")
     }
 
-    @Test("a CPU store loop and device reads on one page: diagnosed read-mostly")
-    func readPingPong() throws {
-        let (stats, hints, _) = try pingPong(deviceWrites: false)
+    @Test("a CPU store loop and device reads on one page: diagnosed read-mostly", arguments: [false, true])
+    func readPingPong(native: Bool) throws {
+        guard let (stats, hints, _) = try pingPong(deviceWrites: false, native: native) else { return }
         #expect(stats.thrashingDetected >= 1)
         #expect(hints.first == .readMostly, "the device only reads: read duplication would serve both")
     }

@@ -34,10 +34,10 @@ struct WorkloadTests {
         #expect(r.deviceFaults > 0 && r.pagesToDevice > 0)
     }
 
-    @Test("gemm computes the right answer (a small matrix)")
-    func gemm() throws {
-        let r = try run(.gemm, native: false, workingSet: 64 << 10)
-        #expect(r?.dataCheck == true)
+    @Test("gemm computes the right answer (a small matrix)", arguments: [false, true])
+    func gemm(native: Bool) throws {
+        guard let r = try run(.gemm, native: native, workingSet: 64 << 10) else { return }
+        #expect(r.dataCheck)
     }
 
     @Test("oversubscribed 150 %: the stream evicts and still checks out, on both engines", arguments: [false, true])
