@@ -49,7 +49,7 @@ public final class Accelerator: PagemapOperations, @unchecked Sendable, CustomSt
     /// Device pages not in use.
     public var freePages: Int { free.withLock { $0.count } }
 
-    /// Where device memory appears in events (``MemoryLocation``).
+    /// Where device memory appears in events (`MemoryLocation`).
     public var location: MemoryLocation { MemoryLocation(pagemap) }
 
     /// `n` locked device pages with one reference each, or fewer if memory runs short.

@@ -269,7 +269,7 @@ public final class AcceleratorContext: @unchecked Sendable {
         public var nanoseconds: UInt64
         public var items: Int
         public var workers: Int
-        /// Statistics over the launch (the difference of ``statistics`` before and after).
+        /// Statistics over the launch (the difference of ``AcceleratorContext/statistics`` before and after).
         public var faults: Int
         public var batches: Int
         public var uniqueFaults: Int

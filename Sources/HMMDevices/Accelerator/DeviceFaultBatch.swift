@@ -65,7 +65,7 @@ public struct DeviceFaultBatch: Sendable {
 }
 
 /// Decides what a batch of device faults does — migrate, prefetch, evict, map remotely — and does it
-/// through the context's primitives (``AcceleratorContext/migrateToDevice(_:cause:)``,
+/// through the context's primitives (``AcceleratorContext/migrateToDevice(_:cause:refused:)``,
 /// ``AcceleratorContext/evict(_:cause:)``, ``AcceleratorContext/mapRemote(_:write:)``). Called on the
 /// context's fault thread, one batch at a time, with no lock held.
 public protocol DeviceFaultServicer: AnyObject, Sendable {
