@@ -6,8 +6,8 @@ import Synchronization
 /// The hot paths pay one relaxed load when nobody listens (``isObserving``). Observing means a
 /// subscriber exists or ``countersEnabled`` is on: then events are built, timed, counted in
 /// ``counters`` and copied into each subscriber's ring that wants their kind. A full ring drops
-/// (counted per kind); publishing never waits: a subscriber being added or removed at that instant
-/// (the hub's lock held for writing) loses the event for every ring (``lostToReconfiguration``).
+/// (counted per kind); publishing never waits: an event published while a subscriber is being added
+/// or removed (the gate closed for the change) is lost for every ring (``lostToReconfiguration``).
 ///
 /// Locking: publishers enter a hub's ring list through a gate, an atomic count of publishers inside
 /// plus a writer bit; a publisher that finds the bit set leaves at once (the event is lost, counted).
