@@ -1,5 +1,6 @@
 import HMM
 import HMMDevices
+import Synchronization
 
 /// The workloads of `hmm workload`: the access shapes the field reports on (streaming, random gathers,
 /// stencils, graph traversal, dense linear algebra, CPU/device ping-pong), each computing something
@@ -250,7 +251,7 @@ public enum Workload: String, CaseIterable, Sendable, CustomStringConvertible {
         try level.cpuStore(initial, at: 0)
         var depth: UInt64 = 0
         while depth < UInt64(v) {
-            let changed = ManagedChanged()
+            let changed = Atomic<Bool>(false)
             let d = depth
             _ = try mm.launch(items: (v + 255) / 256, workers: workers) { (lane, item) throws(HMMError) in
                 for u in (item * 256)..<min(v, item * 256 + 256) {
@@ -259,11 +260,11 @@ public enum Workload: String, CaseIterable, Sendable, CustomStringConvertible {
                     let hi = Int(try lane.load(UInt64.self, at: off.word(u + 1)))
                     for e in lo..<hi {
                         let w = Int(try lane.load(UInt64.self, at: col.word(e)))
-                        if try lane.atomicMin(d + 1, at: level.word(w)) > d + 1 { changed.set() }
+                        if try lane.atomicMin(d + 1, at: level.word(w)) > d + 1 { changed.store(true, ordering: .relaxed) }
                     }
                 }
             }
-            if !changed.value { break }
+            if !changed.load(ordering: .relaxed) { break }
             depth += 1
         }
         // The CPU's BFS.
@@ -300,11 +301,4 @@ public enum Workload: String, CaseIterable, Sendable, CustomStringConvertible {
         for p in 0..<pages where try a.cpuLoad(p * PageSize.base / 8, count: 1)[0] != UInt64(2 * rounds) { return false }
         return true
     }
-}
-
-/// A flag any worker may raise.
-final class ManagedChanged: @unchecked Sendable {
-    private let flag = Locked(false)
-    func set() { flag.withLock { $0 = true } }
-    var value: Bool { flag.withLock { $0 } }
 }

@@ -4,7 +4,7 @@ import MetricsTestKit
 import Testing
 
 /// The swift-metrics bridge: counters reach a metrics backend as increments since the last publish.
-@Suite("swift-metrics export")
+@Suite("swift-metrics export", .timeLimit(.minutes(10)))
 struct HMMMetricsExporterTests {
     @Test("publish reports vmstat, phase counters by page size, bytes by cause and the latency histogram; a second publish only the increase")
     func publishesDeltas() throws {

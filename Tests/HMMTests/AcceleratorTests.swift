@@ -5,7 +5,7 @@ import HMMDevices
 
 /// The simulated accelerator on the simulated engine: device page table, replayable faults in batches,
 /// migration on demand, eviction, remote mapping, CPU fault-back while kernels run.
-@Suite("accelerator")
+@Suite("accelerator", .timeLimit(.minutes(10)))
 struct AcceleratorTests {
     func withContext(memory: Int = 16 << 20, bytes: Int = 4 << 20,
                      _ body: (Machine, AddressSpace, AcceleratorContext, UInt64) throws -> Void) throws {

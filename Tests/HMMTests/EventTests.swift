@@ -5,7 +5,7 @@ import Testing
 import HMMDevices
 
 /// The event stream, the counters by phase and the Chrome trace, on the simulated engine (issue 12).
-@Suite("events and counters")
+@Suite("events and counters", .timeLimit(.minutes(10)))
 struct EventTests {
     /// Every event of `subscription` now in its ring.
     func drained(_ subscription: EventSubscription) -> [HMMEvent] {
@@ -237,6 +237,8 @@ struct EventTests {
         #expect(m1.events.counters[.evictions] == 1 && m1.events.counters[.evictedPages] == 1)
         sub.cancel()
         #expect((!m1.events.isObserving && !m2.events.isObserving) || EventHub.processWideSubscriptions > 0)
+        try m1.checkInvariants()
+        try m2.checkInvariants()
     }
 
     @Test("the Chrome trace parses as JSON and its slices and instants match the counters")

@@ -6,7 +6,7 @@ import Testing
 
 /// End to end on both engines: managed allocations, a streaming kernel with data checks, prefetch,
 /// oversubscription that evicts or fails as configured and loses nothing.
-@Suite("managed memory", .serialized)
+@Suite("managed memory", .serialized, .timeLimit(.minutes(10)))
 struct ManagedMemoryTests {
     enum Engine: String, CaseIterable, CustomStringConvertible {
         case simulated, native

@@ -4,7 +4,7 @@ import ManagedMemory
 import Testing
 
 /// Each policy's rule at the anchors' thresholds: just below, at, just above.
-@Suite("managed memory: policy rules")
+@Suite("managed memory: policy rules", .timeLimit(.minutes(10)))
 struct PolicyTests {
     func state(local: [Int] = [], faulted: [Int], touched: Bool = true, pages: Int = 512) -> BlockState {
         BlockState(start: 0x20_0000, pages: pages, local: PageBitmap(local), faulted: PageBitmap(faulted), touched: touched)

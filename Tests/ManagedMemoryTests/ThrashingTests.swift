@@ -10,7 +10,7 @@ import Glibc
 
 /// Thrashing: UVM's detection (3 migrations within 500 µs), throttling, pinning after 10 throttles, and
 /// the diagnosis no anchor has — all from a real CPU/device ping-pong on one page.
-@Suite("managed memory: thrashing", .serialized)
+@Suite("managed memory: thrashing", .serialized, .timeLimit(.minutes(10)))
 struct ThrashingTests {
     @Test("the rule: 3 alternating migrations within 500 µs detect; 2 do not; a gap resets; 10 throttles pin for 150 ms")
     func rule() {
@@ -89,6 +89,8 @@ struct ThrashingTests {
         let stats = mm.statistics
         mm.close()
         s.exit()
+        #expect(gpu.freePages == gpu.memoryPages)
+        try machine.checkInvariants()
         return (stats, hints, kinds)
     }
 

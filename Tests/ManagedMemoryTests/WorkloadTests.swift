@@ -6,7 +6,7 @@ import Testing
 
 /// Every workload end to end, its result checked on the CPU, on both engines; and the shapes the field
 /// reports (prefetching cuts a stream's faults; oversubscription evicts; ping-pong faults both ways).
-@Suite("managed memory: workloads", .serialized)
+@Suite("managed memory: workloads", .serialized, .timeLimit(.minutes(10)))
 struct WorkloadTests {
     func run(_ w: Workload, native: Bool, deviceMemory: Int = 8 << 20, workingSet: Int = 4 << 20,
              options: ManagedMemory.Options = .init()) throws -> Workload.Result? {
@@ -17,14 +17,20 @@ struct WorkloadTests {
             let space = try NativeSpace(machine: machine)
             defer { try? space.close() }
             let mm = try ManagedMemory(accelerator: gpu, space: .native(space), options: options)
-            defer { mm.close() }
-            return try w.run(on: mm, workingSet: workingSet, workers: 2, rounds: 2)
+            let r = try w.run(on: mm, workingSet: workingSet, workers: 2, rounds: 2)
+            mm.close()
+            #expect(gpu.freePages == gpu.memoryPages)
+            try machine.checkInvariants()
+            return r
         }
         let s = try machine.makeAddressSpace()
-        defer { s.exit() }
         let mm = try ManagedMemory(accelerator: gpu, space: .simulated(s), options: options)
-        defer { mm.close() }
-        return try w.run(on: mm, workingSet: workingSet, workers: 2, rounds: 2)
+        let r = try w.run(on: mm, workingSet: workingSet, workers: 2, rounds: 2)
+        mm.close()
+        s.exit()
+        #expect(gpu.freePages == gpu.memoryPages)
+        try machine.checkInvariants()
+        return r
     }
 
     @Test("each workload computes the right answer", arguments: Workload.allCases.filter { $0 != .gemm }, [false, true])

@@ -13,6 +13,9 @@ public final class DeviceLane: @unchecked Sendable {
     private let state: UnsafeMutablePointer<Atomic<UInt64>>
     /// Accesses that hit (counted locally, summed at the end of the launch).
     var accesses = 0
+    /// Fault rounds one access may take before the kernel fails (a page the CPU keeps taking back is
+    /// throttled, then pinned, well before this).
+    static let maximumFaultRounds = 1000
 
     init(context: AcceleratorContext, worker: Int, ranges: [AcceleratorContext.Range]) {
         self.context = context
@@ -29,6 +32,7 @@ public final class DeviceLane: @unchecked Sendable {
     /// The host address of `a`'s byte for `access`, faulting until the device maps it.
     @inline(__always)
     private func translate(_ a: UInt64, _ access: DeviceAccess) throws(HMMError) -> UnsafeMutableRawPointer {
+        var rounds = 0
         while true {
             var r = ranges[last]
             if a < r.start || a >= r.end {
@@ -44,6 +48,12 @@ public final class DeviceLane: @unchecked Sendable {
                 if v & AcceleratorContext.accessed == 0 { slot.pointee.bitwiseOr(AcceleratorContext.accessed, ordering: .relaxed) }
                 accesses += 1
                 return UnsafeMutableRawPointer(bitPattern: UInt(v & ~AcceleratorContext.flagMask))! + Int(a & pageMask)
+            }
+            // Bounded, as the mirror driver's write is: a servicer that never makes the page usable
+            // fails the kernel instead of wedging it.
+            rounds += 1
+            if rounds > Self.maximumFaultRounds {
+                throw HMMError(.fault, "device access to \(a) made no progress in \(Self.maximumFaultRounds) fault rounds")
             }
             leave()
             defer { enter() }
