@@ -65,13 +65,10 @@ public final class HMMMetricsExporter: @unchecked Sendable {
             }
             for c in PhaseCounters.Plain.allCases { report("hmm_\(c)", [], p[c]) }
             for cause in MigrationCause.allCases { report("hmm_migrate_bytes", [("cause", "\(cause)")], p.migratedBytes(cause: cause)) }
-            let threads = p.threadLatencies
-            var histogram = [Int](repeating: 0, count: PhaseCounters.latencyBuckets)
-            for t in threads {
+            for t in p.threadLatencies {
                 report("hmm_thread_fault_blocked_ns", [("thread", "\(t.thread)")], t.blockedNanoseconds)
-                for k in histogram.indices { histogram[k] += t.histogram[k] }
             }
-            for (k, n) in histogram.enumerated() { report("hmm_fault_blocked", [("le_ns", "\(UInt64(1) << UInt64(k + 1))")], n) }
+            for (k, n) in p.latencyHistogram.enumerated() { report("hmm_fault_blocked", [("le_ns", "\(UInt64(1) << UInt64(k + 1))")], n) }
         }
         freeFrames.record(machine.freeFrames)
     }

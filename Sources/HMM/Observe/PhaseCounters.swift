@@ -187,14 +187,4 @@ public final class PhaseCounters: @unchecked Sendable {
         for t in threadLatencies { for k in 0..<h.count { h[k] += t.histogram[k] } }
         return h
     }
-
-    /// Every counter as `name: value` lines' pairs (sized ones as `name_4K` / `name_2M`), Xe's
-    /// `gt_stats` format.
-    public var named: [(name: String, value: Int)] {
-        var out: [(String, Int)] = []
-        for c in Sized.allCases { for s in PageSizeClass.allCases { out.append(("\(c)_\(s)", self[c, s])) } }
-        for c in Plain.allCases { out.append(("\(c)", self[c])) }
-        for cause in MigrationCause.allCases { out.append(("migrate_bytes_\(cause)", migratedBytes(cause: cause))) }
-        return out
-    }
 }

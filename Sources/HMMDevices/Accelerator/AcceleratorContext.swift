@@ -400,11 +400,6 @@ public struct PageBitmap: Equatable, Sendable {
     public var count: Int { words.reduce(0) { $0 + $1.nonzeroBitCount } }
     public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
     public var indexes: [Int] { (0..<PageSize.pagesPerPMD).filter { contains($0) } }
-    public static func | (a: Self, b: Self) -> Self {
-        var c = a
-        for k in c.words.indices { c.words[k] |= b.words[k] }
-        return c
-    }
     public func subtracting(_ b: Self) -> Self {
         var c = self
         for k in c.words.indices { c.words[k] &= ~b.words[k] }
