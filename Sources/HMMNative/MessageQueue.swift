@@ -16,17 +16,17 @@ final class MessageQueue: @unchecked Sendable {
     /// Messages the ring holds; far above any backlog seen (each sender waits until its message is read).
     static let capacity = 4096
 
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    fileprivate let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
     private let ring: UnsafeMutablePointer<cu_message>
     private var head = 0
-    private var count = 0
+    fileprivate var count = 0
     private var closed = false
     /// Messages pushed and not yet finished by the worker (``finish()``).
     private var outstanding = 0
     /// Messages pushed, and finished, since the queue was made (monotonic).
-    private var pushedTotal: UInt64 = 0
-    private var finishedTotal: UInt64 = 0
+    fileprivate var pushedTotal: UInt64 = 0
+    fileprivate var finishedTotal: UInt64 = 0
 
     init() {
         mutex = .allocate(capacity: 1)
@@ -113,5 +113,14 @@ final class MessageQueue: @unchecked Sendable {
         closed = true
         pthread_cond_broadcast(cond)
         pthread_mutex_unlock(mutex)
+    }
+}
+
+extension MessageQueue {
+    /// Pushed, finished and queued counts, for a watchdog's dump.
+    var counts: (pushed: UInt64, finished: UInt64, queued: Int) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return (pushedTotal, finishedTotal, count)
     }
 }

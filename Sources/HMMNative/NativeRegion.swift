@@ -144,10 +144,13 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
 
     /// Sets page `i`'s word (the caller holds its lock, or owns the page otherwise). A `zapped` mark the
     /// service thread set meanwhile is kept; if the new word unlocks the page, the zap is applied now.
-    @inline(__always) func setState(_ i: Int, _ s: PageState) {
+    /// A pending host zap (``PageState/isZapPending``) stays with a host word unless `zapDone` says it
+    /// has run (the caller filled the page's hole, or found it a hole with the page locked).
+    @inline(__always) func setState(_ i: Int, _ s: PageState, zapDone: Bool = false) {
         var old = states[i].load(ordering: .relaxed)
+        let keep = s.kind == .host && !zapDone ? PageState.zappedBit | PageState.zapPendingBit : PageState.zappedBit
         while true {
-            let new = s.rawValue | (old & PageState.zappedBit)
+            let new = s.rawValue & ~(zapDone ? PageState.zapPendingBit : 0) | (old & keep)
             let (done, seen) = states[i].compareExchange(expected: old, desired: new, ordering: .acquiringAndReleasing)
             if done { break }
             old = seen

@@ -79,7 +79,9 @@ extension NativeSpace {
         invalidating(from, from + length, .unmap, owner: nil) {
             for k in 0..<n {
                 let s = old.lock(first + k)
-                moved.setState(k, s.unlocked)
+                // A zap still pending at the old address cannot follow the page (the host looks its
+                // range up again and finds it gone), so the moved page has none.
+                moved.setState(k, s.unlocked, zapDone: true)
                 old.setState(first + k, .host)
             }
         }

@@ -147,8 +147,9 @@ extension NativeSpace {
                 guard region.tryLock(i, s) else { continue }
                 zeroFill(a, write: write)
                 // Unlocked before the toucher runs again, as the kernel's fault returns with no page
-                // lock held: a migration it starts next must find the page free.
-                region.setState(i, .host)
+                // lock held: a migration it starts next must find the page free. The fill found a hole,
+                // so any zap still pending has run.
+                region.setState(i, .host, zapDone: true)
                 _ = Sys.wake(uffd, a, Sys.page)
             case .device where isCoherent(s):
                 // Mapped in place: only the page-table entry is missing.

@@ -211,6 +211,19 @@ extension NativeSpace: MigrationEngine {
         let present = UInt64(CU_PAGE_IS_PRESENT)
         let zero = UInt64(CU_PAGE_IS_PFNZERO)
         let huge = UInt64(CU_PAGE_IS_HUGE)
+        // A present page whose host zap may still be to come stays (its bytes must not outlive the
+        // zap); a hole's pending zap has nothing left to remove (the word is locked: nothing fills it).
+        for k in 0..<n where c.locked[k] && m.engineSource[k].pfn == nil {
+            let s = region.state(c.first + k)
+            guard s.isZapPending else { continue }
+            if categories[k] & present != 0 {
+                m.engineSource[k] = .empty
+                region.setState(c.first + k, s.unlocked)
+                c.locked[k] = false
+            } else {
+                region.setState(c.first + k, s, zapDone: true)
+            }
+        }
         var batch = MoveBatch()
         var k = 0
         while k < n {

@@ -166,7 +166,12 @@ extension NativeSpace {
         var rounds = 0
         while true {
             rounds += 1
-            if rounds > 64 { throw HMMError(.fault, "make_device_exclusive: \(a) would not stay faulted in") }
+            if rounds > 64 {
+                if region.state(i).isZapPending {
+                    throw HMMError(.busy, "make_device_exclusive: \(a) is being dropped (MADV_DONTNEED or MADV_FREE in progress)")
+                }
+                throw HMMError(.fault, "make_device_exclusive: \(a) would not stay faulted in")
+            }
             let s = region.lock(i)
             switch s.kind {
             case .exclusive:
@@ -185,8 +190,15 @@ extension NativeSpace {
                 var cat: UInt64 = 0
                 try scan(a, a + Sys.page) { (_, c) throws(HMMError) in cat = c }
                 guard cat & UInt64(CU_PAGE_IS_PRESENT) != 0, cat & UInt64(CU_PAGE_IS_PFNZERO) == 0 else {
-                    region.setState(i, s)
+                    region.setState(i, s, zapDone: cat & UInt64(CU_PAGE_IS_PRESENT) == 0)
                     break
+                }
+                if s.isZapPending {
+                    // The host's zap of a MADV_DONTNEED is still to come: the bytes must not move out
+                    // ahead of it. Let it run, then fault the page in afresh.
+                    region.setState(i, s)
+                    sched_yieldShim()
+                    continue
                 }
                 guard let frame = machine.allocateMigrationPage(zeroed: false) else {
                     region.setState(i, s)

@@ -545,8 +545,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// exclude each other, and an install checks the marks first — ``installFrame(_:at:pages:move:unlessZapped:)``).
     /// So nothing is moved out here; a `UFFDIO_MOVE` racing the host's zap of the same page was seen
     /// to spin in the kernel (6.18) and stall every `fork` and page fault of the process behind it.
+    ///
+    /// The host's zap itself may still be to come (its caller was woken when the event was read), so
+    /// the page is left with a pending zap (``PageState/isZapPending``): until a fault fills it or a
+    /// collection finds it a hole, nothing takes its bytes out of the process — the zap is ordered
+    /// before any collection of the page as the kernel's page-table lock orders them.
     func applyZap(_ region: NativeRegion, _ i: Int, _ s: PageState) -> PageState {
-        let clean = PageState(rawValue: s.rawValue & ~PageState.zappedBit)
+        let clean = PageState(rawValue: s.rawValue & ~(PageState.zappedBit | PageState.zapPendingBit))
         // An unmapped page's address belongs to someone else now (another region, after an mremap).
         if s.isCompound || s.kind == .unmapped {
             region.states[i].store(clean.rawValue, ordering: .releasing)
@@ -560,7 +565,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         default:
             break
         }
-        let host = PageState.host.locked
+        let host = PageState(rawValue: PageState.zapPendingBit).locked
         region.states[i].store(host.rawValue, ordering: .releasing)
         return host
     }

@@ -12,6 +12,11 @@ import HMM
 /// bit  5    compound: one of the 512 pages of a 2 MiB device folio held as one unit
 /// bit  6    zapped: a MADV_DONTNEED/MADV_FREE event covered the page; whoever locks it next (or the
 ///           holder, as it unlocks) drops its contents first
+/// bit  7    zap pending (host words only): the zapped mark was applied, but the host's own zap of the
+///           page may not have run yet — the host wakes the `madvise` caller when its event is read
+///           and zaps afterwards. A present page so marked is never taken out of the process
+///           (collected for migration, made exclusive): its bytes would outlive the zap. Cleared when
+///           a fault fills the page (the host saw the hole) or a collection finds it a hole.
 /// bits 12-  PFN: the device frame (device), the staging frame (exclusive), else 0
 /// ```
 ///
@@ -33,6 +38,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     static let writableBit: UInt64 = 1 << 4
     static let compoundBit: UInt64 = 1 << 5
     static let zappedBit: UInt64 = 1 << 6
+    static let zapPendingBit: UInt64 = 1 << 7
     static let pfnShift: UInt64 = 12
 
     static let host = PageState(rawValue: 0)
@@ -50,6 +56,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     var isWritable: Bool { rawValue & Self.writableBit != 0 }
     var isCompound: Bool { rawValue & Self.compoundBit != 0 }
     var isZapped: Bool { rawValue & Self.zappedBit != 0 }
+    var isZapPending: Bool { rawValue & Self.zapPendingBit != 0 }
     var pfn: PFN { PFN(rawValue >> Self.pfnShift) }
 
     /// The same word with the lock bit set.
@@ -59,6 +66,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
 
     var description: String {
         "\(kind)\(isMigrating ? " migrating" : "")\(isWritable ? " w" : "")\(isCompound ? " compound" : "")\(isZapped ? " zapped" : "")"
+            + (isZapPending ? " zap-pending" : "")
             + (pfn.rawValue != 0 ? " \(pfn)" : "")
     }
 }

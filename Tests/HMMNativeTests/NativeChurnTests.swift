@@ -1,0 +1,176 @@
+import CUserfaultfd
+import HMM
+import HMMDevices
+@testable import HMMNative
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A program churns its own mappings while the engine migrates: the races of issue 22, each
+/// reproduced free-running and bounded (HMM_NATIVE_STRESS_MS, default 1500 ms), under a watchdog that
+/// dumps the state words of the pages involved and the space's queues if the run does not end.
+@Suite("Native engine: mapping churn", .enabled(if: nativeUnavailable == nil, "native engine unavailable here: \(nativeUnavailable ?? "")"), .timeLimit(.minutes(10)))
+struct NativeChurnTests {
+    /// Issue 22 item 2: the host wakes a `MADV_DONTNEED` caller when its remove event is read and zaps
+    /// afterwards. A migration must never collect the still-present page in that window — else the
+    /// zap finds a hole and the old bytes live on in device memory.
+    @Test("MADV_DONTNEED racing migrations both ways: the page reads zero after madvise returns, never its old bytes",
+          arguments: [FaultMode.handlerThread, .inThread])
+    func dontNeedNeverResurrects(mode: FaultMode) throws {
+        var options = NativeSpace.Options()
+        options.faultMode = mode
+        try withNativeSpace(options: options) { machine, space, gpu in
+            let pages = 32
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            let file = try gpu.open(space)
+            let deadline = ContinuousClock.now + .milliseconds(stressMillis)
+            let resurrected = Locked<[String]>([])
+            let zaps = Atomic<Int>(0)
+            try withWatchdog(space, [region]) {
+                let migrators = (0..<2).map { t in
+                    HostThread {
+                        var rng = UInt64(1 + t) &* 0x9E37_79B9_7F4A_7C15
+                        while ContinuousClock.now < deadline {
+                            rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                            let n = 1 + Int(rng >> 60) % 8
+                            let p = Int(rng >> 33) % (pages - n + 1)
+                            let a = region.address + UInt64(p) << 12
+                            if (rng >> 20) & 1 == 0 { _ = try? file.migrateToDevice(a, pages: n, into: nil) } else {
+                                _ = try? file.migrateToSystem(a, pages: n)
+                            }
+                        }
+                    }
+                }
+                let zapper = HostThread {
+                    var rng = UInt64(99)
+                    var marker: UInt32 = 1
+                    while ContinuousClock.now < deadline {
+                        rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                        let p = Int(rng >> 33) % pages
+                        let w = (region.pointer + p << 12).assumingMemoryBound(to: UInt32.self)
+                        marker &+= 1
+                        w[17] = marker
+                        _ = madvise(region.pointer + p << 12, 4096, MADV_DONTNEED)
+                        let seen = w[17]
+                        zaps.add(1, ordering: .relaxed)
+                        if seen != 0 {
+                            resurrected.withLock { $0.append("page \(p) read \(seen) after MADV_DONTNEED (marker \(marker))") }
+                        }
+                    }
+                }
+                for t in migrators { t.join() }
+                zapper.join()
+            }
+            #expect(zaps.load(ordering: .relaxed) > 0)
+            #expect(resurrected.withLock { Array($0.prefix(4)) } == [])
+            try machine.checkInvariants()
+            file.close()
+        }
+    }
+
+    /// Issue 22 item 1: the engine maps device-coherent frames in place with `mmap(MAP_FIXED)` and puts
+    /// holes back with `mremap(MREMAP_FIXED)`. It must never do so over an address the program has
+    /// unmapped and mapped again with memory of its own.
+    @Test("coherent pages mapped in place never land on memory the program unmapped and mapped afresh",
+          arguments: [FaultMode.handlerThread, .inThread])
+    func coherentNeverMapsOverFreshMemory(mode: FaultMode) throws {
+        var options = NativeSpace.Options()
+        options.faultMode = mode
+        try withNativeSpace(options: options, kind: .deviceCoherent) { machine, space, gpu in
+            let pages = 1024
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            fill(region, seed: 5)
+            let file = try gpu.open(space)
+            let deadline = ContinuousClock.now + .milliseconds(stressMillis)
+            let problems = Locked<[String]>([])
+            // The pages the program replaced with its own memory, and the word it stored in each.
+            let replaced = Locked<[Int: UInt32]>([:])
+            try withWatchdog(space, [region]) {
+                let migrator = HostThread {
+                    var rng = UInt64(7)
+                    while ContinuousClock.now < deadline {
+                        rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                        let p = Int(rng >> 33) % (pages - 32 + 1)
+                        let a = region.address + UInt64(p) << 12
+                        if (rng >> 20) & 1 == 0 { _ = try? file.migrateToDevice(a, pages: 32, into: nil) } else {
+                            _ = try? file.migrateToSystem(a, pages: 32)
+                        }
+                    }
+                }
+                let churner = HostThread {
+                    var rng = UInt64(11)
+                    var marker: UInt32 = 0x4000_0000
+                    while ContinuousClock.now < deadline {
+                        rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                        let p = Int(rng >> 33) % pages
+                        if replaced.withLock({ $0[p] != nil }) { continue }
+                        let at = region.pointer + p << 12
+                        guard munmap(at, 4096) == 0 else {
+                            problems.withLock { $0.append("munmap of page \(p): errno \(errno)") }
+                            continue
+                        }
+                        let fresh = mmap(at, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+                        guard fresh == at else {
+                            problems.withLock { $0.append("mmap(MAP_FIXED_NOREPLACE) of page \(p) after munmap: errno \(errno) (something is mapped there)") }
+                            continue
+                        }
+                        marker &+= 1
+                        at.storeBytes(of: marker, toByteOffset: 64, as: UInt32.self)
+                        replaced.withLock { $0[p] = marker }
+                        // Earlier replacements still hold their words.
+                        for (q, m) in replaced.withLock({ $0 }) {
+                            let seen = (region.pointer + q << 12).load(fromByteOffset: 64, as: UInt32.self)
+                            if seen != m { problems.withLock { $0.append("replaced page \(q) reads \(seen), its program stored \(m)") } }
+                        }
+                    }
+                }
+                migrator.join()
+                churner.join()
+            }
+            #expect(problems.withLock { Array($0.prefix(4)) } == [])
+            // Every replaced page is the program's own private memory: no shared mapping of a device frame.
+            let mine = replaced.withLock { $0 }
+            #expect(!mine.isEmpty)
+            for (p, m) in mine {
+                let a = region.address + UInt64(p) << 12
+                let shared = HostMaps.entries(overlapping: a, a + 4096).filter { $0.shared }
+                #expect(shared.isEmpty, "page \(p) is a shared mapping (\(shared.map(\.path))) instead of the program's memory")
+                #expect((region.pointer + p << 12).load(fromByteOffset: 64, as: UInt32.self) == m)
+            }
+            space.waitUntilIdle()
+            try machine.checkInvariants()
+            file.close()
+            for p in mine.keys { _ = munmap(region.pointer + p << 12, 4096) }
+        }
+    }
+}
+
+/// How long a free-running race test runs (HMM_NATIVE_STRESS_MS, default 1500 ms).
+let stressMillis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
+
+/// Runs `body`; if it has not returned 60 s after the stress deadline would have passed, prints the
+/// state word of every page of `regions` that is not plain host memory, and the space's queue
+/// counters, then aborts — a race that hangs fails loudly, with its state, never wedges the run.
+func withWatchdog(_ space: NativeSpace, _ regions: [NativeRegion], _ body: () throws -> Void) throws {
+    let done = Atomic<Bool>(false)
+    let limit = ContinuousClock.now + .milliseconds(stressMillis) + .seconds(60)
+    let dog = HostThread {
+        while !done.load(ordering: .acquiring) {
+            if ContinuousClock.now > limit {
+                var lines = ["watchdog: the race did not end; \(space.diagnostics())"]
+                for r in regions { lines += r.diagnostics() }
+                let text = lines.joined(separator: "\n") + "\n"
+                _ = text.withCString { write(2, $0, strlen($0)) }
+                abort()
+            }
+            usleep(10_000)
+        }
+    }
+    defer {
+        done.store(true, ordering: .releasing)
+        dog.join()
+    }
+    try body()
+}
