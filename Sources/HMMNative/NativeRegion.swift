@@ -15,6 +15,10 @@ import Synchronization
 /// a host-window pagemap, so a driver reads and writes CPU-resident pages through the same frame
 /// pointers as any frame.
 public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
+    /// The largest region: 64 GiB. A region names its pages in a host-window pagemap, and a pagemap
+    /// holds at most 2^24 frames.
+    public static let maximumLength = Pagemap.maximumFrames << PageSize.shift
+
     /// The space the region belongs to.
     public let space: NativeSpace
     /// The first byte (2 MiB-aligned).
@@ -208,7 +212,10 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// The page-aligned, in-region range `offsets` names, as addresses.
+    /// - Throws: `.badDescriptor` once the region is freed (its address range may be anyone's now),
+    ///   `.invalidArgument` for a bad range.
     func checkedRange(_ offsets: Range<Int>, _ what: String) throws(HMMError) -> (UInt64, UInt64) {
+        guard !freed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "\(what): \(self) was freed") }
         guard offsets.lowerBound >= 0, offsets.upperBound <= length, !offsets.isEmpty,
             offsets.lowerBound % PageSize.base == 0, offsets.upperBound % PageSize.base == 0
         else { throw HMMError(.invalidArgument, "\(what): \(offsets) is empty, unaligned or outside \(self)") }
@@ -218,7 +225,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     // MARK: public operations
 
     /// Where each page of `offsets` lives now (PAGEMAP_SCAN plus the state words).
-    /// - Throws: `.invalidArgument` (unaligned, empty or outside the region), `.noProcess` after close.
+    /// - Throws: `.invalidArgument` (unaligned, empty or outside the region), `.badDescriptor` after
+    ///   ``free()``, `.noProcess` after close.
     public func residency(_ offsets: Range<Int>) throws(HMMError) -> [Residency] {
         let (lo, hi) = try checkedRange(offsets, "residency")
         try space.checkOpen()
@@ -258,7 +266,9 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
 
     /// `mprotect` of part of the region that the engine sees: the host protection changes and the
     /// region's notifiers hear `protectionVMA` first (a raw `mprotect` sends no event).
-    /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, what `mprotect` returns.
+    /// - Throws: `.invalidArgument` (bad range), `.badDescriptor` after ``free()``, `.outOfMemory` where
+    ///   the program unmapped part of the range (as `mprotect` over a hole), `.noProcess` after close,
+    ///   what `mprotect` returns.
     public func protect(_ offsets: Range<Int>, _ protection: Protection) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "protect")
         try space.protect(self, lo, hi, protection)
@@ -268,7 +278,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     /// first write touch of a whole, empty, advised 2 MiB unit then gets a transparent huge page, as the
     /// kernel's `do_huge_pmd_anonymous_page` gives (a raw `madvise` leaves the engine filling 4 KiB
     /// pages).
-    /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, what `madvise` returns.
+    /// - Throws: `.invalidArgument` (bad range), `.badDescriptor` after ``free()``, `.outOfMemory` where
+    ///   the program unmapped part of the range, `.noProcess` after close, what `madvise` returns.
     public func advise(_ offsets: Range<Int>, hugePages: Bool) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "advise")
         try space.adviseHugePages(self, lo, hi, hugePages)

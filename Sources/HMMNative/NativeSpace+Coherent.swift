@@ -30,18 +30,31 @@ extension NativeSpace {
     }
 
     /// Maps coherent frames `frame..<frame + pages` over the hole at `a` (pages of `region` locked by the
-    /// caller); false if the frame has no backing file or the host refused the mapping (then nothing
-    /// changed). Must not run inside an install or on the service thread: the host waits until the
-    /// service thread has read the UNMAP the mapping raises.
+    /// caller); false if the frame has no backing file, the host refused the mapping, or the address is
+    /// no longer the region's (the program unmapped it) — then nothing of the program's changed. Must
+    /// not run inside an install or on the service thread: the host waits until the service thread has
+    /// read the UNMAP the mapping raises.
+    ///
+    /// Ordering against the program's own `munmap`/`mmap` of the address (``owns(_:_:_:)``): the host
+    /// is asked, just before the call, whether `[a, a + pages)` is still the region's registered hole
+    /// with no unmap of the region pending; after it, whether the call replaced that hole (its UNMAP
+    /// was read). If the program unmapped the address in between, the mapping landed where nothing was
+    /// and is taken back.
     func mapCoherent(_ region: NativeRegion, at a: UInt64, frame: PFN, pages: Int) -> Bool {
         guard let pm = machine.pagemap(of: frame), pm.contains(frame + (pages - 1)),
             let (file, offset) = pm.backingFile(of: frame)
         else { return false }
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
+        guard owns(a, bytes, .hole) else { return false }
         guard let slot = selfUnmaps.expect(a, a + bytes) else { return false }
         let rc = Sys.mapShared(at: a, bytes, region.protection(page: region.index(a)), file: file, offset: offset)
         guard rc == 0 else {
             selfUnmaps.cancel(slot)
+            return false
+        }
+        waitForReader()
+        guard selfUnmaps.finish(slot) else {
+            takeBack(a, bytes) { $0.shared && $0.inode == Sys.inode(file) }
             return false
         }
         _ = Sys.madvise(a, bytes, Sys.dontFork)
@@ -51,43 +64,122 @@ extension NativeSpace {
         return true
     }
 
+    /// What ``replaceWithHole(_:at:pages:)`` did.
+    enum HoleReplacement {
+        /// A registered hole of the region is there now.
+        case replaced
+        /// The host refused (out of mappings): the coherent mapping is still there.
+        case refused
+        /// The address is no longer the region's (the program unmapped it): no coherent mapping of
+        /// ours is there any more, and nothing was put there.
+        case gone
+    }
+
     /// Puts a registered hole (anonymous private memory, as the region's) at `[a, a + pages)` in place of
-    /// the device-coherent mapping there, atomically; false if the host refused (nothing changed). The
-    /// same threading rules as ``mapCoherent(_:at:frame:pages:)``.
-    func replaceWithHole(_ region: NativeRegion, at a: UInt64, pages: Int) -> Bool {
+    /// the device-coherent mapping there, atomically. The same threading rules and the same ordering
+    /// against the program's own unmapping as ``mapCoherent(_:at:frame:pages:)``.
+    func replaceWithHole(_ region: NativeRegion, at a: UInt64, pages: Int) -> HoleReplacement {
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
         let scratch = Sys.mapAnonymous(bytes, region.protection(page: region.index(a)))
-        guard scratch != 0 else { return false }
+        guard scratch != 0 else { return .refused }
         if let huge = region.hugePages { _ = Sys.madvise(scratch, bytes, huge ? Sys.hugePage : Sys.noHugePage) }
         if options.forkPolicy == .deny { _ = Sys.madvise(scratch, bytes, Sys.dontFork) }
         guard Sys.register(uffd, scratch, bytes, missing: true) == 0 else {
             _ = Sys.munmap(scratch, bytes)
-            return false
+            return .refused
         }
-        guard let slot = selfUnmaps.expect(a, a + bytes) else {
+        func dropScratch() {
             _ = Sys.unregister(uffd, scratch, bytes)
             _ = Sys.munmap(scratch, bytes)
-            return false
+        }
+        guard owns(a, bytes, .coherent) else {
+            dropScratch()
+            return .gone
+        }
+        guard let slot = selfUnmaps.expect(a, a + bytes) else {
+            dropScratch()
+            return .refused
         }
         // The host also reports the move itself (REMAP from an address no region holds: ignored) and the
         // UNMAP of the scratch range (likewise).
         guard Sys.moveMapping(from: scratch, to: a, bytes) == 0 else {
             selfUnmaps.cancel(slot)
-            _ = Sys.unregister(uffd, scratch, bytes)
-            _ = Sys.munmap(scratch, bytes)
-            return false
+            dropScratch()
+            return .refused
+        }
+        waitForReader()
+        guard selfUnmaps.finish(slot) else {
+            // Our hole landed where the program had unmapped the page: take it back.
+            takeBack(a, bytes) { !$0.shared && $0.inode == 0 && self.probe(a, bytes, .hole) == -EINVAL }
+            return .gone
         }
         statistics.count(\.coherentUnmapped, pages)
+        return .replaced
+    }
+
+    /// What the engine expects at an address it is about to remap.
+    enum ExpectedMapping {
+        /// A hole of a region: anonymous private memory registered with the userfaultfd.
+        case hole
+        /// A coherent frame mapped in place: shared memory registered with the userfaultfd.
+        case coherent
+    }
+
+    /// Whether `[a, a + bytes)` is still the engine's, as `expected`, with no unmap, remap or remove of
+    /// the regions queued unread — asked of the host with a resolving ioctl that checks, in this
+    /// order: a registered mapping covers the range (else `ENOENT`: the program unmapped or replaced
+    /// it — its own memory is never registered), no non-cooperative event is pending (else `EAGAIN`:
+    /// the service thread reads it, and the probe is asked again), and then what is there. A hole is
+    /// asked with `UFFDIO_CONTINUE`, which anonymous memory refuses (`EINVAL`) without touching it; a
+    /// coherent mapping with `UFFDIO_ZEROPAGE`, which finds the frame's page in the shared-memory file
+    /// (`EEXIST`) — or, for a frame never written, puts a zero page there, which is what it reads
+    /// anyway — and never maps the frame's bytes for a toucher waiting on the page. A range the probe
+    /// cannot answer whole (it spans host mappings) is asked page by page.
+    func owns(_ a: UInt64, _ bytes: UInt64, _ expected: ExpectedMapping) -> Bool {
+        func answer(_ rc: Int32) -> Bool {
+            switch expected {
+            case .hole: return rc == -EINVAL
+            case .coherent: return rc >= 0 || rc == -EEXIST
+            }
+        }
+        let rc = probe(a, bytes, expected)
+        if rc != -ENOENT || bytes == Sys.page { return answer(rc) }
+        var p = a
+        while p < a + bytes {
+            if !answer(probe(p, Sys.page, expected)) { return false }
+            p += Sys.page
+        }
         return true
+    }
+
+    /// The probe of ``owns(_:_:_:)``: its result once no event is pending.
+    func probe(_ a: UInt64, _ bytes: UInt64, _ expected: ExpectedMapping) -> Int32 {
+        switch expected {
+        case .hole: return retryingAgain { Sys.continueMapping(uffd, a, bytes) }
+        case .coherent: return retryingAgain { Sys.zeropage(uffd, a, bytes, dontWake: true) }
+        }
+    }
+
+    /// A remapping landed on `[a, a + bytes)` after the program had unmapped it: unmaps it again if the
+    /// host still shows what the engine put there (`ours`) — never the program's own memory.
+    private func takeBack(_ a: UInt64, _ bytes: UInt64, _ ours: (HostMaps.Entry) -> Bool) {
+        let entries = HostMaps.entries(overlapping: a, a + bytes)
+        guard let first = entries.first, first.start <= a, entries.allSatisfy(ours),
+            zip(entries, entries.dropFirst()).allSatisfy({ $0.end == $1.start }), entries.last!.end >= a + bytes
+        else { return }
+        _ = Sys.unregister(uffd, a, bytes)
+        _ = Sys.munmap(a, bytes)
+        statistics.count(\.remapsTakenBack)
     }
 
     /// Page `i` (locked, word `s`) is about to stop being device memory without migrating (a drop, a zap
     /// or a poison): if it is mapped in place, a hole replaces the mapping first, so the frame can be
     /// freed. False if that failed: the frame must then stay referenced (counted as
-    /// ``NativeStatistics/Counters/coherentStranded``), since the address still maps it.
+    /// ``NativeStatistics/Counters/coherentStranded``), since the address still maps it. True also when
+    /// the address is no longer the region's: the program's unmap took the mapping away.
     func detachCoherent(_ region: NativeRegion, _ i: Int, _ s: PageState) -> Bool {
         guard isCoherent(s) else { return true }
-        if replaceWithHole(region, at: region.pageAddress(i), pages: 1) { return true }
+        if replaceWithHole(region, at: region.pageAddress(i), pages: 1) != .refused { return true }
         statistics.count(\.coherentStranded)
         return false
     }

@@ -18,8 +18,8 @@ extension NativeSpace {
         statistics.count(\.events)
         switch Int32(m.kind) {
         case CU_MSG_UNMAP:
-            // The engine's own remapping of a coherent page, or the user's munmap.
-            if !selfUnmaps.consume(m.a, m.b) { dropRange(m.a, m.b, .unmap, to: .unmapped) }
+            // The user's munmap (the engine's own remappings were consumed as they were read).
+            dropRange(m.a, m.b, .unmap, to: .unmapped)
         case CU_MSG_REMOVE:
             dropRange(m.a, m.b, .clear, to: .host)
         case CU_MSG_REMAP:
@@ -55,6 +55,18 @@ extension NativeSpace {
                 }
             }
         }
+    }
+
+    /// Pages `pages` of `region` (locked by the caller, their contents already dropped or put) are
+    /// no longer the region's — the host said so when the engine tried to remap them: they become
+    /// unmapped and unlocked, as their unmap event would leave them (which then finds nothing to do).
+    func forgetUnmapped(_ region: NativeRegion, _ pages: [Int]) {
+        var unmapped = 0
+        for i in pages where region.state(i).kind != .unmapped {
+            region.setState(i, .unmapped)
+            unmapped += 1
+        }
+        if unmapped > 0 { _ = region.mappedPages.subtract(unmapped, ordering: .acquiringAndReleasing) }
     }
 
     /// `mremap` moved `[from, from + length)` to `to`: the host pages went with it, and so must the

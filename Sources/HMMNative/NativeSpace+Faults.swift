@@ -45,6 +45,11 @@ extension NativeSpace {
                 markZapped(buffer[k].a, buffer[k].b)
             }
             for k in 0..<max(0, Int(n)) {
+                if buffer[k].kind == UInt32(CU_MSG_UNMAP) && selfUnmaps.consume(buffer[k].a, buffer[k].b) {
+                    // The engine's own remapping of a coherent page: its caller learns it replaced the
+                    // region's mapping (``SelfUnmaps/finish(_:)``); nothing else is to be done.
+                    continue
+                }
                 if buffer[k].kind == UInt32(CU_MSG_PAGEFAULT) {
                     // Stamp the fault with the events read before it: they are handled before it is.
                     var m = buffer[k]

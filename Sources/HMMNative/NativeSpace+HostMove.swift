@@ -16,7 +16,8 @@ extension NativeSpace {
     ///   the move and given its protection back after it (`mprotect` raises no userfaultfd event). A
     ///   store to a page of the range in that window does not fault; the page is leaving anyway.
     /// - `EINVAL` on a range that crosses host mappings (one MOVE stays within one): page by page.
-    /// - `EBUSY` — the page is not exclusive to this process (shared with a child after `fork`, or
+    /// - `EBUSY` (or `EAGAIN` after a partial move) — the page is not exclusive to this process (shared
+    ///   with a child after `fork`, or
     ///   pinned): its copy-on-write is broken first by a write fault (`MADV_POPULATE_WRITE`, which keeps
     ///   its bytes), as the kernel's `FOLL_WRITE`/unshare does before it hands a page to a device. A
     ///   pinned page stays refused.
@@ -32,29 +33,65 @@ extension NativeSpace {
         defer { if readOnly { restoreProtection(region, pages) } }
         var done: UInt64 = 0
         var unsharedAt: UInt64?
+        var againAt: UInt64?
         var pageByPage = false
         while done < bytes {
             let length = pageByPage ? Sys.page : bytes - done
-            // No remove event is read during the move, so the host's zap of a `MADV_DONTNEED` never runs
-            // on the pages being moved (a MOVE racing that zap was seen to spin in the kernel, 6.18).
+            // No event is read during the move, so the host's zap of a `MADV_DONTNEED` never runs on the
+            // pages being moved (a MOVE racing that zap was seen to spin in the kernel, 6.18), and a
+            // program's `munmap` of them cannot return: the probe then finds them still the region's
+            // (the staging userfaultfd's MOVE would take pages from any anonymous memory at the address,
+            // the program's fresh mapping too). See ``owns(_:_:_:)``.
             enterInstall()
-            let (rc, moved) = Sys.move(stagingUffd, to: frame + done, from: a + done, length, allowHoles: true)
+            let owner = probeInInstall(a + done, length)
+            let (rc, moved) = owner == 0 ? Sys.move(stagingUffd, to: frame + done, from: a + done, length, allowHoles: true) : (owner, 0)
             leaveInstall()
+            if owner == -EAGAIN {
+                // An event is queued unread: let the service thread read it, then ask again.
+                waitForReaderTurn()
+                continue
+            }
             if rc == 0 {
                 done += length
                 continue
             }
             if moved > 0 { done += UInt64(moved) }
-            if rc == -EINVAL && !pageByPage && bytes - done > Sys.page {
+            if rc == -EAGAIN {
+                // The host moved what it could and stopped at a page it will not move as it is — one
+                // still shared with a child since a `fork` answers EAGAIN after a partial move, EBUSY
+                // before any. Go on from there; a page that stops the move twice is unshared below.
+                if moved > 0 { continue }
+                if againAt != a + done {
+                    againAt = a + done
+                    sched_yieldShim()
+                    continue
+                }
+            }
+            if (rc == -EINVAL || rc == -ENOENT) && !pageByPage && bytes - done > Sys.page {
                 // One MOVE stays within one host mapping, and the range crosses a boundary (coherent
                 // pages mapped in place split a region's mapping): page by page from here.
                 pageByPage = true
                 continue
             }
-            guard rc == -EBUSY, unsharedAt != a + done, unshare(region, a + done, a + bytes) else { return done }
+            guard rc == -EBUSY || rc == -EAGAIN, unsharedAt != a + done, unshare(region, a + done, a + bytes) else { return done }
             unsharedAt = a + done
         }
         return done
+    }
+
+    /// Inside ``enterInstall()``: 0 if `[a, a + bytes)` lies in one registered anonymous mapping (a
+    /// region's) with no event pending — the ``owns(_:_:_:)`` probe, asked once, since the reader is
+    /// held off — else `EAGAIN` (an event is queued unread) or `ENOENT` (not the region's any more, or
+    /// the range spans host mappings).
+    private func probeInInstall(_ a: UInt64, _ bytes: UInt64) -> Int32 {
+        let rc = Sys.continueMapping(uffd, a, bytes)
+        return rc == -EINVAL ? 0 : rc == -EAGAIN ? -EAGAIN : -ENOENT
+    }
+
+    /// Lets the service thread read what is queued (called outside ``enterInstall()``).
+    func waitForReaderTurn() {
+        sched_yieldShim()
+        waitForReader()
     }
 
     /// Gives `pages` their protections back after a move made them writable, one `mprotect` per run.

@@ -19,6 +19,9 @@ final class NativeMigration {
     var expandedStaging: [PFN] = []
     /// Device folios this migration locked (several pages of a split unit share one).
     var lockedHeads: Set<PFN> = []
+    /// Collected pages whose address the host says is no longer the region's (the program unmapped
+    /// it while they were collected): they end unmapped, whatever their unmap event says.
+    var gone: [Int] = []
 
     init(region: NativeRegion, first: Int, count: Int, faultHead: PFN?) {
         self.region = region
@@ -159,14 +162,37 @@ extension NativeSpace: MigrationEngine {
                 end += 1
             }
             let first = ks[start]
-            if !replaceWithHole(c.region, at: m.start + UInt64(first) << UInt64(PageSize.shift), pages: end - start) {
-                for k in ks[start..<end] {
-                    c.region.setState(c.first + k, c.region.state(c.first + k).unlocked)
-                    c.locked[k] = false
-                    m.engineSource[k] = .empty
-                }
+            switch replaceWithHole(c.region, at: m.start + UInt64(first) << UInt64(PageSize.shift), pages: end - start) {
+            case .replaced:
+                break
+            case .gone where end - start > 1:
+                // Some page of the run is no longer the region's: page by page.
+                for k in ks[start..<end] { collectCoherent(m, c, k) }
+            case .gone:
+                c.gone.append(first)
+            case .refused:
+                uncollect(m, c, ks[start..<end])
             }
             start = end
+        }
+    }
+
+    /// One collected coherent page `k`: a hole in place of its mapping, or gone, or not collected.
+    private func collectCoherent(_ m: MigrateVMA, _ c: NativeMigration, _ k: Int) {
+        switch replaceWithHole(c.region, at: m.start + UInt64(k) << UInt64(PageSize.shift), pages: 1) {
+        case .replaced: break
+        case .gone: c.gone.append(k)
+        case .refused: uncollect(m, c, k..<(k + 1))
+        }
+    }
+
+    /// Collected coherent pages the host would not unmap: unlocked as they were (their folios stay
+    /// locked with the migration's others and are unlocked at finalize).
+    private func uncollect<C: Collection<Int>>(_ m: MigrateVMA, _ c: NativeMigration, _ ks: C) {
+        for k in ks {
+            c.region.setState(c.first + k, c.region.state(c.first + k).unlocked)
+            c.locked[k] = false
+            m.engineSource[k] = .empty
         }
     }
 
@@ -185,10 +211,15 @@ extension NativeSpace: MigrationEngine {
             for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
             return false
         }
-        if isCoherent(s) && !replaceWithHole(region, at: region.pageAddress(i), pages: PageSize.pagesPerPMD) {
-            if head != c.faultHead { machine.folioUnlock(head) }
-            for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
-            return false
+        if isCoherent(s) {
+            switch replaceWithHole(region, at: region.pageAddress(i), pages: PageSize.pagesPerPMD) {
+            case .replaced: break
+            case .gone: c.gone.append(contentsOf: k..<(k + PageSize.pagesPerPMD))
+            case .refused:
+                if head != c.faultHead { machine.folioUnlock(head) }
+                for j in 0..<got { region.setState(i + j, region.state(i + j).unlocked) }
+                return false
+            }
         }
         if head != c.faultHead { c.lockedHeads.insert(head) }
         for j in 0..<PageSize.pagesPerPMD { c.locked[k + j] = true }
@@ -471,7 +502,7 @@ extension NativeSpace: MigrationEngine {
                 // Dropped while away: nothing comes back; the device copy or staging frame is freed —
                 // a coherent destination already mapped in place (by `migratePages`) is unmapped first.
                 if moved, let d = dst, machine.deviceKind(d) == .deviceCoherent, machine.deviceKind(s) == nil,
-                    !replaceWithHole(region, at: a, pages: unit)
+                    replaceWithHole(region, at: a, pages: unit) == .refused
                 {
                     // The host would not unmap it: the page stays in the coherent frame.
                     machine.folioUnlock(d)
@@ -552,6 +583,9 @@ extension NativeSpace: MigrationEngine {
             k += unit
         }
         flushCopies()
+        // Pages whose address the program took back while they were collected: whatever was put back
+        // missed them (every install asks the host first), and they end unmapped.
+        if !c.gone.isEmpty { forgetUnmapped(region, c.gone.map { c.first + $0 }) }
         for s in c.expandedStaging { try? machine.releaseMigrationPage(s) }
         for head in c.lockedHeads where head != c.faultHead { machine.folioUnlock(head) }
         for head in puts { machine.folioPut(head) }

@@ -11,7 +11,7 @@ import Glibc
 extension NativeRegion {
     /// Revokes the pages of `offsets`: drivers hear `clear`, device and staging copies are dropped, host
     /// pages leave the process, and a poison marker takes each page's place.
-    /// - Throws: `.invalidArgument` (bad range), `.noProcess` after close, `.busy` if the host refused
+    /// - Throws: `.invalidArgument` (bad range), `.badDescriptor` after `free()`, `.noProcess` after close, `.busy` if the host refused
     ///   to give up a page (the pages before it stay revoked).
     public func revoke(_ offsets: Range<Int>) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "revoke")
@@ -20,7 +20,7 @@ extension NativeRegion {
 
     /// Puts `bytes` (exactly the range's length) into the revoked pages of `offsets`; pages that are not
     /// revoked are left alone.
-    /// - Throws: `.invalidArgument` (bad range or a byte count that does not match), `.noProcess`.
+    /// - Throws: `.invalidArgument` (bad range or a byte count that does not match), `.badDescriptor` after `free()`, `.noProcess`.
     public func recover(_ offsets: Range<Int>, from bytes: UnsafeRawBufferPointer) throws(HMMError) {
         let (lo, hi) = try checkedRange(offsets, "recover")
         guard bytes.count == offsets.count, let base = bytes.baseAddress else {

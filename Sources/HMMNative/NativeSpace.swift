@@ -286,13 +286,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// child gets `SIGSEGV` touching it, never device pages read as silent zeros; see ``ForkPolicy``),
     /// `MADV_POPULATE_WRITE` with `populate`, then
     /// `UFFDIO_REGISTER`. An unpopulated page's first touch is a userfaultfd round trip (zero fill).
-    /// - Throws: `.invalidArgument` (length not a positive multiple of 4 KiB up to 1 TiB),
+    /// - Throws: `.invalidArgument` (length not a positive multiple of 4 KiB up to ``NativeRegion/maximumLength``, 64 GiB),
     ///   `.outOfMemory`, `.noProcess` after close, what registration returns.
     public func allocate(length: Int, protection: Protection = [.read, .write], hugePages: Bool? = true,
                          populate: Bool = false) throws(HMMError) -> NativeRegion {
         try checkOpen()
-        guard length > 0, length % PageSize.base == 0, length <= 1 << 40 else {
-            throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to 1 TiB")
+        guard length > 0, length % PageSize.base == 0, length <= NativeRegion.maximumLength else {
+            throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to 64 GiB (a region's host window names at most 2^24 pages)")
         }
         let bytes = UInt64(length)
         // The host may hand out an address an unmapped region had: its events must be handled first.
@@ -342,15 +342,15 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     ///
     /// The region then owns the memory as an allocated one does: ``NativeRegion/free()`` unmaps it, and
     /// ``close()`` leaves it mapped as ordinary memory. Takes `mmapLock` for writing.
-    /// - Throws: `.invalidArgument` (unaligned, empty, over 1 TiB or wrapping), `.fault` where nothing is
+    /// - Throws: `.invalidArgument` (unaligned, empty, over ``NativeRegion/maximumLength`` or wrapping), `.fault` where nothing is
     ///   mapped, `.unsupported` for shared, file-backed or special memory, `.busy` if a page is already in
     ///   a region, `.noProcess` after close, what registration returns.
     public func adopt(address: UInt64, length: Int) throws(HMMError) -> NativeRegion {
         try checkOpen()
-        guard length > 0, length % PageSize.base == 0, length <= 1 << 40, address % Sys.page == 0,
+        guard length > 0, length % PageSize.base == 0, length <= NativeRegion.maximumLength, address % Sys.page == 0,
             address <= UInt64.max - UInt64(length)
         else {
-            throw HMMError(.invalidArgument, "adopt: \(length) bytes at \(address) is not a page-aligned range of up to 1 TiB")
+            throw HMMError(.invalidArgument, "adopt: \(length) bytes at \(address) is not a page-aligned range of up to 64 GiB (a region's host window names at most 2^24 pages)")
         }
         let end = address + UInt64(length)
         if let stack = Self.callingThreadStack(), stack.lowerBound < end && address < stack.upperBound {
@@ -494,8 +494,10 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     /// Changes a region's protection (``NativeRegion/protect(_:_:)``).
     func protect(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64, _ protection: Protection) throws(HMMError) {
+        if !hasExited { catchUpWithEvents() }
         try mmapLock.withWriteLock { () throws(HMMError) in
             try checkOpen()
+            try requireMapped(region, lo, hi, "mprotect")
             invalidating(lo, hi, .protectionVMA, owner: nil) {}
             let rc = Sys.mprotect(lo, hi - lo, protection)
             guard rc == 0 else { throw HMMError.system(rc, "mprotect") }
@@ -508,10 +510,24 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
     }
 
+    /// Refuses a range of `region` that is no longer all its own — freed, or partly unmapped by the
+    /// program (the host may have given the addresses to another mapping) — as the host refuses
+    /// `mprotect` over a hole (`ENOMEM`). Under `mmapLock`, after the events read so far are handled.
+    private func requireMapped(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64, _ what: String) throws(HMMError) {
+        guard !region.freed.load(ordering: .acquiring), regionList.withLock({ $0.contains { $0 === region } }) else {
+            throw HMMError(.badDescriptor, "\(what): \(region) was freed")
+        }
+        for i in region.index(lo)..<region.index(hi) where region.state(i).kind == .unmapped {
+            throw HMMError(.outOfMemory, "\(what): \(region.pageAddress(i)) was unmapped by the program")
+        }
+    }
+
     /// Huge-page advice for part of a region (``NativeRegion/advise(_:hugePages:)``).
     func adviseHugePages(_ region: NativeRegion, _ lo: UInt64, _ hi: UInt64, _ huge: Bool) throws(HMMError) {
+        if !hasExited { catchUpWithEvents() }
         try mmapLock.withWriteLock { () throws(HMMError) in
             try checkOpen()
+            try requireMapped(region, lo, hi, huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE")
             let rc = Sys.madvise(lo, hi - lo, huge ? Sys.hugePage : Sys.noHugePage)
             guard rc == 0 else { throw HMMError.system(rc, huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") }
             region.setHugeAdvice(huge, pages: region.index(lo)..<region.index(hi))
@@ -845,6 +861,9 @@ public final class NativeStatistics: @unchecked Sendable {
         public var coherentUnmapped = 0
         /// Coherent frames kept referenced because the host refused to unmap them (`vm.max_map_count`).
         public var coherentStranded = 0
+        /// Remappings of coherent pages that landed where the program had just unmapped the page, and
+        /// were taken back.
+        public var remapsTakenBack = 0
     }
 
     func count(_ field: WritableKeyPath<Counters, Int>, _ n: Int = 1) {

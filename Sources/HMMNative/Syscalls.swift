@@ -57,6 +57,11 @@ enum Sys {
         return at == to ? 0 : (error != 0 ? error : -EINVAL)
     }
     /// Whether every page of `[start, end)` is mapped (`msync(MS_ASYNC)` answers `ENOMEM` otherwise).
+    /// The inode number of open file `fd` (0 if `fstat` fails).
+    static func inode(_ fd: Int32) -> UInt64 {
+        var st = stat()
+        return fstat(fd, &st) == 0 ? UInt64(st.st_ino) : 0
+    }
     static func isMapped(_ start: UInt64, _ end: UInt64) -> Bool {
         msync(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(end - start), MS_ASYNC) == 0
     }

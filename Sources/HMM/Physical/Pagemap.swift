@@ -97,6 +97,8 @@ extension PagemapOperations {
 /// one pagemap reference per frame; when the last reference drops the core clears its anonymous
 /// state, calls ``PagemapOperations/folioFree(_:order:)`` and drops the pagemap references.
 public final class Pagemap: @unchecked Sendable, CustomStringConvertible {
+    /// The most frames one pagemap holds (2^24: 64 GiB of 4 KiB pages).
+    public static let maximumFrames = 1 << 24
     public let kind: PagemapKind
     /// The managing driver's identity: compared with ``MigrateVMA``'s `owner` and ``HMMRange``'s
     /// `devicePrivateOwner`.
@@ -254,8 +256,8 @@ extension Machine {
         kind: PagemapKind, count: Int, owner: any AnyObject & Sendable, operations: any PagemapOperations,
         window: UnsafeMutableRawPointer?
     ) throws(HMMError) -> Pagemap {
-        guard count > 0, count % PageSize.pagesPerPMD == 0, count <= 1 << 24 else {
-            throw .invalid("pagemap of \(count) frames: must be a positive multiple of 512")
+        guard count > 0, count % PageSize.pagesPerPMD == 0, count <= Pagemap.maximumFrames else {
+            throw .invalid("pagemap of \(count) frames: must be a positive multiple of 512 up to \(Pagemap.maximumFrames)")
         }
         // Ranges that unregistered pagemaps gave back become free once the walkers that might have read
         // one of their PFNs have left; let the epoch reclaim what it can before looking.
