@@ -50,6 +50,11 @@ enum InThreadFaults {
             space.catchUpWithEvents()
             if space.region(containing: address) != nil { return space.resolveInThread(address, write: write) }
         }
+        // Registered memory no region claims (the grown tail of an mremap): zeros, as the fault thread
+        // gives; the host refuses any address that is not registered, and the signal is then not ours.
+        for space in spaces.live where !space.hasExited && !space.forkedAway.load(ordering: .acquiring) {
+            if space.fillUnclaimed(address & ~PageSize.baseMask, write: write) { return true }
+        }
         return false
     }
 }

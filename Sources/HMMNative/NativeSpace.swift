@@ -121,7 +121,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// Opens the userfaultfd, registers the machine's RAM arena as the staging pool and starts the
     /// service, fault and event threads.
     /// - Throws: `.unsupported` naming what the kernel lacks (userfaultfd, `UFFDIO_MOVE`,
-    ///   `UFFDIO_POISON`, `PAGEMAP_SCAN`, the unmap/remove/remap events); `.permission` when the process
+    ///   `UFFDIO_POISON`, `PAGEMAP_SCAN`, the unmap/remove/remap events) or for fork policy `.share`
+    ///   with ``FaultMode/inThread`` (a forked child could not resolve its faults); `.permission` when the process
     ///   may not open a userfaultfd at all, or a fork policy of `.share` without `CAP_SYS_PTRACE`;
     ///   `.busy` if the machine already has a native space (its RAM arena can be one userfaultfd's
     ///   staging pool only).
@@ -170,6 +171,11 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         options.logger.debug("userfaultfd probed", metadata: [
             "features": "0x\(String(supported, radix: 16))", "userModeOnly": "\(userModeOnly)",
             "faultMode": "\(options.faultMode)", "forkPolicy": "\(options.forkPolicy)"])
+        // A child forked under `.share` inherits the userfaultfd with its SIGBUS feature but no fault
+        // hook and no engine: its first touch of a hole would kill it. Refused, not half-supported.
+        guard !(options.forkPolicy == .share && options.faultMode == .inThread) else {
+            throw fail(HMMError(.unsupported, "fork policy .share with in-thread faults: a forked child inherits UFFD_FEATURE_SIGBUS and would die of SIGBUS on its first touch of a hole; use the handler thread"))
+        }
         let forkFeature = options.forkPolicy == .share ? UInt64(CU_FEATURE_EVENT_FORK) : 0
         let sigbusFeature = options.faultMode == .inThread ? UInt64(CU_FEATURE_SIGBUS) : 0
         guard sigbusFeature == 0 || supported & sigbusFeature != 0 else {
