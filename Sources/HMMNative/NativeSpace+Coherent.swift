@@ -45,6 +45,11 @@ extension NativeSpace {
             let (file, offset) = pm.backingFile(of: frame)
         else { return false }
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
+        return remapGate.withReadLock { mapCoherentHoldingGate(region, at: a, file: file, offset: offset, bytes) }
+    }
+
+    private func mapCoherentHoldingGate(_ region: NativeRegion, at a: UInt64, file: Int32, offset: Int, _ bytes: UInt64) -> Bool {
+        let pages = Int(bytes >> UInt64(PageSize.shift))
         guard owns(a, bytes, .hole) else { return false }
         guard let slot = selfUnmaps.expect(a, a + bytes) else { return false }
         let rc = Sys.mapShared(at: a, bytes, region.protection(page: region.index(a)), file: file, offset: offset)
@@ -79,6 +84,10 @@ extension NativeSpace {
     /// the device-coherent mapping there, atomically. The same threading rules and the same ordering
     /// against the program's own unmapping as ``mapCoherent(_:at:frame:pages:)``.
     func replaceWithHole(_ region: NativeRegion, at a: UInt64, pages: Int) -> HoleReplacement {
+        remapGate.withReadLock { replaceWithHoleHoldingGate(region, at: a, pages: pages) }
+    }
+
+    private func replaceWithHoleHoldingGate(_ region: NativeRegion, at a: UInt64, pages: Int) -> HoleReplacement {
         let bytes = UInt64(pages) << UInt64(PageSize.shift)
         let scratch = Sys.mapAnonymous(bytes, region.protection(page: region.index(a)))
         guard scratch != 0 else { return .refused }

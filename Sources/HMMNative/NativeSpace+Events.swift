@@ -46,8 +46,7 @@ extension NativeSpace {
                 for i in region.index(a)..<region.index(b + PageSize.baseMask) {
                     // An unmapped page stays so: its address may be another region's now (after an mremap).
                     if region.state(i).kind == .unmapped { continue }
-                    dropPage(region, i, to: final)
-                    if final == .unmapped { unmapped += 1 }
+                    if dropPage(region, i, to: final) { unmapped += 1 }
                 }
                 if unmapped > 0 && region.mappedPages.subtract(unmapped, ordering: .acquiringAndReleasing).newValue == 0 {
                     remove(region)
@@ -57,16 +56,15 @@ extension NativeSpace {
         }
     }
 
-    /// Pages `pages` of `region` (locked by the caller, their contents already dropped or put) are
-    /// no longer the region's — the host said so when the engine tried to remap them: they become
-    /// unmapped and unlocked, as their unmap event would leave them (which then finds nothing to do).
+    /// Pages `pages` of `region` are no longer the region's — the host said so when the engine tried
+    /// to remap them (the program unmapped the address while a migration held them): they are dropped
+    /// as their unmap event would drop them, which then finds nothing to do. Called with the pages
+    /// unlocked.
     func forgetUnmapped(_ region: NativeRegion, _ pages: [Int]) {
-        var unmapped = 0
-        for i in pages where region.state(i).kind != .unmapped {
-            region.setState(i, .unmapped)
-            unmapped += 1
+        for i in pages {
+            let a = region.pageAddress(i)
+            dropRange(a, a + Sys.page, .unmap, to: .unmapped)
         }
-        if unmapped > 0 { _ = region.mappedPages.subtract(unmapped, ordering: .acquiringAndReleasing) }
     }
 
     /// `mremap` moved `[from, from + length)` to `to`: the host pages went with it, and so must the

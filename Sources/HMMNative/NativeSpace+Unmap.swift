@@ -13,14 +13,15 @@ import Glibc
 /// (``NativeSpace/owns(_:_:_:)``) and never moves a page out of an address that is not; what stays is
 /// a window of microseconds between that question and the remapping, in which a raw `munmap` followed
 /// at once by an `mmap` of the same address can still be replaced by a device-coherent page mapped in
-/// place. ``unmap(address:length:)`` closes it: it excludes every migration, fault resolution and
-/// eviction of the space while the host unmaps, and returns once the engine has forgotten the pages.
+/// place. ``unmap(address:length:)`` closes it: it excludes every migration, fault resolution, eviction
+/// and remapping (the event thread's too) of the space while the host unmaps, and returns once the
+/// engine has forgotten the pages.
 /// Programs that churn mappings while the engine migrates them — interposers, runtimes — call this.
 extension NativeSpace {
     /// Unmaps `[address, address + length)` (`munmap`): region pages there are dropped — their device
     /// copies freed, drivers told `unmap` — and the host mapping removed; memory outside the regions
-    /// is unmapped as `munmap` would. Takes `mmapLock` and the fault gate for writing: no migration,
-    /// fault resolution or eviction of this space runs meanwhile, so none can remap the address after
+    /// is unmapped as `munmap` would. Takes `mmapLock`, the fault gate and the remap gate for writing: no
+    /// migration, fault resolution, eviction or remapping of this space runs meanwhile, so none can remap the address after
     /// the program's own `mmap` has reused it. Do not call with `mmapLock` held, or from a
     /// driver callback.
     /// - Throws: `.invalidArgument` (unaligned, empty or wrapping), `.noProcess` after close, what
@@ -32,9 +33,11 @@ extension NativeSpace {
         try checkOpen()
         try mmapLock.withWriteLock { () throws(HMMError) in
             try faultGate.withWriteLock { () throws(HMMError) in
-                try checkOpen()
-                let rc = Sys.munmap(address, UInt64(length))
-                guard rc == 0 else { throw HMMError.system(rc, "munmap") }
+                try remapGate.withWriteLock { () throws(HMMError) in
+                    try checkOpen()
+                    let rc = Sys.munmap(address, UInt64(length))
+                    guard rc == 0 else { throw HMMError.system(rc, "munmap") }
+                }
             }
         }
         // The unmap event was read before munmap returned; it is handled once this returns.

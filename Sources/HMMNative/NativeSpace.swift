@@ -28,7 +28,8 @@ import Glibc
 ///
 /// Locking, in order: `mmapLock` (drivers hold it for reading around their phases; region changes take
 /// it for writing) → `faultGate` (held for reading around each fault resolution and eviction; a `fork`
-/// takes both for writing, `ForkRegistry`) → page-state lock bits (ascending page order) → folio
+/// takes both for writing, `ForkRegistry`) → `remapGate` (around each remapping of a region address;
+/// ``unmap(address:length:)`` takes all three for writing) → page-state lock bits (ascending page order) → folio
 /// locks → driver notifier locks; the region list, the registries and the message queues are leaves.
 /// The fault thread and the event thread take no `mmapLock`: a driver thread holding it for reading
 /// may be waiting on a fault they must resolve. In-thread fault mode (``FaultMode/inThread``) runs the
@@ -88,6 +89,13 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// Held for reading around every CPU fault resolution and eviction, and for writing by a `fork`
     /// under ``ForkPolicy/share`` (``ForkRegistry``): nothing then changes a page's word.
     let faultGate = ReadWriteLock()
+    /// Held for reading around each remapping of a region address (a coherent frame mapped in place, a
+    /// hole put back: ``mapCoherent(_:at:frame:pages:)``, ``replaceWithHole(_:at:pages:)``) — from any
+    /// thread, the event thread's included — and for writing by ``unmap(address:length:)`` around the
+    /// host's `munmap`, so no remapping's question to the host and its call straddle a program's
+    /// unmap. Taken after `mmapLock` and `faultGate`; nothing waits for another thread while holding it
+    /// for reading but the service thread's read of the remapping's own event.
+    let remapGate = ReadWriteLock()
     /// Whether the `fork` in progress holds `mmapLock` and `faultGate` (``ForkRegistry``).
     let forkHeld = Atomic<Bool>(false)
     /// Set in a forked child: this copy of the space has no threads.
@@ -543,9 +551,18 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// Drops what page `i` holds (its device or staging frame, or a split compound unit's share) and
     /// leaves it `to` (``PageState/host`` or ``PageState/unmapped``), unlocked. Waits for the page's
     /// lock. A compound unit is split first (each of its pages then holds its own reference).
-    func dropPage(_ region: NativeRegion, _ i: Int, to final: PageState) {
+    ///
+    /// Returns whether the page became unmapped here: an unmapped page stays so (its address may be
+    /// another mapping's now), and is not counted twice when its unmap event and a migration that found
+    /// the address gone (``forgetUnmapped(_:_:)``) both see it.
+    @discardableResult
+    func dropPage(_ region: NativeRegion, _ i: Int, to final: PageState) -> Bool {
         if region.state(i).isCompound { splitUnit(region, region.unitStart(i)) }
         let s = region.lock(i, unmapped: final == .unmapped)
+        if s.kind == .unmapped {
+            region.setState(i, s.unlocked)
+            return false
+        }
         switch s.kind {
         case .device, .exclusive:
             // Still mapped in place (a coherent page whose address the host kept): a hole first.
@@ -556,6 +573,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             break
         }
         region.setState(i, final)
+        return final == .unmapped
     }
 
     /// Applies the zap of locked page `i` (word `s`, zapped): `MADV_DONTNEED` dropped the page while

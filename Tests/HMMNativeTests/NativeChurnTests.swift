@@ -174,6 +174,132 @@ struct NativeChurnTests {
     }
 }
 
+extension NativeChurnTests {
+    /// The churn suite: four threads each own a slice of a region and churn it as a program does —
+    /// stores, `MADV_DONTNEED`, replacing pages with fresh memory of their own (through
+    /// ``NativeSpace/unmap(address:length:)``), `protect` to read-only and back — while two threads
+    /// migrate random runs both ways and take device-exclusive access. Every page always reads its
+    /// owner's last store, or zero after a zap or a replacement; nothing is lost, nothing resurrected.
+    @Test("churn: owners store, zap, replace and protect their slices while migrations and exclusive grants race",
+          arguments: [FaultMode.handlerThread, .inThread], [PagemapKind.devicePrivate, .deviceCoherent])
+    func churnSuite(mode: FaultMode, kind: PagemapKind) throws {
+        var options = NativeSpace.Options()
+        options.faultMode = mode
+        try withNativeSpace(options: options, kind: kind) { machine, space, gpu in
+            let owners = 4
+            let slice = 64
+            let pages = owners * slice
+            let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
+            let base = UInt(bitPattern: region.pointer)
+            for p in 0..<pages { UnsafeMutablePointer<UInt32>(bitPattern: base + UInt(p << 12))!.initialize(repeating: 0, count: 1024) }
+            let file = try gpu.open(space)
+            let deadline = ContinuousClock.now + .milliseconds(stressMillis)
+            let problems = Locked<[String]>([])
+            let replacedPages = Locked<[Int]>([])
+            let ops = Atomic<Int>(0)
+            try withWatchdog(space, [region]) {
+                let movers = (0..<2).map { t in
+                    HostThread {
+                        var rng = UInt64(31 + t) &* 0x9E37_79B9_7F4A_7C15
+                        var scratch = [UInt8](repeating: 0, count: 4 << 12)
+                        while ContinuousClock.now < deadline {
+                            rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                            let n = 1 + Int(rng >> 59) % 16
+                            let p = Int(rng >> 33) % (pages - n + 1)
+                            let a = region.address + UInt64(p) << 12
+                            switch (rng >> 20) % 5 {
+                            case 0, 1: _ = try? file.migrateToDevice(a, pages: n, into: nil)
+                            case 2, 3: _ = try? file.migrateToSystem(a, pages: n)
+                            default:
+                                if kind == .devicePrivate { _ = try? file.makeExclusive(a, pages: min(n, 4), into: &scratch) }
+                            }
+                        }
+                    }
+                }
+                let churners = (0..<owners).map { o in
+                    HostThread {
+                        var rng = UInt64(101 + o) &* 0x9E37_79B9_7F4A_7C15
+                        // What each page of the slice must read: its last store's value, 0 after a zap.
+                        var model = [UInt32](repeating: 0, count: slice)
+                        var replaced = [Bool](repeating: false, count: slice)
+                        var generation: UInt32 = UInt32(o) << 24
+                        var history = [[String]](repeating: [], count: slice)
+                        func word(_ k: Int) -> UnsafeMutablePointer<UInt32> {
+                            UnsafeMutablePointer<UInt32>(bitPattern: base + UInt((o * slice + k) << 12))!
+                        }
+                        func check(_ k: Int, _ what: String) {
+                            let w = word(k)
+                            let seen = (w[0], w[511], w[1023])
+                            if seen != (model[k], model[k], model[k]) {
+                                problems.withLock { $0.append("owner \(o) page \(o * slice + k) after \(what): read \(seen), expected \(model[k])\(replaced[k] ? " (replaced)" : ""); its last operations: \(history[k].suffix(6))") }
+                            }
+                        }
+                        while ContinuousClock.now < deadline {
+                            rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                            let k = Int(rng >> 33) % slice
+                            let p = o * slice + k
+                            let at = region.pointer + p << 12
+                            check(k, "nothing")
+                            let op = (rng >> 20) % 8
+                            history[k].append("\(op)")
+                            if history[k].count > 12 { history[k].removeFirst(6) }
+                            switch op {
+                            case 0, 1, 2:
+                                generation &+= 1
+                                let w = word(k)
+                                w[0] = generation
+                                w[511] = generation
+                                w[1023] = generation
+                                model[k] = generation
+                                check(k, "a store")
+                            case 3:
+                                _ = madvise(at, 4096, MADV_DONTNEED)
+                                model[k] = 0
+                                check(k, "MADV_DONTNEED")
+                            case 4 where !replaced[k] && (rng >> 40) % 8 == 0:
+                                do throws(HMMError) {
+                                    try space.unmap(address: region.address + UInt64(p) << 12, length: 4096)
+                                } catch {
+                                    problems.withLock { $0.append("unmap of page \(p): \(error)") }
+                                    continue
+                                }
+                                guard mmap(at, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) == at else {
+                                    problems.withLock { $0.append("page \(p): mmap(MAP_FIXED_NOREPLACE) after unmap failed, errno \(errno)") }
+                                    continue
+                                }
+                                replaced[k] = true
+                                model[k] = 0
+                                replacedPages.withLock { $0.append(p) }
+                                check(k, "replacement")
+                            case 5 where !replaced[k]:
+                                do throws(HMMError) {
+                                    try region.protect((p << 12)..<((p + 1) << 12), [.read])
+                                    check(k, "protect read-only")
+                                    try region.protect((p << 12)..<((p + 1) << 12), [.read, .write])
+                                } catch {
+                                    problems.withLock { $0.append("protect of page \(p): \(error)") }
+                                }
+                            default:
+                                break
+                            }
+                            ops.add(1, ordering: .relaxed)
+                        }
+                        for k in 0..<slice { check(k, "the end") }
+                    }
+                }
+                for t in movers { t.join() }
+                for t in churners { t.join() }
+            }
+            #expect(ops.load(ordering: .relaxed) > 0)
+            #expect(problems.withLock { Array($0.prefix(6)) } == [])
+            space.waitUntilIdle()
+            try machine.checkInvariants()
+            file.close()
+            for p in replacedPages.withLock({ $0 }) { _ = munmap(region.pointer + p << 12, 4096) }
+        }
+    }
+}
+
 /// How long a free-running race test runs (HMM_NATIVE_STRESS_MS, default 1500 ms).
 let stressMillis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
 

@@ -110,4 +110,51 @@ struct ThrashingTests {
         #expect(stats.thrashingDetected >= 1)
         #expect(hints.first == .readMostly, "the device only reads: read duplication would serve both")
     }
+
+    /// Issue 22 item 8: device kernels on a native region while a CPU thread keeps storing into other
+    /// words of the same pages. Each round trip (device fault → migration → CPU fault-back) takes longer
+    /// than UVM's 500 µs lapse here, so the timing rule never sees thrashing; forward progress must not
+    /// depend on it. A fault the device replays without progress is pinned by round count and mapped
+    /// remotely, and every kernel finishes with every increment landed.
+    @Test("device atomics racing a CPU store loop on the same pages always make progress (round-count pinning)",
+          arguments: [FaultMode.handlerThread, .inThread])
+    func starvationPinsByRoundCount(mode: FaultMode) throws {
+        if NativeSpace.unsupportedReason() != nil { return }
+        let machine = try Machine(.init(systemMemory: 64 << 20))
+        let gpu = try Accelerator(machine: machine, memory: 4 << 20)
+        var spaceOptions = NativeSpace.Options()
+        spaceOptions.faultMode = mode
+        let space = try NativeSpace(machine: machine, options: spaceOptions)
+        defer { try? space.close() }
+        let mm = try ManagedMemory(accelerator: gpu, space: .native(space), options: .init())  // UVM's 500 µs lapse
+        let pages = 4
+        let a = try mm.allocate(pages << 12)
+        let stop = Atomic<Bool>(false)
+        let cpu = HostThread {
+            var k: UInt64 = 0
+            while !stop.load(ordering: .relaxed) {
+                k &+= 1
+                // Words 64… of each page: never the device's counters (word 0 of each page).
+                a.pointer.storeBytes(of: k, toByteOffset: Int(k % UInt64(pages)) << 12 + 512, as: UInt64.self)
+            }
+        }
+        defer {
+            stop.store(true, ordering: .relaxed)
+            cpu.join()
+        }
+        let rounds = 6
+        let adds = 200
+        for _ in 0..<rounds {
+            _ = try mm.launch(items: pages, workers: 2) { (lane, item) throws(HMMError) in
+                for _ in 0..<adds { _ = try lane.atomicAdd(1, at: a.address + UInt64(item) << 12) }
+            }
+        }
+        stop.store(true, ordering: .relaxed)
+        for p in 0..<pages {
+            #expect(try a.cpuLoad(p << 9, count: 1) == [UInt64(rounds * adds)], "page \(p): every device increment landed")
+        }
+        mm.close()
+        #expect(gpu.freePages == gpu.memoryPages)
+        try machine.checkInvariants()
+    }
 }

@@ -74,7 +74,17 @@ public final class AcceleratorContext: @unchecked Sendable {
         var serviced = 0
         var failure: HMMError?
         var stopping = false
+        /// Pages whose access a worker has replayed ``AcceleratorContext/starvationReplays`` times without
+        /// getting a usable mapping: `satisfy` maps them where they are (see there).
+        var starved: Set<UInt64> = []
     }
+
+    /// Replays of one access after which its page is *starved*: each time it was migrated to the device,
+    /// the CPU took it back before the worker ran again (a ping-pong slower than any timing rule sees).
+    /// ``satisfy(_:refused:)`` then maps it remotely where it is, so every access makes progress after a
+    /// bounded number of rounds whatever the policy's clocks say — the forward-progress guarantee UVM's
+    /// thrashing pinning gives only when round trips are faster than its lapse.
+    public static let starvationReplays = 8
     let faults = Monitor(FaultState())
 
     /// What the context did, cumulative.
@@ -88,6 +98,8 @@ public final class AcceleratorContext: @unchecked Sendable {
         public var pagesToDevice = 0
         public var pagesToSystem = 0
         public var pagesMappedRemotely = 0
+        /// Of those, pages mapped remotely because their access starved (``starvationReplays``).
+        public var starvedPages = 0
         /// Device accesses that hit (loads, stores, atomics).
         public var accesses = 0
         /// Nanoseconds the fault thread spent servicing.
@@ -334,9 +346,11 @@ public final class AcceleratorContext: @unchecked Sendable {
     }
 
     /// A worker's miss: record it, wait outside the work item for the batch that services it.
-    func fault(_ address: UInt64, _ access: DeviceAccess) throws(HMMError) {
+    /// `replays`: how many times this access already faulted without progress.
+    func fault(_ address: UInt64, _ access: DeviceAccess, replays: Int) throws(HMMError) {
         let (seen, added) = faults.withLock { s -> (Int, Bool) in
             let record = DeviceFaultRecord(address: address & ~pageMask, access: access)
+            if replays >= Self.starvationReplays { s.starved.insert(record.address) }
             guard s.queued.insert(record).inserted else { return (s.serviced, false) }
             s.pending.append(record)
             return (s.serviced, true)

@@ -115,14 +115,25 @@ extension AcceleratorContext {
     /// move: pinned, shared, another device's) are mapped where they are, and a device page mapped
     /// read-only that a write wants gets its CPU mapping upgraded (breaking copy-on-write) and its
     /// entry made writable — both through `hmm_range_fault`. Without this a worker would fault on them
-    /// forever. A page the CPU took back while it migrated is left alone: its access faults again.
+    /// forever. A page the CPU took back while it migrated is left alone: its access faults again —
+    /// until it has starved (``AcceleratorContext/starvationReplays`` replays without progress), when it
+    /// too is mapped where it is, so no access depends on a timing rule to finish.
     public func satisfy(_ block: DeviceFaultBatch.Block, refused: [UInt64] = []) throws(HMMError) {
+        let starved = faults.withLock { s -> [UInt64] in
+            guard !s.starved.isEmpty else { return [] }
+            return block.pages.compactMap { p in
+                let a = block.start + UInt64(p.index) << UInt64(PageSize.shift)
+                return s.starved.remove(a)
+            }
+        }
         for (index, access) in block.pages {
             let a = block.start + UInt64(index) << UInt64(PageSize.shift)
             let m = mapping(at: a)
             if m.mapped && (m.writable || !access.writes) { continue }
-            guard (m.mapped && m.local) || refused.contains(a) else { continue }
-            _ = try mapRemote(a..<(a + UInt64(PageSize.base)), write: access.writes)
+            let starving = starved.contains(a)
+            guard (m.mapped && m.local) || refused.contains(a) || starving else { continue }
+            let n = try mapRemote(a..<(a + UInt64(PageSize.base)), write: access.writes)
+            if starving { count { $0.starvedPages += n } }
         }
     }
 }

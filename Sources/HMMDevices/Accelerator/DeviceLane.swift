@@ -57,7 +57,7 @@ public final class DeviceLane: @unchecked Sendable {
             }
             leave()
             defer { enter() }
-            try context.fault(a, access)
+            try context.fault(a, access, replays: rounds - 1)
         }
     }
 
