@@ -103,4 +103,34 @@ struct AcceleratorTests {
             for p in 0..<64 { #expect(try s.load(UInt64.self, at: a + UInt64(p) << 12) == 50) }
         }
     }
+
+    /// A servicer that moves each faulting page to the device and has it taken back at once, as a CPU
+    /// store loop on the same page does when its round trips outlast every timing rule (issue 22 item 8).
+    final class Thief: DeviceFaultServicer {
+        let stolen = Atomic<Int>(0)
+        func service(_ batch: DeviceFaultBatch, in context: AcceleratorContext) throws(HMMError) {
+            for block in batch.blocks {
+                let runs = DemandPaging.runs(block.start, block.pages.map(\.index))
+                var refused: [UInt64] = []
+                _ = try context.migrateToDevice(runs, cause: .deviceFault, refused: &refused)
+                for run in runs { stolen.add(try context.evict(run, cause: .cpuFault), ordering: .relaxed) }
+                try context.satisfy(block, refused: refused)
+            }
+        }
+    }
+
+    @Test("a fault whose page is taken back every round is mapped remotely after a bounded number of replays")
+    func starvedAccessMakesProgress() throws {
+        try withContext { m, s, ctx, a in
+            let thief = Thief()
+            ctx.servicer = thief
+            try s.store(UInt64(41), at: a)
+            _ = try ctx.launch(items: 1, workers: 1) { (lane, _) throws(HMMError) in _ = try lane.atomicAdd(1, at: a) }
+            #expect(try s.load(UInt64.self, at: a) == 42, "the device's increment landed in host memory")
+            #expect(ctx.statistics.starvedPages == 1)
+            #expect(thief.stolen.load(ordering: .relaxed) == AcceleratorContext.starvationReplays + 1,
+                    "taken back once per round until the page starved, then mapped where it is")
+            try m.checkInvariants()
+        }
+    }
 }

@@ -116,7 +116,7 @@ struct ThrashingTests {
     /// than UVM's 500 µs lapse here, so the timing rule never sees thrashing; forward progress must not
     /// depend on it. A fault the device replays without progress is pinned by round count and mapped
     /// remotely, and every kernel finishes with every increment landed.
-    @Test("device atomics racing a CPU store loop on the same pages always make progress (round-count pinning)",
+    @Test("device atomics racing a CPU store loop on the same pages finish with every increment (end to end; the round-count rule itself: AcceleratorTests)",
           arguments: [FaultMode.handlerThread, .inThread])
     func starvationPinsByRoundCount(mode: FaultMode) throws {
         if NativeSpace.unsupportedReason() != nil { return }
