@@ -237,7 +237,7 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
             switch s.kind {
             case .device:
                 let owner = space.machine.pagemap(of: s.pfn).map { ObjectIdentifier($0.owner) }
-                if space.isCoherent(s) {
+                if space.machine.deviceKind(s.pfn) == .deviceCoherent {
                     out.append(.coherent(owner: owner, huge: s.isCompound))
                 } else {
                     out.append(.device(owner: owner, huge: s.isCompound))

@@ -21,12 +21,44 @@ import Glibc
 ///
 /// Costs and limits (native-mode.md §1d): each isolated coherent page splits the region's mapping (+2
 /// host VMAs; `vm.max_map_count` bounds them — a page that cannot be mapped stays in RAM); the device
-/// mapping is `MADV_DONTFORK` under either fork policy (a child touching it gets `SIGSEGV`, never the
-/// parent's device memory shared); `makeDeviceExclusive` of a coherent page is refused.
+/// mapping is `MADV_DONTFORK` (never the parent's device memory shared with a child): under
+/// ``ForkPolicy/share`` a fork first replaces it by a hole the child gets a copy in
+/// (``unmapCoherentForFork()``); `makeDeviceExclusive` of a coherent page is refused.
 extension NativeSpace {
-    /// Whether `s` names a device-coherent frame (mapped in place at its page's address).
+    /// Whether `s` names a device-coherent frame mapped in place at its page's address (not one a fork
+    /// left copy-on-write, ``PageState/isAway``).
     @inline(__always) func isCoherent(_ s: PageState) -> Bool {
-        s.kind == .device && machine.deviceKind(s.pfn) == .deviceCoherent
+        s.kind == .device && !s.isAway && machine.deviceKind(s.pfn) == .deviceCoherent
+    }
+
+    /// `fork` under ``ForkPolicy/share`` (in `prepare`, every lock held for writing): each coherent
+    /// page mapped in place gets a registered hole instead, so the child inherits a hole the FORK
+    /// event fills with a copy of the frame — the kernel's copy-on-write of an anonymous device-coherent
+    /// page. The parent's page stays in the frame, not mapped (``PageState/isAway``), read-only to
+    /// devices, and its first CPU touch brings it to RAM. A page whose mapping the host would not
+    /// replace stays in place (the child then has no mapping there: `MADV_DONTFORK`).
+    func unmapCoherentForFork() {
+        for region in regions {
+            var i = 0
+            while i < region.pages {
+                let s = region.lock(i)
+                guard isCoherent(s) else {
+                    region.setState(i, s.unlocked)
+                    i += 1
+                    continue
+                }
+                // A compound unit goes whole.
+                let unit = s.isCompound ? PageSize.pagesPerPMD : 1
+                if s.isCompound { for j in 1..<unit { _ = region.lock(i + j) } }
+                let away = replaceWithHole(region, at: region.pageAddress(i), pages: unit) == .replaced
+                for j in 0..<unit {
+                    let w = region.state(i + j)
+                    region.setState(i + j, away
+                        ? PageState(rawValue: (w.rawValue | PageState.awayBit) & ~PageState.writableBit).unlocked : w.unlocked)
+                }
+                i += unit
+            }
+        }
     }
 
     /// Maps coherent frames `frame..<frame + pages` over the hole at `a` (pages of `region` locked by the

@@ -102,6 +102,7 @@ extension NativeSpace {
         faultGate.writeLock()
         guard options.forkPolicy == .share else { return }
         for r in regions { invalidating(r.address, r.end, .protectionPage, owner: nil) {} }
+        unmapCoherentForFork()
     }
 
     /// `parent`: the FORK event (read before `fork` returned) is handled — the child has its pages.
@@ -171,7 +172,9 @@ extension NativeSpace {
                 }
                 switch s.kind {
                 case .device where isCoherent(s):
-                    // Mapped in place, MADV_DONTFORK: the child has no mapping there (SIGSEGV on touch).
+                    // Still mapped in place (the host would not replace it at the fork), MADV_DONTFORK: the
+                    // child has no mapping there (SIGSEGV on touch). Others were made holes for the fork
+                    // (``unmapCoherentForFork()``) and are copied below like any device page.
                     flush()
                 case .device, .exclusive:
                     guard let p = try? machine.framePointer(s.pfn) else {

@@ -598,7 +598,9 @@ extension NativeSpace: MigrationEngine {
     private func remapCoherent(_ region: NativeRegion, _ i: Int, _ s: PFN, unit: Int, _ puts: inout [PFN]) {
         let a = region.pageAddress(i)
         if mapCoherent(region, at: a, frame: s, pages: unit) {
-            for j in 0..<unit { region.setState(i + j, region.state(i + j).unlocked) }
+            for j in 0..<unit {
+                region.setState(i + j, PageState(rawValue: region.state(i + j).rawValue & ~PageState.awayBit).unlocked)
+            }
             return
         }
         for j in 0..<unit { region.setState(i + j, PageState.host.locked) }

@@ -17,6 +17,9 @@ import HMM
 ///           and zaps afterwards. A present page so marked is never taken out of the process
 ///           (collected for migration, made exclusive): its bytes would outlive the zap. Cleared when
 ///           a fault fills the page (the host saw the hole) or a collection finds it a hole.
+/// bit  8    away (device words of a coherent frame only): not mapped in place — a `.share` fork gave
+///           the child a copy, and the parent's page became copy-on-write; its first CPU touch brings
+///           it to RAM, as the kernel's write to a COW-shared device-coherent page does
 /// bits 12-  PFN: the device frame (device), the staging frame (exclusive), else 0
 /// ```
 ///
@@ -39,6 +42,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     static let compoundBit: UInt64 = 1 << 5
     static let zappedBit: UInt64 = 1 << 6
     static let zapPendingBit: UInt64 = 1 << 7
+    static let awayBit: UInt64 = 1 << 8
     static let pfnShift: UInt64 = 12
 
     static let host = PageState(rawValue: 0)
@@ -57,6 +61,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
     var isCompound: Bool { rawValue & Self.compoundBit != 0 }
     var isZapped: Bool { rawValue & Self.zappedBit != 0 }
     var isZapPending: Bool { rawValue & Self.zapPendingBit != 0 }
+    var isAway: Bool { rawValue & Self.awayBit != 0 }
     var pfn: PFN { PFN(rawValue >> Self.pfnShift) }
 
     /// The same word with the lock bit set.
@@ -66,7 +71,7 @@ struct PageState: RawRepresentable, Hashable, Sendable, CustomStringConvertible 
 
     var description: String {
         "\(kind)\(isMigrating ? " migrating" : "")\(isWritable ? " w" : "")\(isCompound ? " compound" : "")\(isZapped ? " zapped" : "")"
-            + (isZapPending ? " zap-pending" : "")
+            + (isZapPending ? " zap-pending" : "") + (isAway ? " away" : "")
             + (pfn.rawValue != 0 ? " \(pfn)" : "")
     }
 }

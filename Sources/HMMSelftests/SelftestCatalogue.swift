@@ -30,13 +30,6 @@ enum SelftestCatalogue {
     static let nativeCoherentIsShared =
         "coherent pages are mapped in place from a shared-memory file natively, and the host refuses MADV_FREE on shared mappings (EINVAL)"
 
-    /// Why the fork cases fail in the coherent variant natively: an in-place coherent mapping is
-    /// `MADV_DONTFORK` under every fork policy (a shared mapping would share the child's stores with
-    /// the parent), so a forked child has no mapping there, where the kernel gives it a copy-on-write
-    /// copy, and the parent's later stores land in place instead of breaking copy-on-write to RAM.
-    static let nativeCoherentNotInherited =
-        "natively a coherent page is mapped in place MADV_DONTFORK, so a forked child has no mapping there (EFAULT) and the parent's stores stay in device memory, where the kernel copy-on-writes both"
-
     /// Why T7 fails natively: shared anonymous memory is not registered (it cannot migrate: T16's
     /// ENOENT), so it has no frames a device file could reach.
     static let nativeSharedIsUnreachable =
@@ -60,7 +53,7 @@ enum SelftestCatalogue {
         hmm("anon_read_prot", anonReadProt),
         hmm("anon_write", anonWrite),
         hmm("anon_write_prot", anonWriteProt),
-        hmm("anon_write_child", nativeKnownFailures: [.deviceCoherent: nativeCoherentNotInherited], forks: true, anonWriteChild),
+        hmm("anon_write_child", forks: true, anonWriteChild),
         hmm("anon_write_child_shared",
             nativeKnownFailures: [.devicePrivate: nativeSharedIsUnreachable, .deviceCoherent: nativeSharedIsUnreachable], forks: true,
             anonWriteChildShared),
@@ -85,7 +78,7 @@ enum SelftestCatalogue {
         hmm("exclusive_mprotect", exclusiveMprotect),
         hmm("exclusive_cow", forks: true, exclusiveCOW),
         hmm("hmm_gup_test", gupTest),
-        hmm("hmm_cow_in_device", nativeKnownFailures: [.deviceCoherent: nativeCoherentNotInherited], forks: true, cowInDevice),
+        hmm("hmm_cow_in_device", forks: true, cowInDevice),
         hmm("migrate_anon_huge_empty", migrateAnonHugeEmpty),
         hmm("migrate_anon_huge_zero", migrateAnonHugeZero),
         hmm("migrate_anon_huge_free", nativeKnownFailures: [.deviceCoherent: nativeCoherentIsShared], migrateAnonHugeFree),
