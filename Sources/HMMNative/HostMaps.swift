@@ -14,10 +14,10 @@ enum HostMaps {
         let end: UInt64
         let protection: Protection
         let shared: Bool
-        /// The device:inode field is 0 (anonymous, or a special mapping such as `[stack]`).
-        let noInode: Bool
         /// The inode column (0 for anonymous memory).
         let inode: UInt64
+        /// The inode field is 0 (anonymous, or a special mapping such as `[stack]`).
+        var noInode: Bool { inode == 0 }
         /// The path column: empty, `[heap]`, `[stack]`, `[anon:name]`, a file.
         let path: String
 
@@ -59,7 +59,6 @@ enum HostMaps {
             if perms[2] == UInt8(ascii: "x") { protection.insert(.execute) }
             let path = fields.count > 5 ? String(decoding: fields[5], as: UTF8.self) : ""
             out.append(Entry(start: start, end: end, protection: protection, shared: perms[3] == UInt8(ascii: "s"),
-                             noInode: String(decoding: fields[4], as: UTF8.self) == "0",
                              inode: UInt64(String(decoding: fields[4], as: UTF8.self)) ?? 0, path: path))
         }
         return out

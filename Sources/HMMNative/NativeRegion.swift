@@ -18,6 +18,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
     /// The largest region: 64 GiB. A region names its pages in a host-window pagemap, and a pagemap
     /// holds at most 2^24 frames.
     public static let maximumLength = Pagemap.maximumFrames << PageSize.shift
+    /// ``maximumLength`` in words, for the errors that refuse more.
+    static let maximumLengthDescription = "64 GiB (a region's host window names at most 2^24 pages)"
 
     /// The space the region belongs to.
     public let space: NativeSpace

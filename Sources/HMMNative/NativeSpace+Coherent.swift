@@ -164,6 +164,16 @@ extension NativeSpace {
         case hole
         /// A coherent frame mapped in place: shared memory registered with the userfaultfd.
         case coherent
+
+        /// Whether a probe's answer (no event pending) says the range is this: anonymous memory refuses
+        /// `UFFDIO_CONTINUE` with `EINVAL`; a coherent frame's page is in its file (`EEXIST`) or was
+        /// never written (a zero page is put there).
+        func accepts(_ rc: Int32) -> Bool {
+            switch self {
+            case .hole: return rc == -EINVAL
+            case .coherent: return rc >= 0 || rc == -EEXIST
+            }
+        }
     }
 
     /// Whether `[a, a + bytes)` is still the engine's, as `expected`, with no unmap, remap or remove of
@@ -177,28 +187,28 @@ extension NativeSpace {
     /// anyway — and never maps the frame's bytes for a toucher waiting on the page. A range the probe
     /// cannot answer whole (it spans host mappings) is asked page by page.
     func owns(_ a: UInt64, _ bytes: UInt64, _ expected: ExpectedMapping) -> Bool {
-        func answer(_ rc: Int32) -> Bool {
-            switch expected {
-            case .hole: return rc == -EINVAL
-            case .coherent: return rc >= 0 || rc == -EEXIST
-            }
-        }
         let rc = probe(a, bytes, expected)
-        if rc != -ENOENT || bytes == Sys.page { return answer(rc) }
+        if rc != -ENOENT || bytes == Sys.page { return expected.accepts(rc) }
         var p = a
         while p < a + bytes {
-            if !answer(probe(p, Sys.page, expected)) { return false }
+            if !expected.accepts(probe(p, Sys.page, expected)) { return false }
             p += Sys.page
         }
         return true
     }
 
+    /// The probe of ``owns(_:_:_:)``, asked once: `EAGAIN` while an event is queued unread (callers
+    /// inside ``enterInstall()`` must not wait for the reader, so they take this answer as it is).
+    func probeOnce(_ a: UInt64, _ bytes: UInt64, _ expected: ExpectedMapping) -> Int32 {
+        switch expected {
+        case .hole: return Sys.continueMapping(uffd, a, bytes)
+        case .coherent: return Sys.zeropage(uffd, a, bytes, dontWake: true)
+        }
+    }
+
     /// The probe of ``owns(_:_:_:)``: its result once no event is pending.
     func probe(_ a: UInt64, _ bytes: UInt64, _ expected: ExpectedMapping) -> Int32 {
-        switch expected {
-        case .hole: return retryingAgain { Sys.continueMapping(uffd, a, bytes) }
-        case .coherent: return retryingAgain { Sys.zeropage(uffd, a, bytes, dontWake: true) }
-        }
+        retryingAgain { probeOnce(a, bytes, expected) }
     }
 
     /// A remapping landed on `[a, a + bytes)` after the program had unmapped it: unmaps it again if the

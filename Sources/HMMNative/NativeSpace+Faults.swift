@@ -134,7 +134,7 @@ extension NativeSpace {
                     events.drain()
                     continue
                 }
-                _ = fillUnclaimed(a, write: write)
+                _ = fillZeros(a, write: write)
                 _ = Sys.wake(uffd, a, Sys.page)
                 return true
             }
@@ -181,10 +181,12 @@ extension NativeSpace {
         }
     }
 
-    /// A touch of registered memory no region claims — the tail an `mremap` grew a region by (its remap
-    /// event names the old length only): zeros, as anonymous memory reads. False if the host says the
-    /// address is not registered memory at all (the fault is then not the engine's).
-    func fillUnclaimed(_ a: UInt64, write: Bool) -> Bool {
+    /// Fills the hole at `a` with zeros, as `do_anonymous_page` gives — the zero page for a read, a
+    /// fresh zeroed page for a write — without waking the toucher. Used for a region's first touch and
+    /// for registered memory no region claims (the tail an `mremap` grew a region by: its remap event
+    /// names the old length only). False if the host says the address is not registered memory at all
+    /// (the fault is then not the engine's); `EEXIST` (someone filled it) counts as filled.
+    func fillZeros(_ a: UInt64, write: Bool) -> Bool {
         let zerosAddress = UInt64(UInt(bitPattern: zeros))
         let rc = retryingAgain {
             write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
@@ -198,7 +200,7 @@ extension NativeSpace {
     /// toucher is not woken: the caller wakes it once the page is unlocked.
     private func zeroFill(_ a: UInt64, write: Bool) {
         statistics.count(\.zeroFills)
-        _ = fillUnclaimed(a, write: write)
+        _ = fillZeros(a, write: write)
     }
 
     /// `do_huge_pmd_anonymous_page` natively: the first write to an empty 2 MiB unit of a huge-advised

@@ -84,8 +84,8 @@ extension NativeSpace {
     /// held off — else `EAGAIN` (an event is queued unread) or `ENOENT` (not the region's any more, or
     /// the range spans host mappings).
     private func probeInInstall(_ a: UInt64, _ bytes: UInt64) -> Int32 {
-        let rc = Sys.continueMapping(uffd, a, bytes)
-        return rc == -EINVAL ? 0 : rc == -EAGAIN ? -EAGAIN : -ENOENT
+        let rc = probeOnce(a, bytes, .hole)
+        return ExpectedMapping.hole.accepts(rc) ? 0 : rc == -EAGAIN ? -EAGAIN : -ENOENT
     }
 
     /// Lets the service thread read what is queued (called outside ``enterInstall()``).

@@ -53,7 +53,7 @@ enum InThreadFaults {
         // Registered memory no region claims (the grown tail of an mremap): zeros, as the fault thread
         // gives; the host refuses any address that is not registered, and the signal is then not ours.
         for space in spaces.live where !space.hasExited && !space.forkedAway.load(ordering: .acquiring) {
-            if space.fillUnclaimed(address & ~PageSize.baseMask, write: write) { return true }
+            if space.fillZeros(address & ~PageSize.baseMask, write: write) { return true }
         }
         return false
     }

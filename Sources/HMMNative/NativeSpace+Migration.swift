@@ -161,17 +161,13 @@ extension NativeSpace: MigrationEngine {
             while end < ks.count && ks[end] == ks[end - 1] + 1 && c.region.protection(page: c.first + ks[end]) == protection {
                 end += 1
             }
-            let first = ks[start]
-            switch replaceWithHole(c.region, at: m.start + UInt64(first) << UInt64(PageSize.shift), pages: end - start) {
-            case .replaced:
-                break
-            case .gone where end - start > 1:
+            let run = ks[start..<end]
+            let outcome = replaceWithHole(c.region, at: m.start + UInt64(run.first!) << UInt64(PageSize.shift), pages: run.count)
+            if outcome == .gone && run.count > 1 {
                 // Some page of the run is no longer the region's: page by page.
-                for k in ks[start..<end] { collectCoherent(m, c, k) }
-            case .gone:
-                c.gone.append(first)
-            case .refused:
-                uncollect(m, c, ks[start..<end])
+                for k in run { collectCoherent(m, c, k) }
+            } else {
+                settleCollection(m, c, run, outcome)
             }
             start = end
         }
@@ -179,10 +175,16 @@ extension NativeSpace: MigrationEngine {
 
     /// One collected coherent page `k`: a hole in place of its mapping, or gone, or not collected.
     private func collectCoherent(_ m: MigrateVMA, _ c: NativeMigration, _ k: Int) {
-        switch replaceWithHole(c.region, at: m.start + UInt64(k) << UInt64(PageSize.shift), pages: 1) {
+        settleCollection(m, c, k..<(k + 1), replaceWithHole(c.region, at: m.start + UInt64(k) << UInt64(PageSize.shift), pages: 1))
+    }
+
+    /// What a hole replacement means for the collected coherent pages `ks`: collected (replaced), gone
+    /// (they end unmapped at finalize), or not collected (refused).
+    private func settleCollection<C: Collection<Int>>(_ m: MigrateVMA, _ c: NativeMigration, _ ks: C, _ outcome: HoleReplacement) {
+        switch outcome {
         case .replaced: break
-        case .gone: c.gone.append(k)
-        case .refused: uncollect(m, c, k..<(k + 1))
+        case .gone: c.gone.append(contentsOf: ks)
+        case .refused: uncollect(m, c, ks)
         }
     }
 

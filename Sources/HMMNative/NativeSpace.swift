@@ -306,7 +306,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
                          populate: Bool = false) throws(HMMError) -> NativeRegion {
         try checkOpen()
         guard length > 0, length % PageSize.base == 0, length <= NativeRegion.maximumLength else {
-            throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to 64 GiB (a region's host window names at most 2^24 pages)")
+            throw HMMError(.invalidArgument, "region length \(length) is not a positive multiple of 4 KiB up to \(NativeRegion.maximumLengthDescription)")
         }
         let bytes = UInt64(length)
         // The host may hand out an address an unmapped region had: its events must be handled first.
@@ -364,7 +364,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         guard length > 0, length % PageSize.base == 0, length <= NativeRegion.maximumLength, address % Sys.page == 0,
             address <= UInt64.max - UInt64(length)
         else {
-            throw HMMError(.invalidArgument, "adopt: \(length) bytes at \(address) is not a page-aligned range of up to 64 GiB (a region's host window names at most 2^24 pages)")
+            throw HMMError(.invalidArgument, "adopt: \(length) bytes at \(address) is not a page-aligned range of up to \(NativeRegion.maximumLengthDescription)")
         }
         let end = address + UInt64(length)
         if let stack = Self.callingThreadStack(), stack.lowerBound < end && address < stack.upperBound {

@@ -19,9 +19,7 @@ struct NativeChurnTests {
     @Test("MADV_DONTNEED racing migrations both ways: the page reads zero after madvise returns, never its old bytes",
           arguments: [FaultMode.handlerThread, .inThread])
     func dontNeedNeverResurrects(mode: FaultMode) throws {
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode)) { machine, space, gpu in
             let pages = 32
             let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
             let file = try gpu.open(space)
@@ -80,9 +78,7 @@ struct NativeChurnTests {
     @Test("coherent pages mapped in place never land on memory the program unmapped and mapped afresh",
           arguments: [FaultMode.handlerThread, .inThread], [true, false])
     func coherentNeverMapsOverFreshMemory(mode: FaultMode, routed: Bool) throws {
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options, kind: .deviceCoherent) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode), kind: .deviceCoherent) { machine, space, gpu in
             let pages = 1024
             let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
             fill(region, seed: 5)
@@ -183,9 +179,7 @@ extension NativeChurnTests {
     @Test("churn: owners store, zap, replace and protect their slices while migrations and exclusive grants race",
           arguments: [FaultMode.handlerThread, .inThread], [PagemapKind.devicePrivate, .deviceCoherent])
     func churnSuite(mode: FaultMode, kind: PagemapKind) throws {
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options, kind: kind) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode), kind: kind) { machine, space, gpu in
             let owners = 4
             let slice = 64
             let pages = owners * slice

@@ -14,9 +14,7 @@ import Glibc
 struct NativeCoherentTests {
     @Test("pages migrated to a coherent device are read and written in place, with no CPU fault", arguments: [FaultMode.handlerThread, .inThread])
     func coherentInPlace(mode: FaultMode) throws {
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options, kind: .deviceCoherent) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode), kind: .deviceCoherent) { machine, space, gpu in
             let region = try space.allocate(length: 1 << 20, hugePages: false, populate: true)
             fill(region, seed: 41)
             let file = try gpu.open(space)

@@ -109,9 +109,7 @@ struct NativeConcurrencyTests {
           arguments: [FaultMode.handlerThread, .inThread])
     func twoThreadStress(mode: FaultMode) throws {
         let millis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode)) { machine, space, gpu in
             let pages = 256
             let region = try space.allocate(length: pages << 12, hugePages: false, populate: true)
             let file = try gpu.open(space)

@@ -64,9 +64,7 @@ struct NativeLifecycleTests {
     /// in-thread it used to be answered "not ours" and the process died of SIGBUS.
     @Test("the grown tail of an mremapped region reads zeros and takes stores", arguments: [FaultMode.handlerThread, .inThread])
     func grownTailReadsZeros(mode: FaultMode) throws {
-        var options = NativeSpace.Options()
-        options.faultMode = mode
-        try withNativeSpace(options: options) { machine, space, gpu in
+        try withNativeSpace(options: .init(faultMode: mode)) { machine, space, gpu in
             let region = try space.allocate(length: 8 << 12, hugePages: false, populate: true)
             fill(region, seed: 9)
             let file = try gpu.open(space)

@@ -42,6 +42,14 @@ func withNativeSpace(
     try machine.checkInvariants()
 }
 
+extension NativeSpace.Options {
+    /// The default options with fault mode `mode`.
+    init(faultMode mode: FaultMode) {
+        self.init()
+        faultMode = mode
+    }
+}
+
 /// Fills a region with a per-page pattern: word `i` of the region is `seed &+ i`.
 func fill(_ region: NativeRegion, seed: UInt32) {
     let words = region.pointer.bindMemory(to: UInt32.self, capacity: region.length / 4)
