@@ -57,6 +57,7 @@ struct NativeLifecycleTests {
         // Nothing was left behind: the machine takes a space afterwards.
         let space = try NativeSpace(machine: machine)
         try space.close()
+        try machine.checkInvariants()
     }
 
     /// Item 5: `mremap` growing a region: the host's remap event names the old length only, so the
