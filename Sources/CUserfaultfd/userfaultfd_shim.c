@@ -361,3 +361,8 @@ cu_fault_hook cu_set_fault_hook(cu_fault_hook hook) {
 }
 
 int cu_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int cu_open_direct(const char *path, int flags) {
+    int fd = open(path, flags | O_DIRECT | O_CLOEXEC, 0600);
+    return fd < 0 ? -errno : fd;
+}

@@ -94,6 +94,8 @@ extension NativeSpace {
         guard !hasExited else { return }
         mmapLock.writeLock()
         forkHeld.store(true, ordering: .relaxed)
+        // The child shares every P2PDMA mapping, and this space cannot see the child's unmaps.
+        detachP2PMappings(forget: false)
     }
 
     /// `prepare`, second step: the fault gate, then `protectionPage` for every region.

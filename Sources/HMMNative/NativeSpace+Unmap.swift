@@ -19,8 +19,9 @@ import Glibc
 /// Programs that churn mappings while the engine migrates them — interposers, runtimes — call this.
 extension NativeSpace {
     /// Unmaps `[address, address + length)` (`munmap`): region pages there are dropped — their device
-    /// copies freed, drivers told `unmap` — and the host mapping removed; memory outside the regions
-    /// is unmapped as `munmap` would. Takes `mmapLock`, the fault gate and the remap gate for writing: no
+    /// copies freed, drivers told `unmap` — and the host mapping removed; P2PDMA pages there give their
+    /// frames back to the pool (``mapP2PMemory(_:length:protection:flags:offset:)``); other memory is
+    /// unmapped as `munmap` would. Takes `mmapLock`, the fault gate and the remap gate for writing: no
     /// migration, fault resolution, eviction or remapping of this space runs meanwhile, so none can remap the address after
     /// the program's own `mmap` has reused it. Do not call with `mmapLock` held, or from a
     /// driver callback.
@@ -37,6 +38,7 @@ extension NativeSpace {
                     try checkOpen()
                     let rc = Sys.munmap(address, UInt64(length))
                     guard rc == 0 else { throw HMMError.system(rc, "munmap") }
+                    forgetP2PMappings(address, address + UInt64(length))
                 }
             }
         }

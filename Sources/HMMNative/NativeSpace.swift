@@ -113,6 +113,9 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     let installing = Atomic<Int>(0)
     /// The UNMAP events the engine's own remappings raise (device-coherent pages in place).
     let selfUnmaps = SelfUnmaps()
+    /// P2PDMA memory mapped into the process (``mapP2PMemory(_:length:protection:flags:offset:)``).
+    /// Guarded by `mmapLock`.
+    var p2pMappings: [P2PMappingRecord] = []
     private var threads: [HostThread] = []
     /// The callbacks of the regions' host windows (never called for a window's frames).
     let windowOperations = HostWindowOperations()
@@ -741,6 +744,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             let lost = evictAll()
             mmapLock.withWriteLock {
                 closedFlag.store(true, ordering: .releasing)
+                detachP2PMappings(forget: true)
                 invalidating(0, 0x8000_0000_0000, .release, owner: nil) {}
                 for r in regions {
                     _ = Sys.unregister(uffd, r.address, UInt64(r.length))

@@ -98,3 +98,17 @@ func waitChild(_ pid: pid_t, seconds: Int = 30) -> Int32? {
     return nil
 }
 
+
+/// Asserts that `body` throws an ``HMMError`` with `code`.
+func expectNativeError<R>(
+    _ code: HMMError.Code, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> R
+) {
+    do {
+        _ = try body()
+        Issue.record("expected \(code), nothing was thrown", sourceLocation: sourceLocation)
+    } catch let error as HMMError {
+        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("expected HMMError.\(code), got \(error)", sourceLocation: sourceLocation)
+    }
+}

@@ -127,6 +127,9 @@ long cu_self_write(void *dst, const void *src, size_t len);
 int cu_thread_stack(uint64_t *lo, uint64_t *size);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t cu_now_ns(void);
+/// open(path, flags | O_DIRECT | O_CLOEXEC, 0600): the descriptor, or -errno. O_DIRECT's value is
+/// per-architecture and not visible to Swift.
+int cu_open_direct(const char *path, int flags);
 
 /// Reads the byte at `p` in the calling thread and reports instead of dying: 0 with the byte in *out,
 /// or the signal number (SIGBUS, SIGSEGV) the read raised, with its si_code in *code. The probe's

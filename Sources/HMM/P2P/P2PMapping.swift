@@ -22,15 +22,8 @@ extension AddressSpace {
         _ provider: P2PProvider, length: Int, protection: Protection = [.read, .write], flags: MapFlags = .shared,
         offset: Int = 0
     ) throws(HMMError) -> UInt64 {
-        guard length > 0, length <= 1 << 40 else { throw .invalid("p2pmem mmap length \(length) out of range") }
-        guard !flags.contains(.private) else { throw .invalid("p2pmem: attempted private mapping") }
-        guard flags.contains(.shared), flags.isSubset(of: [.shared, .populate]) else {
-            throw .invalid("p2pmem mmap needs MAP_SHARED and no other flags except MAP_POPULATE")
-        }
-        guard offset == 0 else { throw .invalid("p2pmem mmap offset \(offset) must be 0") }
-        guard protection.rawValue & ~7 == 0 else { throw .invalid("unknown protection bits \(protection.rawValue)") }
-        guard provider.machine === machine else { throw .invalid("\(provider) belongs to another machine") }
-        let pages = (length + PageSize.base - 1) >> PageSize.shift
+        let pages = try provider.checkMapping(length: length, protection: protection, flags: flags, offset: offset,
+                                              machine: machine)
         let len = UInt64(pages) << UInt64(PageSize.shift)
         mmapLock.writeLock()
         defer { mmapLock.unlock() }
@@ -75,5 +68,26 @@ extension AddressSpace {
         }
         machine.statistics.count(.p2pPagesMapped, pages)
         return start
+    }
+}
+
+extension P2PProvider {
+    /// `p2pmem_alloc_mmap`'s checks of an `mmap` of the `allocate` file, for every engine: returns the
+    /// number of pages to map.
+    /// - Throws: `.invalidArgument` (zero or oversized length, a private mapping, a nonzero offset, other
+    ///   flags or protection bits, a mapper of another machine).
+    @_spi(Engine)
+    public func checkMapping(
+        length: Int, protection: Protection, flags: MapFlags, offset: Int, machine: Machine
+    ) throws(HMMError) -> Int {
+        guard length > 0, length <= 1 << 40 else { throw .invalid("p2pmem mmap length \(length) out of range") }
+        guard !flags.contains(.private) else { throw .invalid("p2pmem: attempted private mapping") }
+        guard flags.contains(.shared), flags.isSubset(of: [.shared, .populate]) else {
+            throw .invalid("p2pmem mmap needs MAP_SHARED and no other flags except MAP_POPULATE")
+        }
+        guard offset == 0 else { throw .invalid("p2pmem mmap offset \(offset) must be 0") }
+        guard protection.rawValue & ~7 == 0 else { throw .invalid("unknown protection bits \(protection.rawValue)") }
+        guard self.machine === machine else { throw .invalid("\(self) belongs to another machine") }
+        return (length + PageSize.base - 1) >> PageSize.shift
     }
 }

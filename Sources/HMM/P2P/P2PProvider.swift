@@ -14,11 +14,13 @@ import Synchronization
 /// after every lockless walker that could still see the old entry has left — so GUP-fast can never
 /// return a page that was handed to someone else meanwhile, and nobody waits for a grace period.
 ///
-/// ``unbind(timeout:progress:)`` stops new mappings and allocations, revokes every user mapping, then
-/// waits (bounded, with progress reports) for pins and in-kernel allocations to be released.
+/// ``unbind(timeout:progress:)`` stops new mappings and allocations, revokes every user mapping —
+/// simulated spaces' and real processes' (``P2PHostMemory``) — then waits (bounded, with progress
+/// reports) for pins and in-kernel allocations to be released.
 ///
-/// Locking: the provider's state lock is a leaf (pool, flags, cache); unbind takes each mapper's
-/// `mmapLock` with no other lock held.
+/// Locking: the provider's state lock is a leaf (pool, flags, cache); the host-mapping lock
+/// (``P2PHostMappings``) is taken before it; unbind takes each mapper's `mmapLock` with no other lock
+/// held, then the host-mapping lock.
 public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomStringConvertible {
     /// The device whose BARs back the memory.
     public let function: PCIFunction
@@ -37,10 +39,13 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
     private let state = Locked(State())
     /// Serializes unbinds (a second caller waits for the first, then finds the provider removed).
     private let unbindLock = Locked(())
+    /// Pages real processes map (the native engine's `p2pmem` mappings).
+    let hostMappings = P2PHostMappings()
 
     init(function: PCIFunction, machine: Machine) {
         self.function = function
         self.machine = machine
+        machine.addReferenceHolder(hostMappings)
     }
 
     public var description: String { "p2pmem of \(function)" }
@@ -213,7 +218,8 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
     // MARK: unbind
 
     /// Removes the provider (device unbind): stops new mappings and allocations, revokes every user
-    /// mapping of the `allocate` file (`unmap_mapping_range`; a later touch gets `SIGBUS`), then waits
+    /// mapping of the `allocate` file (`unmap_mapping_range`; a later touch gets `SIGBUS`) in simulated
+    /// spaces and real processes (``P2PHostMemory``: a system call there fails with `EFAULT`), then waits
     /// until every page is back in the pool — mappings' pages after their grace period, pinned pages
     /// after unpin, in-kernel allocations after free — and unregisters the pagemaps.
     ///
@@ -249,6 +255,13 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
                 revoked += n
                 if n > 0 && machine.events.isObserving {
                     machine.events.publish(.revoke(RevokeEvent(reason: .peerUnbind, space: space.id, address: 0, pages: 0,
+                                                               mappings: n, timestamp: monotonicNanoseconds())))
+                }
+            }
+            for (space, n) in revokeHostMappings().sorted(by: { $0.key < $1.key }) {
+                revoked += n
+                if machine.events.isObserving {
+                    machine.events.publish(.revoke(RevokeEvent(reason: .peerUnbind, space: space, address: 0, pages: 0,
                                                                mappings: n, timestamp: monotonicNanoseconds())))
                 }
             }

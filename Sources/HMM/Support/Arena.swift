@@ -27,16 +27,7 @@ final class Arena: @unchecked Sendable {
     /// allocated on first touch, as for an anonymous arena.
     /// - Throws: `.outOfMemory` if the host refuses the object or the mapping.
     init(sharedByteCount byteCount: Int, what: String) throws(HMMError) {
-        var fd: Int32 = -1
-        for attempt in 0..<64 where fd < 0 {
-            let name = "/swift-hmm-\(getpid())-\(Arena.sharedSerial.add(1, ordering: .relaxed).newValue)-\(attempt)"
-            fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-            if fd >= 0 { shm_unlink(name) } else if errno != EEXIST { break }
-        }
-        guard fd >= 0, ftruncate(fd, off_t(byteCount)) == 0 else {
-            if fd >= 0 { close(fd) }
-            throw HMMError(.outOfMemory, "cannot create \(byteCount) bytes of shared memory for \(what)")
-        }
+        let fd = try Arena.sharedMemoryFile(byteCount: byteCount, what: what)
         let p = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
         guard let p, p != MAP_FAILED else {
             close(fd)
@@ -49,6 +40,22 @@ final class Arena: @unchecked Sendable {
     }
 
     private static let sharedSerial = Atomic<Int>(0)
+
+    /// A fresh, unlinked POSIX shared-memory object (tmpfs) of `byteCount` zero bytes, close-on-exec.
+    /// - Throws: `.outOfMemory` if the host refuses it.
+    static func sharedMemoryFile(byteCount: Int, what: String) throws(HMMError) -> Int32 {
+        var fd: Int32 = -1
+        for attempt in 0..<64 where fd < 0 {
+            let name = "/swift-hmm-\(getpid())-\(Arena.sharedSerial.add(1, ordering: .relaxed).newValue)-\(attempt)"
+            fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd >= 0 { shm_unlink(name) } else if errno != EEXIST { break }
+        }
+        guard fd >= 0, ftruncate(fd, off_t(byteCount)) == 0 else {
+            if fd >= 0 { close(fd) }
+            throw HMMError(.outOfMemory, "cannot create \(byteCount) bytes of shared memory for \(what)")
+        }
+        return fd
+    }
 
     /// - Throws: `.outOfMemory` if the host refuses the reservation.
     init(byteCount: Int, what: String) throws(HMMError) {
