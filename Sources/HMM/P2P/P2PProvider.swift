@@ -15,11 +15,11 @@ import Synchronization
 /// return a page that was handed to someone else meanwhile, and nobody waits for a grace period.
 ///
 /// ``unbind(timeout:progress:)`` stops new mappings and allocations, revokes every user mapping —
-/// simulated spaces' and real processes' (``P2PHostMemory``) — then waits (bounded, with progress
+/// simulated spaces' and real processes' (`P2PHostMemory`) — then waits (bounded, with progress
 /// reports) for pins and in-kernel allocations to be released.
 ///
 /// Locking: the provider's state lock is a leaf (pool, flags, cache); the host-mapping lock
-/// (``P2PHostMappings``) is taken before it; unbind takes each mapper's `mmapLock` with no other lock
+/// (`P2PHostMappings`) is taken before it; unbind takes each mapper's `mmapLock` with no other lock
 /// held, then the host-mapping lock.
 public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomStringConvertible {
     /// The device whose BARs back the memory.
@@ -219,7 +219,7 @@ public final class P2PProvider: PagemapOperations, @unchecked Sendable, CustomSt
 
     /// Removes the provider (device unbind): stops new mappings and allocations, revokes every user
     /// mapping of the `allocate` file (`unmap_mapping_range`; a later touch gets `SIGBUS`) in simulated
-    /// spaces and real processes (``P2PHostMemory``: a system call there fails with `EFAULT`), then waits
+    /// spaces and real processes (`P2PHostMemory`: a system call there fails with `EFAULT`), then waits
     /// until every page is back in the pool — mappings' pages after their grace period, pinned pages
     /// after unpin, in-kernel allocations after free — and unregisters the pagemaps.
     ///
