@@ -25,6 +25,9 @@ let package = Package(
         .target(name: "ManagedMemory", dependencies: ["HMM", "HMMDevices", "HMMNative"]),
         .target(name: "HMMMetrics", dependencies: ["HMM", .product(name: "CoreMetrics", package: "swift-metrics")]),
         .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
+        // libhmm: the C interface (Sources/CHMM/include/hmm.h) implemented in Swift (HMMC).
+        .target(name: "CHMM", exclude: ["libhmm.map"]),
+        .target(name: "HMMC", dependencies: ["CHMM", "HMM", "HMMDevices", "HMMNative"]),
         .executableTarget(
             name: "hmm",
             dependencies: [
@@ -42,6 +45,17 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// libhmm.so for C programs (c/build runs this with HMM_LIBHMM set): the Swift standard library linked in
+// statically, so a C program needs no Swift runtime on its library path, and only the `hmm_*` functions
+// exported (Sources/CHMM/libhmm.map). A plain build compiles HMMC without making the library.
+if Context.environment["HMM_LIBHMM"] != nil {
+    package.products.append(.library(name: "hmm-c", type: .dynamic, targets: ["HMMC"]))
+    let map = Context.packageDirectory + "/Sources/CHMM/libhmm.map"
+    package.targets.first { $0.name == "HMMC" }!.linkerSettings = [
+        .unsafeFlags(["-static-stdlib", "-Xlinker", "--version-script=" + map, "-Xlinker", "-soname=libhmm.so"]),
+    ]
+}
 
 // The DocC catalogues (Sources/*/Documentation.docc) build with swift-docc-plugin, which is added only when
 // HMM_DOCS is set (as .ci/docs does), so a plain build never fetches it:
