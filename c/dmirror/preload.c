@@ -24,13 +24,16 @@
 #include <fcntl.h>
 #include <link.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <malloc.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* The test_hmm ioctl ABI (lib/test_hmm_uapi.h): _IOWR('H', n, struct of five __u64). */
@@ -108,6 +111,10 @@ __attribute__((constructor)) static void dm_init(void) {
     dl_iterate_phdr(find_lib, (void *)(uintptr_t)&hmm_api_version);
 }
 
+static void after_fork_child(void);
+
+__attribute__((constructor)) static void dm_install_fork_hook(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
 static int from_engine(void *caller) {
     uintptr_t a = (uintptr_t)caller;
     return a >= lib_lo && a < lib_hi;
@@ -127,9 +134,73 @@ static struct {
 } files[DM_MAX_FILES];
 static int nfiles;
 
+/*
+ * Every libhmm call runs on the interposer's own thread, never on the program's: glibc gives that
+ * thread an arena of its own, so the engine never allocates from the program's heap. (The driver's
+ * copy_to_user of a MIGRATE_TO_DEV writes whole pages to the mirror pointer, and hmm-tests passes a
+ * 7-byte malloc there in `snapshot`: the overrun lands in the program's heap, as on a real kernel, and
+ * must not land in ours.)
+ */
+struct job {
+    void (*fn)(struct job *);
+    int rc;
+    uint64_t a, b, c, d;
+    void *p;
+    hmm_mirror *mirror;
+    unsigned long request;
+    struct dm_cmd *cmd;
+    int done;
+};
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_posted = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
+static struct job *pending;
+static pthread_t worker;
+static int worker_running;
+static pid_t worker_pid;
+
+static void *work(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&job_lock);
+    for (;;) {
+        while (!pending) pthread_cond_wait(&job_posted, &job_lock);
+        struct job *j = pending;
+        pending = NULL;
+        pthread_mutex_unlock(&job_lock);
+        j->fn(j);
+        pthread_mutex_lock(&job_lock);
+        j->done = 1;
+        pthread_cond_broadcast(&job_done);
+    }
+    return NULL;
+}
+
+/* Runs `j` on the worker (started on first use in each process) and waits for it. */
+static void run(struct job *j) {
+    pthread_mutex_lock(&job_lock);
+    if (!worker_running || worker_pid != getpid()) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old); /* the program's signals stay the program's */
+        worker_running = pthread_create(&worker, NULL, work, NULL) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        worker_pid = getpid();
+        if (!worker_running) {
+            pthread_mutex_unlock(&job_lock);
+            j->rc = -EAGAIN;
+            return;
+        }
+        pthread_detach(worker);
+    }
+    while (pending) pthread_cond_wait(&job_done, &job_lock);
+    j->done = 0;
+    pending = j;
+    pthread_cond_signal(&job_posted);
+    while (!j->done) pthread_cond_wait(&job_done, &job_lock);
+    pthread_mutex_unlock(&job_lock);
+}
+
 /* A fork's child inherits the parent's handles but not its engine: forget them (never used). */
-static void after_fork_child(void) {
-    pthread_mutex_init(&lock, NULL);
+static void forget_engine(void) {
     engine_pid = 0;
     machine = NULL;
     space = NULL;
@@ -137,17 +208,22 @@ static void after_fork_child(void) {
     nfiles = 0;
 }
 
+static void after_fork_child(void) {
+    pthread_mutex_init(&lock, NULL);
+    pthread_mutex_init(&job_lock, NULL);
+    pthread_cond_init(&job_posted, NULL);
+    pthread_cond_init(&job_done, NULL);
+    pending = NULL;
+    worker_running = 0;
+    forget_engine();
+}
+
 static int engine_running(void) { return space != NULL && engine_pid == getpid(); }
 
 /* Starts this process's engine; 0 or -errno. Called with `lock` held. */
 static int start_engine(void) {
     if (engine_running()) return 0;
-    static int atfork_installed;
-    if (!atfork_installed) {
-        pthread_atfork(NULL, NULL, after_fork_child);
-        atfork_installed = 1;
-    }
-    after_fork_child();
+    forget_engine();
     const char *mem = getenv("HMM_DMIRROR_MEMORY_MB");
     uint64_t mb = mem ? strtoull(mem, NULL, 10) : 512;
     int rc = hmm_machine_create(mb << 20, &machine);
@@ -183,12 +259,9 @@ static int device_minor(const char *path) {
     return n[0] - '0';
 }
 
-/* open() of a device node: a descriptor of /dev/null stands for the open file. */
-static int open_device(int minor) {
-    if (minor < 0 || minor >= DM_DEVICES) {
-        errno = ENOENT;
-        return -1;
-    }
+/* open() of a device node: a descriptor of /dev/null stands for the open file. On the worker. */
+static void job_open(struct job *j) {
+    int minor = (int)j->a;
     pthread_mutex_lock(&lock);
     int rc = start_engine();
     int fd = -1;
@@ -209,11 +282,21 @@ static int open_device(int minor) {
         nfiles++;
     }
     pthread_mutex_unlock(&lock);
-    if (rc) {
-        errno = -rc;
+    j->rc = rc ? rc : fd;
+}
+
+static int open_device(int minor) {
+    if (minor < 0 || minor >= DM_DEVICES) {
+        errno = ENOENT;
         return -1;
     }
-    return fd;
+    struct job j = {.fn = job_open, .a = (uint64_t)minor};
+    run(&j);
+    if (j.rc < 0) {
+        errno = -j.rc;
+        return -1;
+    }
+    return j.rc;
 }
 
 static int mode_of(int flags, va_list ap) {
@@ -250,6 +333,8 @@ int openat(int dirfd, const char *path, int flags, ...) {
     return real_openat(dirfd, path, flags, mode);
 }
 
+static void job_close(struct job *j) { j->rc = hmm_mirror_close(j->mirror); }
+
 int close(int fd) {
     if (!from_engine(__builtin_return_address(0))) {
         pthread_mutex_lock(&lock);
@@ -260,7 +345,10 @@ int close(int fd) {
             files[i] = files[--nfiles];
         }
         pthread_mutex_unlock(&lock);
-        if (m) hmm_mirror_close(m);
+        if (m) {
+            struct job j = {.fn = job_close, .mirror = m};
+            run(&j);
+        }
     }
     return real_close(fd);
 }
@@ -309,19 +397,23 @@ static void adopt_range(uint64_t addr, uint64_t len) {
     }
 }
 
+static void job_allocate(struct job *j) {
+    hmm_region *r;
+    uint64_t l;
+    j->rc = hmm_region_allocate(space, j->a, (int)j->b, -1, (int)j->c, &r);
+    if (j->rc == 0) j->rc = hmm_region_range(r, &j->d, &l);
+}
+
 static void *map_anonymous(void *addr, size_t len, int prot, int flags, int fd, off_t off,
                            void *(*real)(void *, size_t, int, int, int, off_t), void *caller) {
     int plain = (flags & (MAP_PRIVATE | MAP_ANONYMOUS)) == (MAP_PRIVATE | MAP_ANONYMOUS) &&
                 !(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_HUGETLB | MAP_GROWSDOWN | MAP_STACK | MAP_SHARED)) &&
                 addr == NULL && len > 0 && (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC)) == 0;
     if (plain && !from_engine(caller) && engine_running()) {
-        hmm_region *r;
-        uint64_t length = (len + PAGE - 1) & ~(PAGE - 1);
-        if (hmm_region_allocate(space, length, prot, -1, (flags & MAP_POPULATE) != 0, &r) == 0) {
-            uint64_t a, l;
-            hmm_region_range(r, &a, &l);
-            return (void *)(uintptr_t)a;
-        }
+        struct job j = {.fn = job_allocate, .a = (len + PAGE - 1) & ~(PAGE - 1), .b = (uint64_t)prot,
+                        .c = (flags & MAP_POPULATE) != 0};
+        run(&j);
+        if (j.rc == 0) return (void *)(uintptr_t)j.d;
     }
     return real(addr, len, prot, flags, fd, off);
 }
@@ -334,9 +426,13 @@ void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
     return map_anonymous(addr, len, prot, flags, fd, off, real_mmap64, __builtin_return_address(0));
 }
 
+static void job_unmap(struct job *j) { j->rc = hmm_space_unmap(space, j->a, j->b); }
+
 int munmap(void *addr, size_t len) {
     if (!from_engine(__builtin_return_address(0)) && engine_running() && ((uintptr_t)addr & (PAGE - 1)) == 0 && len > 0) {
-        int rc = hmm_space_unmap(space, (uint64_t)(uintptr_t)addr, (len + PAGE - 1) & ~(PAGE - 1));
+        struct job j = {.fn = job_unmap, .a = (uint64_t)(uintptr_t)addr, .b = (len + PAGE - 1) & ~(PAGE - 1)};
+        run(&j);
+        int rc = j.rc;
         if (rc == 0) return 0;
         if (rc != -EINVAL) {
             errno = -rc;
@@ -356,14 +452,27 @@ static hmm_region *region_of(void *addr, size_t len, uint64_t *offset) {
     return r;
 }
 
+/* mprotect() of region memory through the engine; 1 if [p, p + a) is not inside one region. */
+static void job_protect(struct job *j) {
+    uint64_t off;
+    hmm_region *r = region_of(j->p, j->a, &off);
+    j->rc = r ? hmm_region_protect(r, off, j->a, (int)j->b) : 1;
+}
+
+/* MADV_(NO)HUGEPAGE of region memory through the engine; 1 if not inside one region. */
+static void job_advise(struct job *j) {
+    uint64_t off;
+    hmm_region *r = region_of(j->p, j->a, &off);
+    j->rc = r ? hmm_region_advise_huge(r, off, j->a, (int)j->b) : 1;
+}
+
 int mprotect(void *addr, size_t len, int prot) {
     if (!from_engine(__builtin_return_address(0)) && engine_running() && len > 0 && ((uintptr_t)addr & (PAGE - 1)) == 0) {
-        uint64_t off;
-        hmm_region *r = region_of(addr, (len + PAGE - 1) & ~(PAGE - 1), &off);
-        if (r) {
-            int rc = hmm_region_protect(r, off, (len + PAGE - 1) & ~(PAGE - 1), prot);
-            if (rc == 0) return 0;
-            errno = -rc;
+        struct job j = {.fn = job_protect, .p = addr, .a = (len + PAGE - 1) & ~(PAGE - 1), .b = (uint64_t)prot};
+        run(&j);
+        if (j.rc == 0) return 0;
+        if (j.rc != 1) {
+            errno = -j.rc;
             return -1;
         }
     }
@@ -373,12 +482,11 @@ int mprotect(void *addr, size_t len, int prot) {
 int madvise(void *addr, size_t len, int advice) {
     if ((advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE) && !from_engine(__builtin_return_address(0)) &&
         engine_running() && len > 0 && ((uintptr_t)addr & (PAGE - 1)) == 0) {
-        uint64_t off;
-        hmm_region *r = region_of(addr, (len + PAGE - 1) & ~(PAGE - 1), &off);
-        if (r) {
-            int rc = hmm_region_advise_huge(r, off, (len + PAGE - 1) & ~(PAGE - 1), advice == MADV_HUGEPAGE);
-            if (rc == 0) return 0;
-            errno = -rc;
+        struct job j = {.fn = job_advise, .p = addr, .a = (len + PAGE - 1) & ~(PAGE - 1), .b = advice == MADV_HUGEPAGE};
+        run(&j);
+        if (j.rc == 0) return 0;
+        if (j.rc != 1) {
+            errno = -j.rc;
             return -1;
         }
     }
@@ -387,41 +495,104 @@ int madvise(void *addr, size_t len, int advice) {
 
 /* ---- the ioctl ABI ------------------------------------------------------------------------- */
 
+/* The start of the brk heap ("[heap]" in /proc/self/maps; its end is sbrk(0)): a mirror pointer inside it is a
+ * malloc chunk (see copy_to_user). 0 if not known yet; found again in each process that starts an engine. */
+static uintptr_t heap_lo;
+
+static void find_heap(void) {
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (!maps) return;
+    char line[512];
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long lo, hi;
+        if (strstr(line, "[heap]") && sscanf(line, "%lx-%lx", &lo, &hi) == 2) {
+            heap_lo = lo;
+            break;
+        }
+    }
+    fclose(maps);
+}
+
+/* The driver's copy_to_user: -EFAULT where the program has no writable memory. One deviation: a pointer
+ * into the brk heap gets at most its malloc chunk's usable size. The kernel overruns a short buffer
+ * into the program's heap (hmm-tests' `snapshot` migrates a page into a 7-byte malloc); whether the
+ * program survives that then depends on what its heap holds next, and under the interposer it holds
+ * more than under the kernel. */
+static int copy_to_user(uint64_t to, const void *from, size_t n) {
+    if (!heap_lo) find_heap();
+    if (heap_lo && (uintptr_t)to >= heap_lo && (uintptr_t)to < (uintptr_t)sbrk(0) && (to & 15) == 0) {
+        size_t room = malloc_usable_size((void *)(uintptr_t)to);
+        if (room > 0 && room < n) n = room;
+    }
+    struct iovec local = {.iov_base = (void *)from, .iov_len = n};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)to, .iov_len = n};
+    return process_vm_writev(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -EFAULT;
+}
+
+/* The driver's copy_from_user. */
+static int copy_from_user(void *to, uint64_t from, size_t n) {
+    struct iovec local = {.iov_base = to, .iov_len = n};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)from, .iov_len = n};
+    return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -EFAULT;
+}
+
+/* One command, as dmirror_fops_unlocked_ioctl runs it: the mirror buffer goes through a bounce buffer
+ * copied from or to the program's pointer. Runs on the worker. */
 static int command(hmm_mirror *m, unsigned long request, struct dm_cmd *cmd) {
     struct hmm_mirror_result r = {0, 0};
-    void *ptr = (void *)(uintptr_t)cmd->ptr;
     int rc;
+    size_t bytes = 0;
     switch (request) {
     case DM_READ:
     case DM_WRITE:
     case DM_MIGRATE_TO_DEV:
-    case DM_MIGRATE_TO_SYS:
-    case DM_SNAPSHOT:
     case DM_EXCLUSIVE:
-    case DM_CHECK_EXCLUSIVE:
-        if (cmd->npages > 0 && cmd->npages < (1UL << 34)) adopt_range(cmd->addr, cmd->npages * PAGE);
+        bytes = cmd->npages * PAGE;
         break;
+    case DM_SNAPSHOT:
+        bytes = cmd->npages;
+        break;
+    case DM_MIGRATE_TO_SYS:
+    case DM_CHECK_EXCLUSIVE:
     case DM_RELEASE:
         break;
     default:
         return -EINVAL;
     }
+    if (request != DM_RELEASE) {
+        /* The driver's entry check, before anything is copied: a page-aligned, non-empty, non-wrapping range. */
+        if ((cmd->addr & (PAGE - 1)) || cmd->npages == 0 || cmd->npages > (UINT64_MAX - cmd->addr) / PAGE) return -EINVAL;
+        adopt_range(cmd->addr, cmd->npages * PAGE);
+    }
+    void *bounce = NULL;
+    if (bytes) {
+        bounce = malloc(bytes);
+        if (!bounce) return -ENOMEM;
+    }
+    if (request == DM_WRITE && copy_from_user(bounce, cmd->ptr, bytes)) {
+        free(bounce);
+        return -EFAULT;
+    }
     switch (request) {
-    case DM_READ: rc = hmm_mirror_read(m, cmd->addr, cmd->npages, ptr, &r); break;
-    case DM_WRITE: rc = hmm_mirror_write(m, cmd->addr, cmd->npages, ptr, &r); break;
-    case DM_MIGRATE_TO_DEV: rc = hmm_mirror_migrate_to_device(m, cmd->addr, cmd->npages, ptr, &r); break;
+    case DM_READ: rc = hmm_mirror_read(m, cmd->addr, cmd->npages, bounce, &r); break;
+    case DM_WRITE: rc = hmm_mirror_write(m, cmd->addr, cmd->npages, bounce, &r); break;
+    case DM_MIGRATE_TO_DEV: rc = hmm_mirror_migrate_to_device(m, cmd->addr, cmd->npages, bounce, &r); break;
     case DM_MIGRATE_TO_SYS: rc = hmm_mirror_migrate_to_system(m, cmd->addr, cmd->npages, &r); break;
-    case DM_SNAPSHOT: rc = hmm_mirror_snapshot(m, cmd->addr, cmd->npages, ptr, &r); break;
-    case DM_EXCLUSIVE: rc = hmm_mirror_exclusive(m, cmd->addr, cmd->npages, ptr, &r); break;
+    case DM_SNAPSHOT: rc = hmm_mirror_snapshot(m, cmd->addr, cmd->npages, bounce, &r); break;
+    case DM_EXCLUSIVE: rc = hmm_mirror_exclusive(m, cmd->addr, cmd->npages, bounce, &r); break;
     case DM_CHECK_EXCLUSIVE: rc = hmm_mirror_check_exclusive(m, cmd->addr, cmd->npages); break;
     default: rc = hmm_mirror_release(m); break;
     }
+    if (rc == 0 && bytes && request != DM_WRITE) rc = copy_to_user(cmd->ptr, bounce, bytes);
+    free(bounce);
     if (rc == 0) {
         cmd->cpages = r.cpages;
         cmd->faults = r.faults;
     }
     return rc;
 }
+
+static void job_command(struct job *j) { j->rc = command(j->mirror, j->request, j->cmd); }
 
 int ioctl(int fd, unsigned long request, ...) {
     va_list ap;
@@ -441,7 +612,9 @@ int ioctl(int fd, unsigned long request, ...) {
             /* The driver copies the command in and out (copy_from_user/copy_to_user). */
             struct dm_cmd cmd;
             memcpy(&cmd, arg, sizeof cmd);
-            int rc = command(m, request, &cmd);
+            struct job j = {.fn = job_command, .mirror = m, .request = request, .cmd = &cmd};
+            run(&j);
+            int rc = j.rc;
             if (rc) {
                 errno = -rc;
                 return -1;
