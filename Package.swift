@@ -27,7 +27,9 @@ let package = Package(
         .target(name: "HMMSelftests", dependencies: ["HMM", "HMMDevices", "HMMNative", "CUserfaultfd"]),
         // libhmm: the C interface (Sources/CHMM/include/hmm.h) implemented in Swift (HMMC).
         .target(name: "CHMM", exclude: ["libhmm.map"]),
-        .target(name: "HMMC", dependencies: ["CHMM", "HMM", "HMMDevices", "HMMNative"]),
+        .target(name: "HMMC", dependencies: [
+            "CHMM", "HMM", "HMMDevices", "HMMNative", .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(
             name: "hmm",
             dependencies: [

@@ -1,6 +1,7 @@
 import CHMM
 import HMM
 import HMMNative
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,6 +16,8 @@ public func hmmSpaceCreate(
         let out = try output(out, "space")
         let (machine, machineID) = try HandleTable.shared.lookup(machineHandle, .machine, as: Machine.self)
         var o = NativeSpace.Options()
+        // A library never writes to its host program's stderr: the engine's log goes nowhere.
+        o.logger = Logger(label: "swift-hmm.native", factory: { _ in SwiftLogNoOpLogHandler() })
         if let options {
             guard options.pointee.size >= UInt32(MemoryLayout<hmm_space_options>.size) else {
                 throw CError(EINVAL, "hmm_space_options.size \(options.pointee.size) is smaller than this version's struct")
