@@ -65,6 +65,15 @@ extension NativeSpace {
             let run = found.map { r in
                 r.protectionRun(from: r.index(a), limit: min(r.pages, r.index(range.end + PageSize.baseMask)))
             }
+            if found == nil, let (foreign, mapping) = try foreignMapping(containing: a) {
+                let stop = min(foreign.end, nextRegionStart(after: a, before: range.end))
+                if let need = try walkForeign(foreign, mapping, from: a, to: stop, rangeStart: range.start, mask: mask,
+                                              defaultFlags: dflt, words) {
+                    return need
+                }
+                a = stop
+                continue
+            }
             guard let region = found, let run, run.protection.contains(.read) else {
                 let stop = found.flatMap { r in run.map { min(r.pageAddress($0.end), range.end) } }
                     ?? nextRegionStart(after: a, before: range.end)

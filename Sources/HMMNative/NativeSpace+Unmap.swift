@@ -36,6 +36,7 @@ extension NativeSpace {
             try faultGate.withWriteLock { () throws(HMMError) in
                 try remapGate.withWriteLock { () throws(HMMError) in
                     try checkOpen()
+                    forgetForeignWindows(address, address + UInt64(length))
                     let rc = Sys.munmap(address, UInt64(length))
                     guard rc == 0 else { throw HMMError.system(rc, "munmap") }
                     forgetP2PMappings(address, address + UInt64(length))

@@ -116,6 +116,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// P2PDMA memory mapped into the process (``mapP2PMemory(_:length:protection:flags:offset:)``).
     /// Guarded by `mmapLock`.
     var p2pMappings: [P2PMappingRecord] = []
+    /// Host mappings outside the regions that devices walked (``foreignMapping(containing:)``).
+    let foreignWindows = Locked<[ForeignWindow]>([])
     private var threads: [HostThread] = []
     /// The callbacks of the regions' host windows (never called for a window's frames).
     let windowOperations = HostWindowOperations()
@@ -696,7 +698,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
     /// Calls `body(address, categories)` for every page of `[lo, hi)` (`PAGEMAP_SCAN` categories:
     /// present, zero page, huge, swapped — a poison marker).
     func scan(_ lo: UInt64, _ hi: UInt64, _ body: (UInt64, UInt64) throws(HMMError) -> Void) throws(HMMError) {
-        let mask = UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE | CU_PAGE_IS_SWAPPED)
+        let mask = UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE | CU_PAGE_IS_SWAPPED | CU_PAGE_IS_FILE)
         try withUnsafeTemporaryAllocation(of: cu_page_region.self, capacity: 64) { (vec) throws(HMMError) in
             var a = lo
             while a < hi {
@@ -745,6 +747,7 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
             mmapLock.withWriteLock {
                 closedFlag.store(true, ordering: .releasing)
                 detachP2PMappings(forget: true)
+                dropForeignWindows()
                 invalidating(0, 0x8000_0000_0000, .release, owner: nil) {}
                 for r in regions {
                     _ = Sys.unregister(uffd, r.address, UInt64(r.length))

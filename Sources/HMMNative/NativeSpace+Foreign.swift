@@ -1,0 +1,129 @@
+import CUserfaultfd
+import HMM
+@_spi(Engine) import HMM
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Memory the engine does not manage, seen by a device: shared anonymous memory, file mappings (shared
+/// or private), hugetlb memory, private anonymous memory that is no region. The kernel's
+/// `hmm_range_fault` walks any VMA; a driver reads, writes and snapshots such memory through the page
+/// table like anonymous memory, and only migration is refused. The engine does the same:
+/// ``rangeFault(_:)`` names such a mapping's pages in a *foreign window* — a host-window pagemap over
+/// the host mapping, found in `/proc/self/maps` — reports present pages from `PAGEMAP_SCAN` with the
+/// mapping's protection (a private file page not yet copied is read-only, a hugetlb page has map order
+/// 9), and faults absent pages in with `MADV_POPULATE_READ`/`WRITE` from the caller's thread, as the
+/// kernel's walk faults them. A driver's copies through a window are the kernel's user copies: an
+/// address unmapped meanwhile fails the copy, it never crashes the process.
+///
+/// The host sends no event when such memory is unmapped (it is not registered). ``unmap(address:length:)``
+/// tells the notifiers (`unmap`) before the host unmaps, so devices drop what they mapped there; a raw
+/// `munmap` is seen only by the next walk, which finds the mapping changed and names it afresh.
+///
+/// Windows are kept per host mapping (each takes one of the machine's pagemap slots) until the mapping
+/// changes or is unmapped through the engine, or the space closes. Guarded by their own lock, a leaf.
+extension NativeSpace {
+    /// A host mapping named for devices.
+    struct ForeignWindow {
+        let start: UInt64
+        let end: UInt64
+        let window: Pagemap
+    }
+
+    /// A readable host mapping outside every region containing `a`, with its window (made now if the
+    /// mapping has none or has changed), its protection and whether it is private file memory; nil
+    /// where nothing readable is mapped.
+    func foreignMapping(containing a: UInt64) throws(HMMError) -> (ForeignWindow, HostMaps.Entry)? {
+        guard let e = HostMaps.entries(overlapping: a, a + 1).first, e.start <= a, e.protection.contains(.read) else {
+            return nil
+        }
+        let existing = foreignWindows.withLock { list -> ForeignWindow? in
+            list.first { $0.start == e.start && $0.end == e.end }
+        }
+        if let existing { return (existing, e) }
+        let pages = Int((e.end - e.start) >> UInt64(PageSize.shift))
+        guard pages <= NativeRegion.maximumLength >> PageSize.shift else {
+            throw HMMError(.fault, "hmm_range_fault: the host mapping at \(a) is larger than \(NativeRegion.maximumLengthDescription)")
+        }
+        let frames = (pages + PageSize.pagesPerPMD - 1) / PageSize.pagesPerPMD * PageSize.pagesPerPMD
+        let window = try machine.registerHostWindow(base: UnsafeMutableRawPointer(bitPattern: UInt(e.start))!,
+                                                    count: frames, owner: self, operations: windowOperations)
+        let fresh = ForeignWindow(start: e.start, end: e.end, window: window)
+        // Windows of mappings that overlap this one are stale: the host mapping there changed.
+        let stale = foreignWindows.withLock { list -> [ForeignWindow] in
+            let old = list.filter { $0.start < e.end && e.start < $0.end }
+            list.removeAll { $0.start < e.end && e.start < $0.end }
+            list.append(fresh)
+            return old
+        }
+        for w in stale { try? machine.unregisterPagemap(w.window) }
+        return (fresh, e)
+    }
+
+    /// One walk over `[a, stop)` of a foreign mapping (``RangeRequest`` semantics of ``rangeFault(_:)``):
+    /// fills the words; returns the first page that must be faulted in.
+    func walkForeign(
+        _ foreign: ForeignWindow, _ mapping: HostMaps.Entry, from a: UInt64, to stop: UInt64, rangeStart: UInt64,
+        mask: UInt64, defaultFlags: UInt64, _ words: UnsafeMutablePointer<UInt64>
+    ) throws(HMMError) -> (UInt64, Bool)? {
+        let mayFault = (mask | defaultFlags) & HMMPFN.requestFault != 0
+        let writableVMA = mapping.protection.contains(.write)
+        let privateFile = !mapping.shared && !mapping.noInode
+        var need: (UInt64, Bool)?
+        try scan(a, stop) { (b, cat) throws(HMMError) in
+            guard need == nil else { return }
+            let k = Int((b - rangeStart) >> UInt64(PageSize.shift))
+            let req = mayFault ? (words[k] & mask) | defaultFlags : 0
+            let wantWrite = req & HMMPFN.requestWrite != 0
+            if wantWrite && !writableVMA { throw HMMError(.permission, "hmm_range_fault: write to read-only \(b)") }
+            var out: UInt64 = 0
+            if cat & UInt64(CU_PAGE_IS_PRESENT) != 0 {
+                let isZero = cat & UInt64(CU_PAGE_IS_PFNZERO) != 0
+                let isHuge = cat & UInt64(CU_PAGE_IS_HUGE) != 0
+                // A private file page not yet copied is mapped read-only, as the zero page is.
+                let readOnly = isZero || (privateFile && cat & UInt64(CU_PAGE_IS_FILE) != 0)
+                if wantWrite && readOnly {
+                    need = (b, true)
+                    return
+                }
+                let pfn: PFN
+                if isZero {
+                    pfn = isHuge ? machine.hugeZeroPFN + Int((b & PageSize.pmdMask) >> UInt64(PageSize.shift)) : machine.zeroPFN
+                } else {
+                    pfn = foreign.window.firstPFN + Int((b - foreign.start) >> UInt64(PageSize.shift))
+                }
+                out = HMMPFN.valid | (writableVMA && !readOnly ? HMMPFN.write : 0) | pfn.rawValue
+                    | (isHuge ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
+            } else if req & HMMPFN.requestFault != 0 {
+                need = (b, wantWrite)
+                return
+            }
+            words[k] = words[k] & HMMPFN.inOut | out
+        }
+        return need
+    }
+
+    /// ``unmap(address:length:)``'s part for foreign windows: if `[lo, hi)` touches one, the notifiers
+    /// hear `unmap` for the range (devices drop what they mapped there) and the windows it touches are
+    /// dropped. Requires `mmapLock` held for writing, before the host unmaps.
+    func forgetForeignWindows(_ lo: UInt64, _ hi: UInt64) {
+        let touched = foreignWindows.withLock { list -> [ForeignWindow] in
+            let hit = list.filter { $0.start < hi && lo < $0.end }
+            list.removeAll { $0.start < hi && lo < $0.end }
+            return hit
+        }
+        guard !touched.isEmpty else { return }
+        invalidating(lo, hi, .unmap, owner: nil) {}
+        for w in touched { try? machine.unregisterPagemap(w.window) }
+    }
+
+    /// Every foreign window goes (at close).
+    func dropForeignWindows() {
+        let all = foreignWindows.withLock { list -> [ForeignWindow] in
+            defer { list = [] }
+            return list
+        }
+        for w in all { try? machine.unregisterPagemap(w.window) }
+    }
+}
