@@ -30,11 +30,6 @@ enum SelftestCatalogue {
     static let nativeCoherentIsShared =
         "coherent pages are mapped in place from a shared-memory file natively, and the host refuses MADV_FREE on shared mappings (EINVAL)"
 
-    /// Why T7 fails natively: shared anonymous memory is not registered (it cannot migrate: T16's
-    /// ENOENT), so it has no frames a device file could reach.
-    static let nativeSharedIsUnreachable =
-        "shared anonymous memory is not registered natively (it cannot migrate: migrate_shared's ENOENT), so the child's device cannot write it: EFAULT"
-
     /// Why T36 fails in the coherent variant, here as with `lib/test_hmm.c`: a coherent dmirror has one
     /// fixed chunk of order-0 pages and cannot add a chunk of 2 MiB folios, so the THP is split on its way
     /// to the device; the FAIL_ALLOC set before MIGRATE_TO_SYS then meets an order-0 device page, which
@@ -54,9 +49,7 @@ enum SelftestCatalogue {
         hmm("anon_write", anonWrite),
         hmm("anon_write_prot", anonWriteProt),
         hmm("anon_write_child", forks: true, anonWriteChild),
-        hmm("anon_write_child_shared",
-            nativeKnownFailures: [.devicePrivate: nativeSharedIsUnreachable, .deviceCoherent: nativeSharedIsUnreachable], forks: true,
-            anonWriteChildShared),
+        hmm("anon_write_child_shared", forks: true, anonWriteChildShared),
         hmm("anon_write_huge", anonWriteHuge),
         hmm("anon_write_hugetlbfs", anonWriteHugetlbfs),
         hmm("file_read", fileRead),
