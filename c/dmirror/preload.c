@@ -418,12 +418,45 @@ static void *map_anonymous(void *addr, size_t len, int prot, int flags, int fd, 
     return real(addr, len, prot, flags, fd, off);
 }
 
+/* mmap() of a device fd (dmirror_fops_mmap): every page a fresh zeroed driver page inserted at once
+ * (vm_insert_page). Here the pages are a memfd's, faulted in: in a private mapping they are mapped
+ * read-only until written, as the kernel maps inserted pages in a copy-on-write mapping. */
+static void *map_device(void *addr, size_t len, int prot, int flags, off_t off) {
+    if (len == 0 || off != 0) {
+        errno = EINVAL;
+        return MAP_FAILED;
+    }
+    int memfd = memfd_create("hmm_dmirror", MFD_CLOEXEC);
+    if (memfd < 0) return MAP_FAILED;
+    void *p = MAP_FAILED;
+    if (ftruncate(memfd, (off_t)((len + PAGE - 1) & ~(PAGE - 1))) == 0) {
+        p = real_mmap(addr, len, prot, flags & ~MAP_ANONYMOUS, memfd, 0);
+        if (p != MAP_FAILED && (prot & PROT_READ)) real_madvise(p, len, MADV_POPULATE_READ);
+    }
+    int saved = errno;
+    real_close(memfd);
+    errno = saved;
+    return p;
+}
+
+static int is_device_fd(int fd) {
+    if (fd < 0) return 0;
+    pthread_mutex_lock(&lock);
+    int found = engine_running() && file_index(fd) >= 0;
+    pthread_mutex_unlock(&lock);
+    return found;
+}
+
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    return map_anonymous(addr, len, prot, flags, fd, off, real_mmap, __builtin_return_address(0));
+    void *caller = __builtin_return_address(0);
+    if (!from_engine(caller) && !(flags & MAP_ANONYMOUS) && is_device_fd(fd)) return map_device(addr, len, prot, flags, off);
+    return map_anonymous(addr, len, prot, flags, fd, off, real_mmap, caller);
 }
 
 void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    return map_anonymous(addr, len, prot, flags, fd, off, real_mmap64, __builtin_return_address(0));
+    void *caller = __builtin_return_address(0);
+    if (!from_engine(caller) && !(flags & MAP_ANONYMOUS) && is_device_fd(fd)) return map_device(addr, len, prot, flags, off);
+    return map_anonymous(addr, len, prot, flags, fd, off, real_mmap64, caller);
 }
 
 static void job_unmap(struct job *j) { j->rc = hmm_space_unmap(space, j->a, j->b); }
