@@ -23,12 +23,12 @@ struct Bench: ParsableCommand {
     @Option(help: "With the migration group: write an SVG plot of GB/s against buffer size to this file.")
     var svg: String?
 
-    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), native (the native engine on this process's memory through userfaultfd), events (what the event stream costs: no subscriber vs one), managed (fault batching, worker scaling, prefetch per workload), or all of core and device (default).")
+    @Argument(help: "What to run: core, device, migration (the kernel's benchmark_thp_migration table), p2p (peer memory: mapping, unbind, exit with deferred vs synchronous retirement), native (the native engine on this process's memory through userfaultfd), events (what the event stream costs: no subscriber vs one), managed (fault batching, worker scaling, prefetch per workload), c-abi (a libhmm call against the same Swift call, and a process start under hmm dmirror; needs c/build), or all of core and device (default).")
     var group: String?
 
     func validate() throws {
-        guard group == nil || ["core", "device", "migration", "p2p", "native", "events", "managed"].contains(group!) else {
-            throw ValidationError("unknown benchmark group \(group!): use core, device, migration, p2p, native, events or managed")
+        guard group == nil || ["core", "device", "migration", "p2p", "native", "events", "managed", "c-abi"].contains(group!) else {
+            throw ValidationError("unknown benchmark group \(group!): use core, device, migration, p2p, native, events, managed or c-abi")
         }
         if svg != nil && group != "migration" {
             throw ValidationError("--svg plots the migration table: use it with `hmm bench migration`")
@@ -52,6 +52,8 @@ struct Bench: ParsableCommand {
             try eventBenchmarks(report, reps: reps, quick: quick)
         case "managed":
             try managedBenchmarks(report, reps: reps, quick: quick)
+        case "c-abi":
+            try cABIBenchmarks(report, reps: reps, quick: quick)
         default:
             if group == nil || group == "core" {
                 let m = try Machine(.init(systemMemory: 1 << 30, hugetlbPages: 0))
