@@ -42,8 +42,11 @@ extension NativeSpace: MigrationEngine {
     /// as a bare `migrate` entry, a device page of the owner as its device frame.
     /// Memory the engine does not manage (shared or file mappings of the process) collects nothing, as
     /// the kernel collects no page of a VMA that is not private anonymous.
-    /// - Throws: `.invalidArgument` (an unmapped range, the range leaves its region, the region is not
-    ///   readable), `.noProcess` after close.
+    /// The VMA's protection does not matter, as for the kernel's `migrate_vma_setup`: a CPU fault's
+    /// migration and a device's eviction bring pages home whatever the program's `mprotect` says (a
+    /// driver that wants readable memory, as `test_hmm`'s ioctls do, checks the VMA itself).
+    /// - Throws: `.invalidArgument` (an unmapped range, the range leaves its region), `.noProcess` after
+    ///   close.
     public func migrateSetup(_ m: MigrateVMA) throws(HMMError) {
         try checkOpen()
         guard let region = region(containing: m.start) else {
@@ -55,9 +58,6 @@ extension NativeSpace: MigrationEngine {
         }
         guard m.end <= region.end else {
             throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) leaves its native region")
-        }
-        guard region.allow(.read, region.index(m.start)..<region.index(m.end + PageSize.baseMask)) else {
-            throw HMMError(.invalidArgument, "migrate_vma: \(m.start)..<\(m.end) is not all readable")
         }
         let n = m.engineSource.count
         let context = NativeMigration(region: region, first: region.index(m.start), count: n,

@@ -159,4 +159,25 @@ struct NativeLifecycleTests {
             }
         }
     }
+
+    /// Found by the C interface's fuzz: a device evicting the pages of a region the program made
+    /// inaccessible poisoned them. The kernel's eviction (`migrate_device_range`) ignores the VMA's
+    /// protection; the bytes must come home and read back once the program allows reads again.
+    @Test("device pages of a region without read access come home on eviction, never poisoned",
+          arguments: [Protection(), [.write], [.execute]])
+    func evictionIgnoresProtection(protection: Protection) throws {
+        try withNativeSpace { machine, space, gpu in
+            let region = try space.allocate(length: 8 << 12, hugePages: false, populate: true)
+            fill(region, seed: 5)
+            let file = try gpu.open(space)
+            #expect(try file.migrateToDevice(region.address, pages: 8, into: nil).cpages == 8)
+            try region.protect(0..<(8 << 12), protection)
+            file.close()  // dmirror_fops_release evicts every page of the device
+            #expect(space.statistics.snapshot.poisoned == 0)
+            #expect(gpu.pagesInUse == 0)
+            try region.protect(0..<(8 << 12), [.read, .write])
+            #expect(firstMismatch(region, seed: 5) == nil)
+            try machine.checkInvariants()
+        }
+    }
 }
