@@ -300,6 +300,12 @@ static int fuzz(uint64_t seed, long calls) {
         if (rc > 0 || rc < -4095) return 3; /* not 0 or a negative errno */
         if (rc == 0) ok++;
     }
+    /* No byte was lost: nothing in the interface poisons a page on purpose. */
+    struct hmm_space_counters counters;
+    if (hmm_space_counters(space, &counters) || counters.poisoned != 0) {
+        fprintf(stderr, "fuzz: %llu page(s) poisoned\n", (unsigned long long)counters.poisoned);
+        return 7;
+    }
     /* The engine is still sound: a fresh region migrates and comes back. */
     hmm_region *last;
     hmm_mirror *m;
