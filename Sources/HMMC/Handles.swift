@@ -7,7 +7,7 @@ import Glibc
 
 /// The kinds of opaque handle `hmm.h` hands out.
 enum HandleKind: UInt64, CustomStringConvertible {
-    case machine = 1, space, region, device, mirror
+    case machine = 1, space, region, device, mirror, subscription
 
     var description: String {
         switch self {
@@ -16,6 +16,7 @@ enum HandleKind: UInt64, CustomStringConvertible {
         case .region: "region"
         case .device: "device"
         case .mirror: "mirror"
+        case .subscription: "subscription"
         }
     }
 }

@@ -42,7 +42,7 @@ int main(int argc, char **argv) {
     uint64_t base, length;
     hmm_region_range(region, &base, &length);
     memset((void *)(uintptr_t)base, 7, length);
-    char *buf = malloc(64 * 4096);
+    char *buf = aligned_alloc(4096, 64 * 4096); /* as the Swift half's buffer */
     struct hmm_mirror_result r;
     for (int warm = 0; warm < 2; warm++) {
         double t0 = now_ns();

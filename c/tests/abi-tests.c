@@ -155,6 +155,23 @@ static void bad_input(void) {
     EXPECT_ERR(hmm_region_allocate(space, PAGE, 3, -1, 0, &region), EBADF);
     struct hmm_space_counters counters;
     EXPECT_ERR(hmm_space_counters(space, &counters), EBADF);
+    /* Events. */
+    hmm_subscription *sub = NULL;
+    EXPECT_ERR(hmm_events_subscribe(machine, 1u << 9, 0, &sub), EINVAL);
+    EXPECT_ERR(hmm_events_subscribe(machine, HMM_EVENTS_ALL, 100, &sub), EINVAL);
+    EXPECT_ERR(hmm_events_subscribe(machine, HMM_EVENTS_ALL, 0, NULL), EINVAL);
+    EXPECT_OK(hmm_events_subscribe(machine, HMM_EVENTS_ALL, 64, &sub));
+    struct hmm_event ev;
+    EXPECT_ERR(hmm_events_next(sub, &ev), EAGAIN);
+    EXPECT_ERR(hmm_events_next(sub, NULL), EINVAL);
+    uint64_t dropped = 1;
+    EXPECT_OK(hmm_events_dropped(sub, &dropped));
+    CHECK(dropped == 0, "dropped %" PRIu64, dropped);
+    EXPECT_ERR(hmm_events_next((hmm_subscription *)machine, &ev), EINVAL);
+    EXPECT_OK(hmm_events_close(sub));
+    EXPECT_ERR(hmm_events_close(sub), EBADF);
+    EXPECT_ERR(hmm_events_next(sub, &ev), EBADF);
+
     EXPECT_OK(hmm_machine_destroy(machine));
     EXPECT_ERR(hmm_machine_destroy(machine), EBADF);
     free(buf);
@@ -172,6 +189,8 @@ static void flow(int kind) {
     EXPECT_OK(hmm_space_create(machine, NULL, &space));
     EXPECT_OK(hmm_device_create(machine, 0, kind, 64 << 20, &device));
     EXPECT_OK(hmm_mirror_open(device, space, &mirror));
+    hmm_subscription *sub;
+    EXPECT_OK(hmm_events_subscribe(machine, 1u << HMM_EVENT_MIGRATION | 1u << HMM_EVENT_CPU_FAULT, 0, &sub));
     const uint64_t pages = 64;
     EXPECT_OK(hmm_region_allocate(space, pages * PAGE, PROT_READ | PROT_WRITE, 0, 0, &region));
     uint64_t base, length;
@@ -208,6 +227,18 @@ static void flow(int kind) {
     EXPECT_OK(hmm_mirror_migrate_to_system(mirror, base, pages, &r));
     CHECK(r.cpages == pages, "migrated back %" PRIu64, r.cpages);
     EXPECT_OK(hmm_mirror_release(mirror));
+    /* The event stream saw the migration to the device, in this process, and nothing it was not asked for. */
+    struct hmm_event ev;
+    int to_device = 0, others = 0;
+    while (hmm_events_next(sub, &ev) == 0) {
+        if (ev.kind == HMM_EVENT_MIGRATION && ev.detail == 1 && ev.pages > 0 && ev.address >= base &&
+            ev.address < base + pages * PAGE && ev.space == (int64_t)getpid())
+            to_device++;
+        else if (ev.kind != HMM_EVENT_MIGRATION && ev.kind != HMM_EVENT_CPU_FAULT)
+            others++;
+    }
+    CHECK(to_device > 0 && others == 0, "%d migration events to the device, %d of other kinds", to_device, others);
+    EXPECT_OK(hmm_events_close(sub));
     struct hmm_space_counters c;
     EXPECT_OK(hmm_space_counters(space, &c));
     CHECK(kind != HMM_DEVICE_PRIVATE || c.fault_backs > 0, "no fault-back counted");

@@ -199,6 +199,56 @@ int hmm_mirror_check_exclusive(hmm_mirror *mirror, uint64_t address, uint64_t pa
 /** HMM_DMIRROR_RELEASE: evicts every page of the device back to memory. */
 int hmm_mirror_release(hmm_mirror *mirror);
 
+/* ---- events --------------------------------------------------------------------------------- */
+
+typedef struct hmm_subscription hmm_subscription;
+
+/** What happened (bit `1 << kind` in a subscription's mask). */
+enum hmm_event_kind {
+    HMM_EVENT_CPU_FAULT = 0,    /* a CPU fault the engine resolved (detail: 1 for a write) */
+    HMM_EVENT_MIGRATION = 1,    /* pages moved (detail: 1 to a device, 0 to system memory) */
+    HMM_EVENT_EVICTION = 2,     /* a device evicted pages */
+    HMM_EVENT_INVALIDATION = 3, /* the notifiers heard of a change [address, address + pages * 4096) */
+    HMM_EVENT_EXCLUSIVE = 4,    /* a device-exclusive grant (detail 0) or restore (detail 1) */
+    HMM_EVENT_REVOKE = 5,       /* pages poisoned, or P2PDMA mappings revoked by an unbind */
+    HMM_EVENT_HOST = 6,         /* the host's userfaultfd event: detail 0 unmap, 1 remove, 2 remap, 3 fork */
+    HMM_EVENT_POLICY = 7,       /* a managed-memory policy decision */
+};
+
+/** Every kind. */
+#define HMM_EVENTS_ALL 0xffu
+
+struct hmm_event {
+    /** enum hmm_event_kind. */
+    uint32_t kind;
+    /** Per kind, see enum hmm_event_kind. */
+    uint32_t detail;
+    /** The event space id (the process id for a native space). */
+    int64_t space;
+    /** The first address concerned. */
+    uint64_t address;
+    /** Pages concerned (rounded up for byte ranges). */
+    uint64_t pages;
+    /** When it started, in the engine's clock (nanoseconds). */
+    uint64_t timestamp_ns;
+    /** How long it took, where measured; else 0. */
+    uint64_t duration_ns;
+};
+
+/** Subscribes to the machine's events of the kinds in `mask` (bits `1 << enum hmm_event_kind`), held in a
+ *  ring of `capacity` slots (a power of two, 64...2^20; 0 means 16384): a full ring drops new events and
+ *  counts them. */
+int hmm_events_subscribe(hmm_machine *machine, uint32_t mask, uint32_t capacity, hmm_subscription **out);
+
+/** The oldest undelivered event into `out`: 0, or -EAGAIN when there is none (never waits). */
+int hmm_events_next(hmm_subscription *subscription, struct hmm_event *out);
+
+/** Events lost because the ring was full. */
+int hmm_events_dropped(hmm_subscription *subscription, uint64_t *out);
+
+/** Ends the subscription. */
+int hmm_events_close(hmm_subscription *subscription);
+
 #ifdef __cplusplus
 }
 #endif
