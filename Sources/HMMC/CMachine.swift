@@ -24,7 +24,7 @@ public func hmmMachineDestroy(_ handle: OpaquePointer?) -> Int32 {
         let (_, id) = try HandleTable.shared.lookup(handle, .machine, as: Machine.self)
         let children = HandleTable.shared.children(of: id)
         guard children.isEmpty else {
-            throw CError(EBUSY, "the machine still has \(children.count) open space(s) or device(s)")
+            throw CError(EBUSY, "the machine still has \(children.count) open space, device or subscription handle(s)")
         }
         HandleTable.shared.remove(id)
     }

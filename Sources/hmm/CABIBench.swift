@@ -10,7 +10,7 @@ import Glibc
 /// `c/build`) against the same call through the Swift API in this process, alternately in the same run;
 /// and a process start under the `hmm dmirror` interposer against a bare start of the same program.
 func cABIBenchmarks(_ report: BenchReport, reps: Int, quick: Bool) throws {
-    guard let dir = cBuildDirectory() else {
+    guard let dir = cBuildDirectory(containing: ["lib/libhmm-dmirror.so", "bin/abi-bench"]) else {
         report.note("c-abi: .build-c not found; build libhmm with c/build first")
         return
     }
@@ -50,27 +50,6 @@ func cABIBenchmarks(_ report: BenchReport, reps: Int, quick: Bool) throws {
     report.add(name: "process start under hmm dmirror (/bin/true)", unit: "ms", baseline: "a bare start",
                note: "median difference \(String(format: "%.2f", extra)) ms (goal ≤ 3 ms)",
                measured: row.map { $0[1] }, baselineSamples: row.map { $0[0] })
-}
-
-/// The checkout's `.build-c` (next to the working directory or this executable's build), if `c/build` ran.
-func cBuildDirectory() -> String? {
-    var candidates = [".build-c"]
-    if let exe = realpath("/proc/self/exe", nil) {
-        defer { free(exe) }
-        var dir = String(cString: exe)
-        for _ in 0..<4 {
-            guard let slash = dir.lastIndex(of: "/") else { break }
-            dir = String(dir[..<slash])
-            candidates.append(dir + "/.build-c")
-        }
-    }
-    for c in candidates where access(c + "/lib/libhmm-dmirror.so", R_OK) == 0 && access(c + "/bin/abi-bench", X_OK) == 0 {
-        if let p = realpath(c, nil) {
-            defer { free(p) }
-            return String(cString: p)
-        }
-    }
-    return nil
 }
 
 /// Nanoseconds per call of `body`, over `n` calls.

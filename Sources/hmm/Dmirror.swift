@@ -40,30 +40,13 @@ struct Dmirror: ParsableCommand {
         throw ValidationError("cannot run \(program): \(String(cString: strerror(errno)))")
     }
 
-    /// The interposer's path: `--library`, else the first of `.build-c/lib` under the working directory
-    /// and the checkout this executable was built in.
+    /// The interposer's path: `--library`, else `.build-c/lib` of the checkout (``cBuildDirectory(containing:)``).
     private func interposer() throws -> String {
         if let library {
             guard access(library, R_OK) == 0 else { throw ValidationError("\(library) is not readable") }
             return realpath(library, nil).map { p in defer { free(p) }; return String(cString: p) } ?? library
         }
-        var candidates = [".build-c/lib/libhmm-dmirror.so"]
-        if let exe = realpath("/proc/self/exe", nil) {
-            defer { free(exe) }
-            // .build/<config>/hmm (or .build/<triple>/<config>/hmm) → the checkout
-            var dir = String(cString: exe)
-            for _ in 0..<4 {
-                guard let slash = dir.lastIndex(of: "/") else { break }
-                dir = String(dir[..<slash])
-                candidates.append(dir + "/.build-c/lib/libhmm-dmirror.so")
-            }
-        }
-        for c in candidates where access(c, R_OK) == 0 {
-            if let p = realpath(c, nil) {
-                defer { free(p) }
-                return String(cString: p)
-            }
-        }
-        throw ValidationError("libhmm-dmirror.so not found (looked at \(candidates.joined(separator: ", "))): build it with c/build")
+        if let dir = cBuildDirectory(containing: ["lib/libhmm-dmirror.so"]) { return dir + "/lib/libhmm-dmirror.so" }
+        throw ValidationError("libhmm-dmirror.so not found in .build-c here or beside this build: build it with c/build")
     }
 }
