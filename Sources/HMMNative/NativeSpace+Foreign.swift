@@ -21,44 +21,64 @@ import Glibc
 /// tells the notifiers (`unmap`) before the host unmaps, so devices drop what they mapped there; a raw
 /// `munmap` is seen only by the next walk, which finds the mapping changed and names it afresh.
 ///
-/// Windows are kept per host mapping (each takes one of the machine's pagemap slots) until the mapping
-/// changes or is unmapped through the engine, or the space closes. Guarded by their own lock, a leaf.
+/// A window names a bounded span of the mapping (``foreignWindowSpan``); windows are kept until their
+/// mapping changes or is unmapped through the engine, the space closes, or more than
+/// ``foreignWindowLimit`` are open (each takes one of the machine's pagemap slots). Devices are told
+/// (`clear`) before a window goes. Guarded by their own lock, a leaf.
 extension NativeSpace {
-    /// A host mapping named for devices.
+    /// A span of a host mapping named for devices: `[start, end)` of the mapping `[mappingStart,
+    /// mappingEnd)`.
     struct ForeignWindow {
         let start: UInt64
         let end: UInt64
+        let mappingStart: UInt64
+        let mappingEnd: UInt64
         let window: Pagemap
     }
 
-    /// A readable host mapping outside every region containing `a`, with its window (made now if the
-    /// mapping has none or has changed), its protection and whether it is private file memory; nil
-    /// where nothing readable is mapped.
-    func foreignMapping(containing a: UInt64) throws(HMMError) -> (ForeignWindow, HostMaps.Entry)? {
+    /// The most a window names (each names its frames in the machine's PFN space, and each takes a
+    /// pagemap slot): 64 MiB, and at most 32 windows per space, the oldest dropped first.
+    static let foreignWindowSpan: UInt64 = 64 << 20
+    static let foreignWindowLimit = 32
+
+    /// A readable host mapping outside every region containing `a`, with a window naming its pages
+    /// from `a` (made now — from `a`'s 2 MiB boundary up to the range's end rounded up to 2 MiB, at most
+    /// ``foreignWindowSpan`` — if none does, or if the mapping has changed), its protection and whether it
+    /// is private file memory; nil where nothing readable is mapped. Requires `mmapLock` held for
+    /// reading.
+    func foreignMapping(containing a: UInt64, upTo limit: UInt64) throws(HMMError) -> (ForeignWindow, HostMaps.Entry)? {
         guard let e = HostMaps.entries(overlapping: a, a + 1).first, e.start <= a, e.protection.contains(.read) else {
             return nil
         }
         let existing = foreignWindows.withLock { list -> ForeignWindow? in
-            list.first { $0.start == e.start && $0.end == e.end }
+            list.first { $0.mappingStart == e.start && $0.mappingEnd == e.end && $0.start <= a && a < $0.end }
         }
         if let existing { return (existing, e) }
-        let pages = Int((e.end - e.start) >> UInt64(PageSize.shift))
-        guard pages <= NativeRegion.maximumLength >> PageSize.shift else {
-            throw HMMError(.fault, "hmm_range_fault: the host mapping at \(a) is larger than \(NativeRegion.maximumLengthDescription)")
-        }
+        let start = max(e.start, a & ~PageSize.pmdMask)
+        let wanted = (min(limit, UInt64.max - PageSize.pmdMask) + PageSize.pmdMask) & ~PageSize.pmdMask
+        let end = min(e.end, wanted, start + Self.foreignWindowSpan)
+        let pages = Int((end - start) >> UInt64(PageSize.shift))
         let frames = (pages + PageSize.pagesPerPMD - 1) / PageSize.pagesPerPMD * PageSize.pagesPerPMD
-        let window = try machine.registerHostWindow(base: UnsafeMutableRawPointer(bitPattern: UInt(e.start))!,
+        let window = try machine.registerHostWindow(base: UnsafeMutableRawPointer(bitPattern: UInt(start))!,
                                                     count: frames, owner: self, operations: windowOperations)
-        let fresh = ForeignWindow(start: e.start, end: e.end, window: window)
-        // Windows of mappings that overlap this one are stale: the host mapping there changed.
-        let stale = foreignWindows.withLock { list -> [ForeignWindow] in
-            let old = list.filter { $0.start < e.end && e.start < $0.end }
-            list.removeAll { $0.start < e.end && e.start < $0.end }
+        let fresh = ForeignWindow(start: start, end: end, mappingStart: e.start, mappingEnd: e.end, window: window)
+        // Windows over the same addresses whose mapping has changed are stale, and the oldest go past the limit.
+        let dropped = foreignWindows.withLock { list -> [ForeignWindow] in
+            var old = list.filter { $0.start < e.end && e.start < $0.end && ($0.mappingStart != e.start || $0.mappingEnd != e.end) }
+            list.removeAll { w in old.contains { $0.window === w.window } }
+            while list.count >= Self.foreignWindowLimit { old.append(list.removeFirst()) }
             list.append(fresh)
             return old
         }
-        for w in stale { try? machine.unregisterPagemap(w.window) }
+        for w in dropped { retire(w) }
         return (fresh, e)
+    }
+
+    /// Drops a window: devices forget what they mapped through it first (`clear`), so no device page
+    /// table keeps a frame number of it once the numbers can be reused.
+    private func retire(_ w: ForeignWindow) {
+        invalidating(w.start, w.end, .clear, owner: nil) {}
+        try? machine.unregisterPagemap(w.window)
     }
 
     /// One walk over `[a, stop)` of a foreign mapping (``RangeRequest`` semantics of ``rangeFault(_:)``):
@@ -109,13 +129,13 @@ extension NativeSpace {
     /// dropped. Requires `mmapLock` held for writing, before the host unmaps.
     func forgetForeignWindows(_ lo: UInt64, _ hi: UInt64) {
         let touched = foreignWindows.withLock { list -> [ForeignWindow] in
-            let hit = list.filter { $0.start < hi && lo < $0.end }
-            list.removeAll { $0.start < hi && lo < $0.end }
+            let hit = list.filter { $0.mappingStart < hi && lo < $0.mappingEnd }
+            list.removeAll { $0.mappingStart < hi && lo < $0.mappingEnd }
             return hit
         }
         guard !touched.isEmpty else { return }
         invalidating(lo, hi, .unmap, owner: nil) {}
-        for w in touched { try? machine.unregisterPagemap(w.window) }
+        for w in touched { retire(w) }
     }
 
     /// Every foreign window goes (at close).

@@ -65,7 +65,7 @@ extension NativeSpace {
             let run = found.map { r in
                 r.protectionRun(from: r.index(a), limit: min(r.pages, r.index(range.end + PageSize.baseMask)))
             }
-            if found == nil, let (foreign, mapping) = try foreignMapping(containing: a) {
+            if found == nil, let (foreign, mapping) = try foreignMapping(containing: a, upTo: range.end) {
                 let stop = min(foreign.end, nextRegionStart(after: a, before: range.end))
                 if let need = try walkForeign(foreign, mapping, from: a, to: stop, rangeStart: range.start, mask: mask,
                                               defaultFlags: dflt, words) {
