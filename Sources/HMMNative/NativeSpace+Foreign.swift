@@ -91,7 +91,7 @@ extension NativeSpace {
         let writableVMA = mapping.protection.contains(.write)
         let privateFile = !mapping.shared && !mapping.noInode
         var need: (UInt64, Bool)?
-        try scan(a, stop) { (b, cat) throws(HMMError) in
+        try scan(a, stop, also: UInt64(CU_PAGE_IS_FILE)) { (b, cat) throws(HMMError) in
             guard need == nil else { return }
             let k = Int((b - rangeStart) >> UInt64(PageSize.shift))
             let req = mayFault ? (words[k] & mask) | defaultFlags : 0

@@ -697,8 +697,8 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
 
     /// Calls `body(address, categories)` for every page of `[lo, hi)` (`PAGEMAP_SCAN` categories:
     /// present, zero page, huge, swapped — a poison marker).
-    func scan(_ lo: UInt64, _ hi: UInt64, _ body: (UInt64, UInt64) throws(HMMError) -> Void) throws(HMMError) {
-        let mask = UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE | CU_PAGE_IS_SWAPPED | CU_PAGE_IS_FILE)
+    func scan(_ lo: UInt64, _ hi: UInt64, also extra: UInt64 = 0, _ body: (UInt64, UInt64) throws(HMMError) -> Void) throws(HMMError) {
+        let mask = UInt64(CU_PAGE_IS_PRESENT | CU_PAGE_IS_PFNZERO | CU_PAGE_IS_HUGE | CU_PAGE_IS_SWAPPED) | extra
         try withUnsafeTemporaryAllocation(of: cu_page_region.self, capacity: 64) { (vec) throws(HMMError) in
             var a = lo
             while a < hi {
@@ -716,8 +716,10 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
                         a += Sys.page
                     }
                 }
-                // The walk stopped at `walkEnd` (the vector filled) or went to the end.
-                let stop = walkEnd > a ? min(walkEnd, hi) : (n < 64 ? hi : a)
+                // A full vector: the walk goes on from the last region's end (where the host stopped
+                // is not trusted to leave no matching page unreported before it). Otherwise the walk
+                // covered everything up to `walkEnd` (or the end): what it did not report is a hole.
+                let stop = n == 64 ? a : (walkEnd > a ? min(walkEnd, hi) : hi)
                 while a < stop {
                     try body(a, 0)
                     a += Sys.page
