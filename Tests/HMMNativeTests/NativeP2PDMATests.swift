@@ -40,10 +40,13 @@ private final class ParkedWalker: @unchecked Sendable {
         thread = HostThread { [self] in
             machine.epoch.withCriticalSection {
                 inside.store(true, ordering: .releasing)
-                while !go.load(ordering: .acquiring) { usleep(100) }
+                // Bounded: a test that forgets leave() fails on its own expectations, never wedges.
+                let deadline = ContinuousClock.now + .seconds(30)
+                while !go.load(ordering: .acquiring) && ContinuousClock.now < deadline { usleep(100) }
             }
         }
-        while !inside.load(ordering: .acquiring) { usleep(100) }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !inside.load(ordering: .acquiring) && ContinuousClock.now < deadline { usleep(100) }
     }
 
     func leave() {
@@ -69,7 +72,7 @@ private let directIOUnavailable: String? = {
     return nil
 }()
 
-@Suite("Native engine: P2PDMA memory mapped into the process (seed 004)", .enabled(if: nativeUnavailable == nil, "native engine unavailable here: \(nativeUnavailable ?? "")"), .timeLimit(.minutes(5)))
+@Suite("Native engine: P2PDMA memory mapped into the process (seed 004)", .serialized, .enabled(if: nativeUnavailable == nil, "native engine unavailable here: \(nativeUnavailable ?? "")"), .timeLimit(.minutes(5)))
 struct NativeP2PDMATests {
     @Test("p2pmem mapped natively: zeroed; the CPU and the peer share the bytes; frames come back only after their grace period")
     func mappingLifecycle() throws {
@@ -96,6 +99,17 @@ struct NativeP2PDMATests {
             // Unmap half while a lockless walker is inside: the frames wait for it.
             let walker = ParkedWalker(machine)
             try space.unmap(address: a, length: 8 * page)
+            if memory.isDetached {
+                // Any fork of this process (another suite's fork test) shares every p2pmem mapping with
+                // its child, so the frames rightly stay taken until unbind: nothing left to check here.
+                walker.leave()
+                withKnownIssue("issue 22: a concurrent test forked this process, so the mapping is shared with a child") {
+                    Issue.record("mapping detached by a fork elsewhere in the test process")
+                }
+                try p2p.unbind(timeout: .seconds(5))
+                try machine.checkInvariants()
+                return
+            }
             machine.epoch.collect()
             #expect(p2p.available == total - 16 * page, "8 pages retired, not yet reusable")
             walker.leave()
@@ -108,8 +122,8 @@ struct NativeP2PDMATests {
             machine.epoch.collect()
             #expect(p2p.available == total)
             #expect(memory.heldPages == 0)
-            try machine.checkInvariants()
             try p2p.unbind(timeout: .seconds(5))
+            try machine.checkInvariants()
         }
     }
 
@@ -179,6 +193,9 @@ struct NativeP2PDMATests {
                 _exit(cu_probe_read(p + page, &b, &c) == SIGBUS ? 0 : 43)
             }
             #expect(pid > 0)
+            // The parent keeps only its own ends: a child that dies ends the read with 0, never a hang.
+            close(toParent[1])
+            close(toChild[0])
             var token: UInt8 = 0
             #expect(read(toParent[0], &token, 1) == 1, "the child ran")
             #expect(p.load(fromByteOffset: page, as: UInt8.self) == 0x22, "the parent sees the child's store")
@@ -194,7 +211,9 @@ struct NativeP2PDMATests {
             #expect(status != nil, "the child hung and was killed")
             #expect((status ?? -1) & 0x7f == 0 && ((status ?? -1) >> 8) & 0xff == 0,
                     "the child's touch after unbind must be SIGBUS (status \(status ?? -1))")
-            for fd in toChild + toParent { close(fd) }
+            close(toChild[1])
+            close(toParent[0])
+            try machine.checkInvariants()
         }
     }
 

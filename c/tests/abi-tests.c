@@ -365,7 +365,10 @@ int main(int argc, char **argv) {
 
     /* The fuzz first, in a child forked before this process starts any engine. */
     pid_t pid = fork();
-    if (pid == 0) _exit(fuzz(seed, calls));
+    if (pid == 0) {
+        alarm(600); /* bounded: a fuzz that hangs dies of SIGALRM and is reported, CI never wedges */
+        _exit(fuzz(seed, calls));
+    }
     int status = 0;
     waitpid(pid, &status, 0);
     CHECK(WIFEXITED(status), "the fuzz child died of signal %d (seed %" PRIu64 ")", WIFSIGNALED(status) ? WTERMSIG(status) : 0, seed);

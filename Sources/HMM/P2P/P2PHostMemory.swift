@@ -52,6 +52,9 @@ public final class P2PHostMemory: @unchecked Sendable {
     /// Frames still held.
     public var heldPages: Int { provider.hostMappings.lock.withLock { _ in heldCount } }
 
+    /// Whether it keeps its frames until unbind (a `fork` may have shared it, or its owner closed).
+    public var isDetached: Bool { provider.hostMappings.lock.withLock { _ in detached } }
+
     /// Whether unbind revoked it (its file is gone).
     public var isRevoked: Bool { provider.hostMappings.lock.withLock { _ in revoked } }
 
