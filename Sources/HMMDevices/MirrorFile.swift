@@ -551,14 +551,11 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
-    /// - Throws: as `AddressSpace.mapDriverPages(length:protection:shared:)`, `.badDescriptor`;
-    ///   `.unsupported` on a native space (a driver `mmap` needs a device file the host kernel has not).
+    /// - Throws: as ``MirroredAddressSpace/mapDriverPages(length:protection:shared:)`` (`.unsupported` on
+    ///   a native space), `.badDescriptor`.
     public func mmap(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }
-        guard let simulated = space as? AddressSpace else {
-            throw HMMError(.unsupported, "a driver mmap (VM_MIXEDMAP) needs the simulated engine")
-        }
-        return try simulated.mapDriverPages(length: length, protection: protection, shared: shared)
+        return try space.mapDriverPages(length: length, protection: protection, shared: shared)
     }
 
     /// Pages the device page table maps (for tests and the demo).

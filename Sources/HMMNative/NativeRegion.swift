@@ -180,8 +180,8 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
                                          ordering: .acquiringAndReleasing).exchanged
     }
 
-    /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word, with any
-    /// pending zap already applied — or, with `unmapped`, only forgotten (the address is gone and may
+    /// Locks page `i` whatever its word, waiting while someone else holds it; returns the word (without
+    /// the lock bit, whatever the path), with any pending zap already applied — or, with `unmapped`, only forgotten (the address is gone and may
     /// already belong to another mapping: nothing may be taken from it).
     func lock(_ i: Int, unmapped: Bool = false) -> PageState {
         var spins = 0
@@ -195,7 +195,9 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
                     states[i].store(clean.locked.rawValue, ordering: .releasing)
                     return clean
                 }
-                return space.applyZap(self, i, s.locked)
+                // Returned unlocked, as on every other path: callers unlock with `setState(i, s)`, and a
+                // locked word handed back here left the page locked for good (the churn suite hung).
+                return space.applyZap(self, i, s.locked).unlocked
             }
             spins += 1
             if spins > 16 {

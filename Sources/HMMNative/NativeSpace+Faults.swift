@@ -274,22 +274,19 @@ extension NativeSpace {
                 break
             }
             tried = true
-            let head = machine.folioHead(s.pfn)
-            guard let ops = machine.pagemap(of: s.pfn)?.callbacks else {
+            guard let pagemap = machine.pagemap(of: s.pfn), pagemap.callbacks != nil else {
                 poison(region, i)
                 return .poisoned
             }
-            // As `do_swap_page`: the folio lock by try-lock and a reference, both taken while the page's
-            // word is locked (the page-table lock: nothing can drop the word's reference meanwhile), so a
-            // racing drop never frees a folio this thread holds locked (bug #1). A contended folio lock
-            // is a migration already moving the page: let it finish and look again.
+            // As `do_swap_page`: the folio lock and a reference, taken while the page's word is locked
+            // (it stands in for the page-table lock: nothing can drop the word's reference meanwhile). A
+            // contended folio lock is a migration already moving the page: let it finish and look again.
             guard region.tryLock(i, s) else { continue }
-            guard machine.folioTryLock(head) else {
+            guard machine.deviceFaultTryLock(s.pfn) else {
                 region.setState(i, s)
                 sched_yieldShim()
                 continue
             }
-            machine.folioGet(head)
             region.setState(i, s)
             let a = region.pageAddress(i)
             let unit: Range<UInt64>
@@ -304,15 +301,12 @@ extension NativeSpace {
             statistics.count(\.faultBacks)
             var failure: HMMError?
             do throws(HMMError) {
-                try ops.migrateToRAM(DeviceFault(space: self, address: s.isCompound ? unit.lowerBound : a, page: s.pfn,
-                                                 huge: s.isCompound, write: write, range: unit))
+                try machine.deviceFaultMigrateToRAM(pagemap, DeviceFault(
+                    space: self, address: s.isCompound ? unit.lowerBound : a, page: s.pfn, huge: s.isCompound,
+                    write: write, range: unit))
             } catch {
                 failure = error
             }
-            // If the driver split the folio, the lock and the reference now sit on the page's own folio.
-            let holder = machine.folioHead(s.pfn)
-            machine.folioUnlock(holder)
-            machine.folioPut(holder)
             let now = region.state(i)
             if now.kind != .device || now.isMigrating {
                 wake(unit.lowerBound, pages: Int((unit.upperBound - unit.lowerBound) >> UInt64(PageSize.shift)))

@@ -87,14 +87,14 @@ extension NativeSpace {
         _ foreign: ForeignWindow, _ mapping: HostMaps.Entry, from a: UInt64, to stop: UInt64, rangeStart: UInt64,
         mask: UInt64, defaultFlags: UInt64, _ words: UnsafeMutablePointer<UInt64>
     ) throws(HMMError) -> (UInt64, Bool)? {
-        let mayFault = (mask | defaultFlags) & HMMPFN.requestFault != 0
+        let mayFault = HMMPFN.mayFault(mask: mask, defaultFlags: defaultFlags)
         let writableVMA = mapping.protection.contains(.write)
         let privateFile = !mapping.shared && !mapping.noInode
         var need: (UInt64, Bool)?
         try scan(a, stop, also: UInt64(CU_PAGE_IS_FILE)) { (b, cat) throws(HMMError) in
             guard need == nil else { return }
             let k = Int((b - rangeStart) >> UInt64(PageSize.shift))
-            let req = mayFault ? (words[k] & mask) | defaultFlags : 0
+            let req = HMMPFN.request(words[k], mask: mask, defaultFlags: defaultFlags, mayFault: mayFault)
             let wantWrite = req & HMMPFN.requestWrite != 0
             if wantWrite && !writableVMA { throw HMMError(.permission, "hmm_range_fault: write to read-only \(b)") }
             var out: UInt64 = 0
@@ -113,13 +113,12 @@ extension NativeSpace {
                 } else {
                     pfn = foreign.window.firstPFN + Int((b - foreign.start) >> UInt64(PageSize.shift))
                 }
-                out = HMMPFN.valid | (writableVMA && !readOnly ? HMMPFN.write : 0) | pfn.rawValue
-                    | (isHuge ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
-            } else if req & HMMPFN.requestFault != 0 {
+                out = HMMPFN.word(pfn, writable: writableVMA && !readOnly, order: isHuge ? PageSize.pmdOrder : 0)
+            } else if HMMPFN.needFault(req, 0) != .none {
                 need = (b, wantWrite)
                 return
             }
-            words[k] = words[k] & HMMPFN.inOut | out
+            HMMPFN.store(out, words, k)
         }
         return need
     }

@@ -77,8 +77,6 @@ extension NativeSpace: MigrationEngine {
         let region = c.region
         let n = c.locked.count
         let toDevice = m.select.contains(.system)
-        let privateOK = m.select.contains(.devicePrivate)
-        let coherentOK = m.select.contains(.deviceCoherent)
         let compound = m.select.contains(.compound)
         var hostPages = 0
         // Small coherent pages collected: their in-place mappings are replaced by holes in runs, below.
@@ -110,8 +108,8 @@ extension NativeSpace: MigrationEngine {
                 }
                 k += 1
             case .device:
-                guard let pm = machine.pagemap(of: s.pfn), pm.owner === m.owner,
-                    (pm.kind == .devicePrivate && privateOK) || (pm.kind == .deviceCoherent && coherentOK)
+                guard let pm = machine.pagemap(of: s.pfn),
+                    MigrationRules.collects(m.select, pm.kind, pagemapOwner: pm.owner, owner: m.owner)
                 else {
                     k += 1
                     continue
@@ -376,8 +374,11 @@ extension NativeSpace: MigrationEngine {
             }
             let srcIsDevice = src.pfn.map { machine.deviceKind($0) != nil } ?? false
             let dKind = machine.deviceKind(d)
-            let dOK = srcIsDevice ? dKind == nil : (dKind == .devicePrivate || dKind == .deviceCoherent || dKind == nil)
-            if !dOK || (dKind == nil && src.pfn != nil && !srcIsDevice) {
+            // Every page of a region is private anonymous memory. The engine moves pages between RAM and
+            // device memory only: a device page goes to RAM, a system page (in its staging frame) to a
+            // device; a hole takes either.
+            let engineMoves = srcIsDevice ? dKind == nil : (src.pfn == nil || dKind != nil)
+            if !MigrationRules.destinationAccepts(dKind, anonymousSource: true) || !engineMoves {
                 m.engineSource[k].rawValue &= ~MigratePFN.migrate
                 k += 1
                 continue
@@ -504,7 +505,7 @@ extension NativeSpace: MigrationEngine {
             let a = m.start + UInt64(k) << UInt64(PageSize.shift)
             let dst = m.dst[k].pfn
             let zapped = unit == 1 && region.state(i).isZapped
-            let moved = accepted && src.isMigrating && dst != nil
+            let moved = MigrationRules.moves(src, to: dst, accepted: accepted)
             if zapped, let s = src.pfn {
                 // Dropped while away: nothing comes back; the device copy or staging frame is freed —
                 // a coherent destination already mapped in place (by `migratePages`) is unmapped first.

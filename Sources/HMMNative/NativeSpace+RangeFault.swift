@@ -50,7 +50,7 @@ extension NativeSpace {
     private func walk(_ range: RangeRequest, from: UInt64, _ words: UnsafeMutablePointer<UInt64>) throws(HMMError) -> (UInt64, Bool)? {
         let mask = range.mask
         let dflt = range.defaultFlags
-        let mayFault = (mask | dflt) & HMMPFN.requestFault != 0
+        let mayFault = HMMPFN.mayFault(mask: mask, defaultFlags: dflt)
         let owner = range.owner
         let present = UInt64(CU_PAGE_IS_PRESENT)
         let zero = UInt64(CU_PAGE_IS_PFNZERO)
@@ -59,7 +59,6 @@ extension NativeSpace {
         let hugeZero = machine.hugeZeroPFN
         var a = from
         while a < range.end {
-            let k0 = Int((a - range.start) >> UInt64(PageSize.shift))
             let found = region(containing: a)
             // The pages from `a` with its protection stand for the rest of its VMA in the walk.
             let run = found.map { r in
@@ -80,22 +79,21 @@ extension NativeSpace {
                 var b = a
                 while b < stop {
                     let k = Int((b - range.start) >> UInt64(PageSize.shift))
-                    let req = mayFault ? (words[k] & mask) | dflt : 0
-                    if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) has no readable mapping") }
-                    words[k] = words[k] & HMMPFN.inOut | HMMPFN.error
+                    let req = HMMPFN.request(words[k], mask: mask, defaultFlags: dflt, mayFault: mayFault)
+                    if HMMPFN.needFault(req, 0) != .none { throw HMMError(.fault, "hmm_range_fault: \(b) has no readable mapping") }
+                    HMMPFN.store(HMMPFN.error, words, k)
                     b += Sys.page
                 }
                 a = stop
                 continue
             }
-            _ = k0
             let stop = min(range.end, region.pageAddress(run.end))
             let writableVMA = run.protection.contains(.write)
             var need: (UInt64, Bool)?
             try scan(a, stop) { (b, cat) throws(HMMError) in
                 guard need == nil else { return }
                 let k = Int((b - range.start) >> UInt64(PageSize.shift))
-                let req = mayFault ? (words[k] & mask) | dflt : 0
+                let req = HMMPFN.request(words[k], mask: mask, defaultFlags: dflt, mayFault: mayFault)
                 let wantWrite = req & HMMPFN.requestWrite != 0
                 if wantWrite && !writableVMA { throw HMMError(.permission, "hmm_range_fault: write to read-only \(b)") }
                 var s = region.state(region.index(b))
@@ -108,18 +106,17 @@ extension NativeSpace {
                 switch s.kind {
                 case .device where isCoherent(s):
                     // CPU-addressable and mapped in place: reported like any present page, whoever owns it.
-                    out = HMMPFN.valid | (writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
-                        | (s.isCompound ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
+                    out = HMMPFN.word(s.pfn, writable: writableVMA, order: s.isCompound ? PageSize.pmdOrder : 0)
                 case .device:
                     if let owner, let pm = machine.pagemap(of: s.pfn), pm.owner === owner {
-                        out = HMMPFN.valid | (s.isWritable && writableVMA ? HMMPFN.write : 0) | s.pfn.rawValue
-                            | (s.isCompound ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
-                    } else if req & HMMPFN.requestFault != 0 {
+                        out = HMMPFN.word(s.pfn, writable: s.isWritable && writableVMA,
+                                          order: s.isCompound ? PageSize.pmdOrder : 0)
+                    } else if HMMPFN.needFault(req, 0) != .none {
                         need = (b, wantWrite)
                         return
                     }
                 case .revoked:
-                    if req & HMMPFN.requestFault != 0 { throw HMMError(.fault, "hmm_range_fault: \(b) is poisoned") }
+                    if HMMPFN.needFault(req, 0) != .none { throw HMMError(.fault, "hmm_range_fault: \(b) is poisoned") }
                     out = HMMPFN.error
                 case .host where cat & present != 0:
                     let isZero = cat & zero != 0
@@ -134,16 +131,15 @@ extension NativeSpace {
                     } else {
                         pfn = region.window.firstPFN + region.index(b)
                     }
-                    out = HMMPFN.valid | (writableVMA && !isZero ? HMMPFN.write : 0) | pfn.rawValue
-                        | (isHuge ? UInt64(PageSize.pmdOrder) << HMMPFN.orderShift : 0)
+                    out = HMMPFN.word(pfn, writable: writableVMA && !isZero, order: isHuge ? PageSize.pmdOrder : 0)
                 default:
                     // A hole, a page on the move, exclusive or on a foreign device: only a fault helps.
-                    if req & HMMPFN.requestFault != 0 {
+                    if HMMPFN.needFault(req, 0) != .none {
                         need = (b, wantWrite)
                         return
                     }
                 }
-                words[k] = words[k] & HMMPFN.inOut | out
+                HMMPFN.store(out, words, k)
             }
             if let need { return need }
             a = stop
@@ -197,7 +193,12 @@ extension NativeSpace {
                 region.setState(i, s)
             case .host:
                 var cat: UInt64 = 0
-                try scan(a, a + Sys.page) { (_, c) throws(HMMError) in cat = c }
+                do throws(HMMError) {
+                    try scan(a, a + Sys.page) { (_, c) throws(HMMError) in cat = c }
+                } catch {
+                    region.setState(i, s)
+                    throw error
+                }
                 guard cat & UInt64(CU_PAGE_IS_PRESENT) != 0, cat & UInt64(CU_PAGE_IS_PFNZERO) == 0 else {
                     region.setState(i, s, zapDone: cat & UInt64(CU_PAGE_IS_PRESENT) == 0)
                     break

@@ -662,21 +662,22 @@ public final class NativeSpace: MirroredAddressSpace, @unchecked Sendable, Custo
         }
     }
 
-    /// `mmu_interval_notifier_insert`. Takes `mmapLock` for writing: do not call with it held.
-    /// - Throws: `.invalidArgument` (empty or overflowing), `.noProcess` after close.
-    public func insertIntervalNotifier(
-        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
-    ) throws(HMMError) -> IntervalNotifier {
-        guard length > 0, start <= UInt64.max - length else {
-            throw HMMError(.invalidArgument, "interval notifier \(start)+\(length) is empty or overflows")
-        }
-        let n = IntervalNotifier(space: self, subscriptions: subscriptions, start: start, end: start + length,
-                                 operations: operations)
-        try mmapLock.withWriteLock { () throws(HMMError) in
+    /// The space's interval notifiers.
+    @_spi(Engine) public var notifierSubscriptions: NotifierSubscriptions { subscriptions }
+
+    /// Runs `body` with `mmapLock` held for writing, once the space is known to be open.
+    /// - Throws: what `body` throws, or `.noProcess` after close.
+    @_spi(Engine) public func withMmapWriteLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R {
+        try mmapLock.withWriteLock { () throws(HMMError) -> R in
             try checkOpen()
-            subscriptions.insert(n)
+            return try body()
         }
-        return n
+    }
+
+    /// A driver's `mmap` of its device file (`VM_MIXEDMAP`): natively there is no device file to map.
+    /// - Throws: `.unsupported`, always.
+    public func mapDriverPages(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
+        throw HMMError(.unsupported, "a driver mmap (VM_MIXEDMAP) needs the simulated engine: the host has no device file")
     }
 
     /// The region containing `address`, as a mapping — the run of pages with its protection and advice,

@@ -297,6 +297,13 @@ extension NativeChurnTests {
 /// How long a free-running race test runs (HMM_NATIVE_STRESS_MS, default 1500 ms).
 let stressMillis = Int(getenv("HMM_NATIVE_STRESS_MS").map { String(cString: $0) } ?? "") ?? 1500
 
+/// Every thread's stack from gdb, when it is installed: the Swift backtracer cannot unwind a thread
+/// parked in a futex, and a hang is usually one.
+func dumpAllThreads() {
+    guard access("/usr/bin/gdb", X_OK) == 0 else { return }
+    _ = system("/usr/bin/gdb -p \(getpid()) -batch -nx -ex 'set pagination off' -ex 'thread apply all bt 30' 1>&2 2>/dev/null")
+}
+
 /// Runs `body`; if it has not returned 60 s after the stress deadline would have passed, prints the
 /// state word of every page of `regions` that is not plain host memory, and the space's queue
 /// counters, then aborts — a race that hangs fails loudly, with its state, never wedges the run.
@@ -310,6 +317,7 @@ func withWatchdog(_ space: NativeSpace, _ regions: [NativeRegion], _ body: () th
                 for r in regions { lines += r.diagnostics() }
                 let text = lines.joined(separator: "\n") + "\n"
                 _ = text.withCString { write(2, $0, strlen($0)) }
+                dumpAllThreads()
                 abort()
             }
             usleep(10_000)

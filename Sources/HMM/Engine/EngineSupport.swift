@@ -35,6 +35,36 @@ extension Machine {
     /// ``PagemapOperations/folioFree(_:order:)``).
     public func folioPut(_ head: PFN) { putFolio(head) }
 
+    /// The first half of `do_swap_page`'s device-private handshake: the folio lock of `page`'s folio by
+    /// try-lock, then a reference. Call it while the page's mapping is still held stable (its page-table
+    /// lock, or natively its locked state word), so a racing migration or unmap cannot free the folio
+    /// between the two (the page a driver's `migrateToRAM` gets must stay alive). False — nothing taken —
+    /// when the lock is contended: another thread is moving the page; let it finish and fault again.
+    public func deviceFaultTryLock(_ page: PFN) -> Bool {
+        let head = frames.head(of: page)
+        guard frames.tryLock(head) else { return false }
+        getFolio(head)
+        return true
+    }
+
+    /// The second half of `do_swap_page`'s device-private handshake, after ``deviceFaultTryLock(_:)``
+    /// succeeded and the caller let go of the mapping: the driver's `migrateToRAM` with `fault`, then the
+    /// folio lock and the reference dropped — from whichever folio holds `fault.page` now, since the
+    /// driver may have split it (the lock and the reference then sit on the page's own folio).
+    /// - Throws: `.bus` if the driver object of `pagemap` is gone, else what the driver throws.
+    public func deviceFaultMigrateToRAM(_ pagemap: Pagemap, _ fault: DeviceFault) throws(HMMError) {
+        defer {
+            let holder = frames.head(of: fault.page)
+            frames.unlock(holder)
+            putFolio(holder)
+        }
+        #if DEBUG
+        hooks.fire(.deviceFaultBeforeMigrateToRAM)
+        #endif
+        guard let ops = pagemap.ops else { throw HMMError(.bus, "the driver of \(pagemap) is gone") }
+        try ops.migrateToRAM(fault)
+    }
+
     /// Adds `holder` to the references ``checkInvariants()`` accounts for; held weakly.
     public func addReferenceHolder(_ holder: any FrameReferenceHolder) {
         referenceHolders.withLock { list in

@@ -18,12 +18,6 @@ public protocol MirroredAddressSpace: AnyObject, Sendable {
     /// ``MigrateVMA`` phases, ``rangeFault(_:)`` and ``makeDeviceExclusive(_:owner:_:)``.
     /// - Throws: what `body` throws, or `.noProcess` after exit.
     func withMmapReadLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R
-    /// `mmu_interval_notifier_insert`: subscribes `operations` to changes of `[start, start + length)`.
-    /// Takes `mmapLock` for writing: do not call with it held.
-    /// - Throws: `.invalidArgument` (empty or overflowing), `.noProcess` after exit.
-    func insertIntervalNotifier(
-        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
-    ) throws(HMMError) -> IntervalNotifier
     /// `hmm_range_fault`: fills `range.pfns`, faulting where requested. Requires `mmapLock` held for
     /// reading.
     /// - Throws: `.busy` (invalidated since `notifierSeq`: retry), `.fault`, `.permission`,
@@ -33,22 +27,56 @@ public protocol MirroredAddressSpace: AnyObject, Sendable {
     /// `program` runs with the frame the device may use. Requires `mmapLock` held for reading.
     /// - Throws: `.invalidArgument`, `.unsupported`, `.fault`, `.outOfMemory`.
     func makeDeviceExclusive(_ address: UInt64, owner: (any AnyObject & Sendable)?, _ program: (PFN) -> Void) throws(HMMError)
+    /// A driver's `mmap` of its device file: a `VM_MIXEDMAP` mapping of `length` bytes with a fresh zeroed
+    /// page inserted at every page (`vm_insert_page`). Takes `mmapLock` for writing.
+    /// - Returns: the start address.
+    /// - Throws: `.invalidArgument`, `.outOfMemory`, `.noProcess`; `.unsupported` where the engine has no
+    ///   device file to map (the native engine: the host kernel has no such file).
+    func mapDriverPages(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64
     /// The mapping containing `address`; call it with `mmapLock` held.
     func mappingHoldingLock(containing address: UInt64) -> MappingInfo?
     /// How events name this space (``HMMEvent``): a simulated space's ``AddressSpace/id``, the host
     /// process's id for a native space.
     var eventSpaceID: Int { get }
+    /// The engine that carries out ``MigrateVMA``'s phases on this space's memory; an engine that is its
+    /// own space gets it by default.
+    @_spi(Engine) var migrationEngine: any MigrationEngine { get }
+    /// The space's interval notifiers (the kernel's `mmu_notifier_subscriptions`).
+    @_spi(Engine) var notifierSubscriptions: NotifierSubscriptions { get }
+    /// Runs `body` with `mmapLock` held for writing, once the space is known to be alive.
+    /// - Throws: what `body` throws, or `.noProcess` after exit (or close).
+    @_spi(Engine) func withMmapWriteLock<R>(_ body: () throws(HMMError) -> R) throws(HMMError) -> R
 }
 
-extension AddressSpace: MirroredAddressSpace {
-    public var eventSpaceID: Int { id }
+extension MirroredAddressSpace {
+    /// `mmu_interval_notifier_insert`: subscribes `operations` to changes of `[start, start + length)`.
+    /// Takes `mmapLock` for writing: do not call with it held.
+    /// - Throws: `.invalidArgument` (empty or overflowing: the kernel's `-EOVERFLOW`), `.noProcess` after
+    ///   exit.
+    public func insertIntervalNotifier(
+        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
+    ) throws(HMMError) -> IntervalNotifier {
+        guard length > 0, start <= UInt64.max - length else {
+            throw .invalid("interval notifier \(hex(start))+\(length) is empty or overflows")
+        }
+        let n = IntervalNotifier(space: self, subscriptions: notifierSubscriptions, start: start, end: start + length,
+                                 operations: operations)
+        try withMmapWriteLock { () throws(HMMError) in notifierSubscriptions.insert(n) }
+        return n
+    }
 }
 
-/// How an engine other than the simulated core carries out the three phases of a ``MigrateVMA`` on its
-/// own memory. For engine implementers (`@_spi(Engine) import HMM`), not drivers: ``MigrateVMA`` checks
-/// the phase order, the range and the destinations (locked folios of the entry's size with exactly the
-/// driver's reference) before it calls in, and keeps `src`/`dst`/`cpages` in its own arrays, so a
-/// driver's per-page work never crosses this protocol.
+@_spi(Engine)
+extension MirroredAddressSpace where Self: MigrationEngine {
+    public var migrationEngine: any MigrationEngine { self }
+}
+
+/// How an engine carries out the three phases of a ``MigrateVMA`` on its memory: the simulated
+/// ``AddressSpace`` on its page tables, the native `NativeSpace` on the host process's. For engine
+/// implementers (`@_spi(Engine) import HMM`), not drivers: ``MigrateVMA`` checks the phase order, the
+/// range, the owner and the destinations (locked folios of the entry's size with exactly the driver's
+/// reference) before it calls in, and keeps `src`/`dst`/`cpages` in its own arrays, so a driver's
+/// per-page work never crosses this protocol. The decisions the engines share are ``MigrationRules``.
 @_spi(Engine)
 public protocol MigrationEngine: AnyObject {
     /// `migrate_vma_setup`: collect `[m.start, m.end)` into `m.engineSource` (locked sources, holes as

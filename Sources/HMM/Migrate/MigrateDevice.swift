@@ -87,8 +87,8 @@ public final class MigrateDevice: @unchecked Sendable {
         observation.collected(src)
     }
 
-    /// `migrate_device_pages`: moves page state to each destination. Entries without a destination, or
-    /// whose source gained a reference, stop migrating.
+    /// `migrate_device_pages`: moves page state to each destination. Entries without a destination, with
+    /// one ``MigrationRules`` refuses, or whose source gained a reference, stop migrating.
     /// - Throws: `.invalidArgument` out of order or for a destination that is not a locked order-0 folio
     ///   with one reference. Nothing changes on error.
     public func pages() throws(HMMError) {
@@ -100,7 +100,9 @@ public final class MigrateDevice: @unchecked Sendable {
         }
         phase = 2
         for i in src.indices where src[i].isMigrating {
-            guard let s = src[i].pfn, let d = dst[i].pfn, machine.refcount(s) == 1 + callerReferences else {
+            guard let s = src[i].pfn, let d = dst[i].pfn, machine.refcount(s) == 1 + callerReferences,
+                MigrationRules.destinationAccepts(machine.deviceKind(d), anonymousSource: machine.frames.flags(s).contains(.anon))
+            else {
                 src[i].clearMigrate()
                 continue
             }
@@ -122,7 +124,7 @@ public final class MigrateDevice: @unchecked Sendable {
         phase = 3
         let frames = machine.frames
         for i in src.indices {
-            let d = dst[i].pfn.flatMap { accepted || machine.isMigrationDestination($0) ? $0 : nil }
+            let d = machine.finalizeDestination(dst[i], accepted: accepted)
             guard let s = src[i].pfn else {
                 if let d {
                     frames.unlock(d)
@@ -130,7 +132,7 @@ public final class MigrateDevice: @unchecked Sendable {
                 }
                 continue
             }
-            let new = accepted && src[i].isMigrating && d != nil ? d! : s
+            let new = MigrationRules.moves(src[i], to: d, accepted: accepted) ? d! : s
             if let d, d != new {
                 frames.unlock(d)
                 machine.putFolio(d)

@@ -250,25 +250,6 @@ public final class NotifierSubscriptions: @unchecked Sendable {
 }
 
 extension AddressSpace {
-    /// `mmu_interval_notifier_insert`: subscribes `operations` to changes of `[start, start + length)`.
-    /// - Throws: `.invalidArgument` for a zero or overflowing length (the kernel's `-EOVERFLOW`),
-    ///   `.noProcess` after exit.
-    /// Takes `mmapLock` for writing: do not call with it held.
-    public func insertIntervalNotifier(
-        start: UInt64, length: UInt64, _ operations: any IntervalNotifierOperations
-    ) throws(HMMError) -> IntervalNotifier {
-        guard length > 0, start <= UInt64.max - length else {
-            throw .invalid("interval notifier \(hex(start))+\(length) is empty or overflows")
-        }
-        let n = IntervalNotifier(space: self, subscriptions: notifiers, start: start, end: start + length,
-                                 operations: operations)
-        try mmapLock.withWriteLock { () throws(HMMError) in
-            try checkAlive()
-            notifiers.insert(n)
-        }
-        return n
-    }
-
     /// Runs `body` between the start and the end of an invalidation of `[lo, hi)`.
     @inline(__always)
     func invalidating<R, E: Error>(

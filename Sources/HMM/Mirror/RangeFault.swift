@@ -32,6 +32,53 @@ public enum HMMPFN {
     public static func mapOrder(_ word: UInt64) -> Int { Int((word >> orderShift) & 0x1F) }
 }
 
+/// What an engine's `hmm_range_fault` walk shares: the request of a page, the decision to fault
+/// (`hmm_pte_need_fault`), and the output word (`pte_to_hmm_pfn_flags` with the frame).
+@_spi(Engine)
+extension HMMPFN {
+    /// The request for a page whose input word is `word` (`pfn_req_flags & pfn_flags_mask |
+    /// default_flags`); 0 when the range asks no page to be faulted at all (`mayFault` false).
+    @inline(__always)
+    public static func request(_ word: UInt64, mask: UInt64, defaultFlags: UInt64, mayFault: Bool) -> UInt64 {
+        mayFault ? (word & mask) | defaultFlags : 0
+    }
+
+    /// Whether a range's flags may ask for any fault (`(mask | default) & HMM_PFN_REQ_FAULT`).
+    @inline(__always)
+    public static func mayFault(mask: UInt64, defaultFlags: UInt64) -> Bool {
+        (mask | defaultFlags) & requestFault != 0
+    }
+
+    /// `hmm_pte_need_fault`: what the walk must do for a page requested `request` whose CPU mapping
+    /// gives the flags of `cpu` (a word of ``word(_:writable:order:)``, or 0 for none): nothing when no
+    /// fault is requested; a write fault when a write is requested and the mapping is not writable; a
+    /// read fault when the mapping is not valid.
+    @inline(__always)
+    public static func needFault(_ request: UInt64, _ cpu: UInt64) -> NeedFault {
+        guard request & requestFault != 0 else { return .none }
+        if request & requestWrite != 0 && cpu & write == 0 { return .write }
+        return cpu & valid == 0 ? .read : .none
+    }
+
+    /// `hmm_pte_need_fault`'s answer.
+    public enum NeedFault {
+        case none, read, write
+    }
+
+    /// The word for frame `pfn` mapped by the CPU (`pte_to_hmm_pfn_flags`, `pmd_to_hmm_pfn_flags`):
+    /// valid, writable if the mapping is, with its map order (9 for a PMD).
+    @inline(__always)
+    public static func word(_ pfn: PFN, writable: Bool, order: Int = 0) -> UInt64 {
+        valid | (writable ? write : 0) | UInt64(order) << orderShift | pfn.rawValue
+    }
+
+    /// Stores the walk's output `out` for a page, keeping the input's sticky flags (``inOut``).
+    @inline(__always)
+    public static func store(_ out: UInt64, _ words: UnsafeMutablePointer<UInt64>, _ k: Int) {
+        words[k] = words[k] & inOut | out
+    }
+}
+
 /// `struct hmm_range`: what a device wants to mirror and how.
 extension HMMRange {
     /// The checks `hmm_range_fault` makes of its arguments on every engine: page-aligned and non-empty,
@@ -114,7 +161,7 @@ extension AddressSpace {
         let owner = range.devicePrivateOwner
         let mask = range.pfnFlagsMask
         let dflt = range.defaultFlags
-        let mayFault = (mask | dflt) & HMMPFN.requestFault != 0
+        let mayFault = HMMPFN.mayFault(mask: mask, defaultFlags: dflt)
         while true {
             if range.notifier.checkRetry(seq) { throw HMMError(.busy, "hmm_range invalidated; retry") }
             let stop = try range.pfns.withUnsafeMutableBufferPointer { (words) throws(HMMError) -> UInt64? in
@@ -135,7 +182,9 @@ extension AddressSpace {
     ) throws(HMMError) -> UInt64? {
         var a = from
         let shift = UInt64(PageSize.shift)
-        @inline(__always) func request(_ i: Int) -> UInt64 { mayFault ? (words[i] & mask) | dflt : 0 }
+        @inline(__always) func request(_ i: Int) -> UInt64 {
+            HMMPFN.request(words[i], mask: mask, defaultFlags: dflt, mayFault: mayFault)
+        }
         while a < end {
             let vi = vmaIndex(containing: a)
             let next = firstVMA(endingAfter: a)
@@ -144,10 +193,10 @@ extension AddressSpace {
                 var b = a
                 while b < vmaEnd {
                     let i = Int((b - start) >> shift)
-                    if request(i) & HMMPFN.requestFault != 0 {
+                    if HMMPFN.needFault(request(i), 0) != .none {
                         throw HMMError(.fault, "hmm_range_fault: \(hex(b)) has no readable mapping")
                     }
-                    words[i] = words[i] & HMMPFN.inOut | HMMPFN.error
+                    HMMPFN.store(HMMPFN.error, words, i)
                     b += UInt64(PageSize.base)
                 }
                 a = vmaEnd
@@ -171,25 +220,25 @@ extension AddressSpace {
                     let req = request(i)
                     var out: UInt64 = 0
                     if pmd.isLeaf {
-                        out = HMMPFN.valid | (pmd.isWritable ? HMMPFN.write : 0) | UInt64(PageSize.pmdOrder) << HMMPFN.orderShift
-                            | (pmd.pfn + PageTableIndex.pte(a)).rawValue
-                        if req & HMMPFN.requestWrite != 0 && !pmd.isWritable {
+                        out = HMMPFN.word(pmd.pfn + PageTableIndex.pte(a), writable: pmd.isWritable, order: PageSize.pmdOrder)
+                        if HMMPFN.needFault(req, out) == .write {
                             try faultForRange(vma, a, write: true)
                             return a
                         }
                     } else if pmd.isDevicePrivate, let owner, machine.pagemap(of: pmd.pfn)?.owner === owner {
                         // `hmm_vma_handle_absent_pmd`: this owner's device THP, reported, never faulted.
-                        out = HMMPFN.valid | (pmd.kind == .devicePrivateWrite ? HMMPFN.write : 0)
-                            | UInt64(PageSize.pmdOrder) << HMMPFN.orderShift | (pmd.pfn + PageTableIndex.pte(a)).rawValue
-                    } else if req & HMMPFN.requestFault != 0 {
+                        out = HMMPFN.word(pmd.pfn + PageTableIndex.pte(a), writable: pmd.kind == .devicePrivateWrite,
+                                          order: PageSize.pmdOrder)
+                    } else {
                         // None (or no table at all), a foreign device THP or a PMD migration entry: fault.
-                        try faultForRange(vma, a, write: req & HMMPFN.requestWrite != 0)
-                        return a
+                        let need = HMMPFN.needFault(req, 0)
+                        if need != .none {
+                            try faultForRange(vma, a, write: need == .write)
+                            return a
+                        }
+                        if pmd.isDevicePrivate { out = HMMPFN.error }  // a foreign device THP, no fault requested
                     }
-                    else if pmd.isDevicePrivate {
-                        out = HMMPFN.error  // a foreign device THP without a fault request
-                    }
-                    words[i] = words[i] & HMMPFN.inOut | out
+                    HMMPFN.store(out, words, i)
                     a += UInt64(PageSize.base)
                 }
             }
@@ -217,20 +266,22 @@ extension AddressSpace {
             var out: UInt64 = 0
             if e.isPresent {
                 if !e.isSpecial || e.pfn == machine.zeroPFN {
-                    out = HMMPFN.valid | (e.isWritable ? HMMPFN.write : 0) | e.pfn.rawValue
-                    if req & HMMPFN.requestWrite != 0 && !e.isWritable { return (b, true) }
+                    out = HMMPFN.word(e.pfn, writable: e.isWritable)
+                    if HMMPFN.needFault(req, out) == .write { return (b, true) }
                 } else {
-                    if req & HMMPFN.requestFault != 0 { return (b, req & HMMPFN.requestWrite != 0) }
+                    let need = HMMPFN.needFault(req, 0)
+                    if need != .none { return (b, need == .write) }
                     out = HMMPFN.error
                 }
             } else if !e.isNone, e.isDevicePrivate, e.pfn.rawValue >= ramFrames, let owner,
                 machine.pagemap(of: e.pfn)?.owner === owner
             {
-                out = HMMPFN.valid | (e.kind == .devicePrivateWrite ? HMMPFN.write : 0) | e.pfn.rawValue
-            } else if req & HMMPFN.requestFault != 0 {
-                return (b, req & HMMPFN.requestWrite != 0)
+                out = HMMPFN.word(e.pfn, writable: e.kind == .devicePrivateWrite)
+            } else {
+                let need = HMMPFN.needFault(req, 0)
+                if need != .none { return (b, need == .write) }
             }
-            words[i] = words[i] & HMMPFN.inOut | out
+            HMMPFN.store(out, words, i)
             b += UInt64(PageSize.base)
             idx += 1
             i += 1

@@ -129,29 +129,18 @@ extension AddressSpace {
             lock.unlock()
             preconditionFailure("device-private entry \(e) names no pagemap")
         }
-        guard frames.tryLock(head) else {
+        guard machine.deviceFaultTryLock(page) else {
             lock.unlock()
             machine.statistics.count(.faultDevicePrivateWait)
             while frames.flags(head).contains(.locked) { sched_yieldShim() }
             return false
         }
-        machine.getFolio(head)
         lock.unlock()
-        defer {
-            // If the driver split the folio, the lock and our reference now sit on `page`'s own folio.
-            let holder = frames.head(of: page)
-            frames.unlock(holder)
-            machine.putFolio(holder)
-        }
-        #if DEBUG
-        machine.hooks.fire(.deviceFaultBeforeMigrateToRAM)
-        #endif
         machine.statistics.count(.faultDevicePrivate)
-        guard let ops = pm.ops else { throw HMMError(.bus, "the driver of \(pm) is gone") }
         let mask = huge ? PageSize.pmdMask : PageSize.baseMask
         let unit = address & ~mask
-        try ops.migrateToRAM(DeviceFault(space: self, address: unit, page: page, huge: huge, write: access == .write,
-                                         range: unit..<(unit + mask + 1)))
+        try machine.deviceFaultMigrateToRAM(pm, DeviceFault(space: self, address: unit, page: page, huge: huge,
+                                                            write: access == .write, range: unit..<(unit + mask + 1)))
         return false
     }
 

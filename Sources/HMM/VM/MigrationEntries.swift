@@ -109,3 +109,74 @@ extension AddressSpace {
         body(slot, PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed)))
     }
 }
+
+extension Machine {
+    /// `remove_migration_pmd`: the PMD migration entry of `old` at `a` becomes a PMD mapping of `new` (a
+    /// device THP entry or a present huge PMD), with its rmap, reference and exclusivity, and the VMA's
+    /// `protection` as it is now.
+    func restoreHugeMigrationEntry(_ space: AddressSpace, _ protection: Protection, _ pmdN: UInt32, _ a: UInt64, _ old: PFN, to new: PFN) {
+        let slot = space.pmdSlot(pmdN, a)
+        let lock = space.pool.lock(pmdN)
+        lock.lock()
+        defer { lock.unlock() }
+        let m = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+        guard m.isMigration, m.isHuge, m.pfn == old else { return }
+        let write = m.kind == .migrationWrite && protection.contains(.write)
+        if m.kind == .migrationWrite || m.kind == .migrationReadExclusive {
+            for j in 0..<PageSize.pagesPerPMD { frames.setFlags(new + j, .anonExclusive) }
+        }
+        addEntireMapcount(new, 1)
+        getFolio(new)
+        let user = protection != .none
+        let e: PageTableEntry = isDevicePrivate(new)
+            ? .nonPresent(write ? .devicePrivateWrite : .devicePrivateRead, new, huge: true)
+            : .present(new, writable: write && user, user: user, young: m.isYoung, dirty: m.isDirty, huge: true)
+        slot.pointee.store(e.rawValue, ordering: .releasing)
+    }
+
+    /// `try_to_migrate` for a PMD-mapped folio: every other space's PMD mapping of `head` (a THP or a
+    /// device THP shared after fork) becomes a PMD migration entry. Requires the folio locked and
+    /// referenced by the caller. Returns whether no mapping is left.
+    func tryToMigrateHuge(_ head: PFN) -> Bool {
+        forEachCandidate(of: head) { space, _, a in
+            guard a & PageSize.pmdMask == 0, let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { return }
+            // The space's notifiers hear `clear` first, as in `try_to_migrate_one`.
+            space.invalidating(a, a + UInt64(PageSize.pmd), .clear) {
+                let slot = space.pmdSlot(pmdN, a)
+                let lock = space.pool.lock(pmdN)
+                lock.lock()
+                defer { lock.unlock() }
+                let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
+                guard e.pfn == head, (e.isLeaf && e.isHuge && !e.isSpecial) || (e.isDevicePrivate && e.isHuge) else { return }
+                let writable = e.isPresent ? e.isWritable : e.kind == .devicePrivateWrite
+                let kind: PageTableEntry.Kind = writable ? .migrationWrite : .migrationRead
+                slot.pointee.store(PageTableEntry.nonPresent(kind, head, young: e.isPresent && e.isYoung,
+                                                             dirty: e.isPresent && e.isDirty, huge: true).rawValue,
+                                   ordering: .releasing)
+                if e.isPresent && e.isDirty { frames.setFlags(head, .dirty) }
+                addEntireMapcount(head, -1)
+                putFolio(head)
+            }
+        }
+        return totalMapcount(head) == 0
+    }
+
+    /// `remove_migration_ptes` for a PMD-mapped folio, in every space.
+    func removeHugeMigrationEntries(_ old: PFN, _ new: PFN) {
+        forEachCandidate(of: new) { space, vma, a in
+            guard a & PageSize.pmdMask == 0, let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { return }
+            restoreHugeMigrationEntry(space, vma.protection, pmdN, a, old, to: new)
+        }
+    }
+
+    /// Splits every other space's PMD migration entry of `head` into 512 PTE migration entries (the
+    /// folio was split while it was unmapped: `migrate_vma_split_unmapped_folio` on a folio shared after
+    /// fork). Requires the folio locked and no page-table lock held.
+    func splitHugeMigrationEntries(_ head: PFN) {
+        forEachCandidate(of: head) { space, _, a in
+            guard a & PageSize.pmdMask == 0, let pmdN = try? space.pmdNode(a, allocate: false), pmdN != 0 else { return }
+            let pmd = PageTableEntry(rawValue: space.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
+            if pmd.isMigration && pmd.isHuge && pmd.pfn == head { space.splitHugePMD(pmdN, a) }
+        }
+    }
+}
