@@ -260,26 +260,15 @@ public final class MirrorFile: @unchecked Sendable {
         }
     }
 
-    /// The canonical driver loop (kernel-spec §7.4): read-begin, walk under `mmapLock`, then under the
-    /// table lock check the sequence and program the device — retrying on invalidation for up to
-    /// 1000 ms.
+    /// The driver loop (``IntervalNotifier/mirror(_:timeout:program:)``), programming the device table
+    /// under its lock.
     private func rangeFaultLoop(_ range: inout HMMRange, program: (inout State, HMMRange) -> Void) throws(HMMError) {
-        let deadline = ContinuousClock.now + .milliseconds(AddressSpace.rangeFaultTimeoutMilliseconds)
-        while true {
-            if ContinuousClock.now > deadline { throw HMMError(.busy, "hmm_range_fault kept retrying for 1000 ms") }
-            range.notifierSeq = range.notifier.readBegin()
-            do {
-                try space.withMmapReadLock { () throws(HMMError) in try space.rangeFault(&range) }
-            } catch where error.code == .busy {
-                continue
-            }
-            let r = range
-            let done = state.withLock { s -> Bool in
+        try range.notifier.mirror(&range) { r in
+            state.withLock { s -> Bool in
                 if r.notifier.readRetry(r.notifierSeq) { return false }
                 program(&s, r)
                 return true
             }
-            if done { return }
         }
     }
 
@@ -436,18 +425,7 @@ public final class MirrorFile: @unchecked Sendable {
             let n = try space.insertIntervalNotifier(start: a, length: next - a, seqOnly)
             defer { n.remove() }
             var range = try HMMRange(notifier: n, start: a, end: next, devicePrivateOwner: device)
-            let deadline = ContinuousClock.now + .milliseconds(AddressSpace.rangeFaultTimeoutMilliseconds)
-            while true {
-                if ContinuousClock.now > deadline { throw HMMError(.busy, "snapshot kept retrying for 1000 ms") }
-                range.notifierSeq = n.readBegin()
-                do {
-                    try space.withMmapReadLock { () throws(HMMError) in try space.rangeFault(&range) }
-                } catch where error.code == .busy {
-                    continue
-                }
-                let seq = range.notifierSeq
-                if seqOnly.lock.withLock({ _ in !n.readRetry(seq) }) { break }
-            }
+            try n.mirror(&range) { r in seqOnly.lock.withLock { _ in !n.readRetry(r.notifierSeq) } }
             for (i, w) in range.pfns.enumerated() {
                 out[r.cpages + i] = protectionByte(w)
             }
@@ -560,36 +538,6 @@ public final class MirrorFile: @unchecked Sendable {
 
     /// Pages the device page table maps (for tests and the demo).
     public var mappedPages: Int { state.withLock { $0.table.count } }
-}
-
-/// A driver object that handles invalidations of a notifier it owns.
-protocol InvalidationTarget: AnyObject {
-    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool
-}
-
-/// Notifier operations that refer to their target weakly, so the notifier (which the target owns) does
-/// not keep it alive; once it is gone they only set the sequence. A mirror file's and an accelerator
-/// context's.
-final class WeakForwarder<Target: InvalidationTarget>: IntervalNotifierOperations, @unchecked Sendable {
-    weak var target: Target?
-    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
-        guard let target else {
-            notifier.setSequence(sequence)
-            return true
-        }
-        return target.invalidate(notifier, range: range, sequence: sequence)
-    }
-}
-
-extension MirrorFile: InvalidationTarget {}
-
-/// The snapshot's temporary notifier: it only records the sequence.
-final class SequenceOnlyNotifier: IntervalNotifierOperations, @unchecked Sendable {
-    let lock = Locked(())
-    func invalidate(_ notifier: IntervalNotifier, range: NotifierRange, sequence: UInt64) -> Bool {
-        lock.withLock { _ in notifier.setSequence(sequence) }
-        return true
-    }
 }
 
 extension MirrorFile {

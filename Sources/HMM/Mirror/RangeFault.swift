@@ -139,9 +139,6 @@ public struct HMMRange: Sendable {
 
 /// `hmm_range_fault` (`mm/hmm.c`, kernel-spec §7.3).
 extension AddressSpace {
-    /// `HMM_RANGE_DEFAULT_TIMEOUT`, for drivers' retry loops.
-    public static let rangeFaultTimeoutMilliseconds = 1000
-
     /// Fills `range.pfns` with what the CPU page table maps, faulting pages in where the request flags
     /// ask for it. Requires `mmapLock` held for reading (``MirroredAddressSpace/withMmapReadLock(_:)``).
     ///

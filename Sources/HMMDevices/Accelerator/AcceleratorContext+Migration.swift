@@ -165,17 +165,8 @@ extension AcceleratorContext {
             var r = try HMMRange(notifier: notifier, start: a, end: next,
                                  defaultFlags: HMMPFN.requestFault | (write ? HMMPFN.requestWrite : 0),
                                  devicePrivateOwner: accelerator)
-            let deadline = monotonicNanoseconds() + 1_000_000_000
-            while true {
-                guard monotonicNanoseconds() < deadline else { throw HMMError(.busy, "hmm_range_fault kept retrying for 1 s") }
-                r.notifierSeq = notifier.readBegin()
-                do {
-                    try space.withMmapReadLock { () throws(HMMError) in try space.rangeFault(&r) }
-                } catch where error.code == .busy {
-                    continue
-                }
-                let snapshot = r
-                let done = try mapLock.withLock { (_: inout Void) throws(HMMError) -> Bool in
+            try notifier.mirror(&r) { (snapshot) throws(HMMError) -> Bool in
+                try mapLock.withLock { (_: inout Void) throws(HMMError) -> Bool in
                     if snapshot.notifier.readRetry(snapshot.notifierSeq) { return false }
                     for (i, w) in snapshot.pfns.enumerated() where w & HMMPFN.valid != 0 {
                         let page = snapshot.start + UInt64(i) << UInt64(PageSize.shift)
@@ -189,7 +180,6 @@ extension AcceleratorContext {
                     }
                     return true
                 }
-                if done { break }
             }
             a = next
         }
