@@ -529,7 +529,7 @@ public final class MirrorFile: @unchecked Sendable {
     }
 
     /// `mmap` of the device file: every page a fresh zeroed page inserted by the driver.
-    /// - Throws: as ``MirroredAddressSpace/mapDriverPages(length:protection:shared:)`` (`.unsupported` on
+    /// - Throws: as `MirroredAddressSpace.mapDriverPages(length:protection:shared:)` (`.unsupported` on
     ///   a native space), `.badDescriptor`.
     public func mmap(length: Int, protection: Protection, shared: Bool) throws(HMMError) -> UInt64 {
         guard !closed.load(ordering: .acquiring) else { throw HMMError(.badDescriptor, "the mirror file is closed") }

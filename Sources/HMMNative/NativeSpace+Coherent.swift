@@ -7,7 +7,7 @@ import Glibc
 
 /// Device-coherent memory in place: a page that migrates to a device-coherent pagemap is mapped at its
 /// own address, so CPU loads and stores reach the device frame without a fault (`MEMORY_DEVICE_COHERENT`
-/// is mapped by ordinary present entries, kernel-spec §1).
+/// is mapped by ordinary present entries, `include/linux/memremap.h`).
 ///
 /// A coherent pagemap's frames live in a shared-memory file (``Pagemap/backingFile(of:)``). Migrating
 /// to it maps the frame over the page's hole with `mmap(MAP_FIXED | MAP_SHARED)`; the new mapping is
@@ -19,7 +19,7 @@ import Glibc
 /// on the move. Both replacements raise an UNMAP event of the page's range that the engine expects
 /// (``SelfUnmaps``).
 ///
-/// Costs and limits (native-mode.md §1d): each isolated coherent page splits the region's mapping (+2
+/// Costs and limits (measured on the host): each isolated coherent page splits the region's mapping (+2
 /// host VMAs; `vm.max_map_count` bounds them — a page that cannot be mapped stays in RAM); the device
 /// mapping is `MADV_DONTFORK` (never the parent's device memory shared with a child): under
 /// ``ForkPolicy/share`` a fork first replaces it by a hole the child gets a copy in

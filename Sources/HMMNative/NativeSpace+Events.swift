@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// The host's non-cooperative userfaultfd events as the kernel's MMU-notifier events
-/// (native-mode.md §1a): `munmap` → UNMAP (after the fact), `MADV_DONTNEED`/`MADV_FREE` → REMOVE
+/// (as `fs/userfaultfd.c` raises them): `munmap` → UNMAP (after the fact), `MADV_DONTNEED`/`MADV_FREE` → REMOVE
 /// (before the zap), `mremap` → REMAP (after the move, followed by UNMAP of the old range unless
 /// `MREMAP_DONTUNMAP`). Each runs in the event thread.
 ///

@@ -9,7 +9,8 @@ import Glibc
 /// What a child created by `fork` gets of the native regions (``NativeSpace/Options/forkPolicy``).
 ///
 /// A device-resident page is a hole in the host page table, so without help a child would read it as
-/// zeros — silent data loss (native-mode.md §1g). Neither policy lets that happen.
+/// zeros — silent data loss (without `UFFD_FEATURE_EVENT_FORK`, `dup_userfaultfd()` drops the child's
+/// registration). Neither policy lets that happen.
 ///
 /// Under either policy a `fork` holds every native space still while the host copies the address
 /// space (`ForkRegistry`), as the kernel's `fork` holds the `mmap_lock` for writing: a thread that

@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// Taking host pages out of the process: the one way the native engine does it is `UFFDIO_MOVE` into
-/// staging RAM frames on the staging userfaultfd (no event, no wait — native-mode.md §1b), and this is
+/// staging RAM frames on the staging userfaultfd (write-protect-only: no event, no wait), and this is
 /// where the host's refusals of a move are worked around, for every caller (migration, exclusive
 /// grant, revoke).
 extension NativeSpace {

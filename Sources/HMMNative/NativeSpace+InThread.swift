@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// How CPU faults on a space's regions are resolved (``NativeSpace/Options/faultMode``;
-/// native-mode.md §2.3, threading model).
+/// <doc:ManagingRealMemory> weighs the two).
 public enum FaultMode: Sendable, Equatable {
     /// The space's fault thread resolves every fault while the faulting thread sleeps in the kernel.
     /// Every access path reaches it: loads and stores, and kernel accesses — `read(2)` into a

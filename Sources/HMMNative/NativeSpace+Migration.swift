@@ -31,9 +31,9 @@ final class NativeMigration {
     }
 }
 
-/// `migrate_vma` on host memory (native-mode.md §2.2 (3a)): the three phases of ``MigrateVMA`` carried
-/// out with `UFFDIO_MOVE` into staging RAM frames (out) and `UFFDIO_COPY`/`MOVE` back into the holes
-/// (in), the page-state lock bits standing in for migration entries.
+/// `migrate_vma` on host memory (the machine's RAM arena is the staging pool): the three phases of
+/// ``MigrateVMA`` carried out with `UFFDIO_MOVE` into staging RAM frames (out) and `UFFDIO_COPY`/`MOVE`
+/// back into the holes (in), the page-state lock bits standing in for migration entries.
 @_spi(Engine)
 extension NativeSpace: MigrationEngine {
     /// `migrate_vma_setup`: the notifiers hear `migrate` (owner), then each page of the range is locked

@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// PCI peer-to-peer memory mapped into this process (`mmap` of a provider's `p2pmem/allocate` file,
-/// kernel-spec §11; the seed on userspace P2PDMA): loads, stores and system calls such as
+/// `p2pmem_alloc_mmap()` in `drivers/pci/p2pdma.c`): loads, stores and system calls such as
 /// `pread(O_DIRECT)` reach the provider's frames directly, and the provider's unbind revokes the
 /// mapping — a touch is then `SIGBUS` and a system call `EFAULT`.
 ///
@@ -30,7 +30,7 @@ extension NativeSpace {
 
     /// Maps `length` bytes of `provider`'s peer memory into this process (`mmap` of its `allocate`
     /// file): the whole length is allocated contiguously from the pool now, zeroed, and every page
-    /// mapped (`vm_insert_page` of each, kernel-spec §11).
+    /// mapped (`vm_insert_page` of each, as `p2pmem_alloc_mmap()` does).
     /// - Parameters:
     ///   - provider: the provider whose pool backs the mapping; it must belong to this space's machine.
     ///   - length: bytes to map (rounded up to pages), all allocated now.

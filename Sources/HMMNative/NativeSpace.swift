@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// The native engine: HMM semantics on the host process's own memory, through userfaultfd
-/// (`../shared/reference/native-mode.md`). A runtime allocates ``NativeRegion``s, gets ordinary
+/// (<doc:ManagingRealMemory>). A runtime allocates ``NativeRegion``s, gets ordinary
 /// pointers, and a driver written against the driver API (`MirroredAddressSpace`, `MigrateVMA`,
 /// `IntervalNotifier`, `HMMRange`) — `MirrorDevice` unchanged — migrates their pages to its device
 /// memory; a plain load, store or system call touching such a page faults and migrates it back.

@@ -1,8 +1,8 @@
 import HMM
 
 /// What the host page table cannot say about one 4 KiB page of a native region: one 64-bit word,
-/// changed only by compare-and-swap, whose `migrating` bit is the page lock (DESIGN §4's folio lock,
-/// for pages the host owns).
+/// changed only by compare-and-swap, whose `migrating` bit is the page lock (the folio lock of the
+/// simulated engine's lock order, for pages the host owns).
 ///
 /// ```
 /// bits 0-2  kind   host · device (a private or coherent device frame) · exclusive (parked in a staging

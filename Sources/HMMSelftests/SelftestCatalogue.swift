@@ -7,7 +7,7 @@ import Glibc
 #endif
 
 /// The cases of `hmm-tests.c` (torvalds/linux @ 0eaed89c), in file order, each asserting exactly the
-/// values of `reference/hmm-tests-catalogue.md`. A forked child is a ``SelftestChild``: a forked
+/// values `hmm-tests.c` asserts (its driver is `lib/test_hmm.c`). A forked child is a ``SelftestChild``: a forked
 /// ``AddressSpace`` on its own thread, or natively a real child process.
 enum SelftestCatalogue {
     static func hmm(_ name: String, pending: String? = nil, knownFailures: [SelftestVariant: String] = [:],

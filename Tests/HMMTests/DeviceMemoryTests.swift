@@ -8,7 +8,7 @@ import HMMDevices
 import Glibc
 #endif
 
-/// Device memory beyond the selftest port: the historical races of kernel-spec §13 forced through hook
+/// Device memory beyond the selftest port: the kernel's historical device-memory races forced through hook
 /// points, the cpages rules, the frame lifecycle, and a multi-device stress run.
 @Suite("Device memory", .serialized)
 struct DeviceMemoryTests {
@@ -77,9 +77,9 @@ struct DeviceMemoryTests {
         }
     }
 
-    /// Bug #1 (CVE-2022-3523): the fault takes its page reference under the page-table lock, so a page
+    /// CVE-2022-3523: the fault takes its page reference under the page-table lock, so a page
     /// whose every mapping disappears while `migrateToRAM` is pending is not freed under it.
-    @Test("bug #1: a racing unmap cannot free the device page under a pending migrateToRAM")
+    @Test("a racing unmap cannot free the device page under a pending migrateToRAM")
     func faultVersusFree() throws {
         try withDevices { m, devices, s in
             let fd = try devices.device(0).open(s)
@@ -105,8 +105,9 @@ struct DeviceMemoryTests {
         }
     }
 
-    /// Bug #4: a page migrated back from a writable device-private entry comes back writable.
-    @Test("bug #4: a write fault on a device page needs exactly one fault and lands writable")
+    /// A page migrated back from a writable device-private entry comes back writable (`try_to_migrate_one()`
+    /// made read-only migration entries for them, and so a second fault, until its 2021 fix).
+    @Test("a write fault on a device page needs exactly one fault and lands writable")
     func noDoubleFault() throws {
         try withDevices { m, devices, s in
             let fd = try devices.device(0).open(s)
@@ -125,8 +126,9 @@ struct DeviceMemoryTests {
         }
     }
 
-    /// Bug #6 / #8: the PTE's dirty bit reaches the folio when the entry is torn down, and comes back.
-    @Test("bug #6: the dirty bit is carried to the device page and back")
+    /// The PTE's dirty bit reaches the folio when the entry is torn down, and comes back (the kernel's
+    /// collect dropped it, losing data, until v6.0; migration entries carry young/dirty since v6.1).
+    @Test("the dirty bit is carried to the device page and back")
     func dirtyCarried() throws {
         try withDevices { m, devices, s in
             let fd = try devices.device(0).open(s)
@@ -148,8 +150,9 @@ struct DeviceMemoryTests {
 
     final class Owner: Sendable {}
 
-    /// Bug #10: cpages counts what still migrates after unmap (holes included), npages every slot.
-    @Test("bug #10: cpages excludes pinned and locked pages, includes holes; drivers must walk npages")
+    /// cpages counts what still migrates after unmap (holes included), npages every slot (an amdgpu driver
+    /// that assumed `cpages == npages` mis-migrated partial ranges until Jan 2025).
+    @Test("cpages excludes pinned and locked pages, includes holes; drivers must walk npages")
     func cpagesSemantics() throws {
         try withMachine(Self.config) { m in
             let s = try m.makeAddressSpace()
@@ -176,9 +179,9 @@ struct DeviceMemoryTests {
         }
     }
 
-    /// Bug #11: many CPUs faulting one device page all make progress: the losers sleep on the page lock
-    /// instead of spinning on a failed migration.
-    @Test("bug #11: concurrent faults on one device-private page all complete")
+    /// Many CPUs faulting one device page all make progress: the losers sleep on the page lock instead of
+    /// spinning on a failed migration (a livelock the kernel fixed in 2025).
+    @Test("concurrent faults on one device-private page all complete")
     func concurrentFaults() throws {
         try withDevices { m, devices, s in
             let fd = try devices.device(0).open(s)

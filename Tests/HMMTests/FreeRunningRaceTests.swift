@@ -4,7 +4,7 @@ import Testing
 @testable import HMM
 import HMMDevices
 
-/// The races of kernel-spec §13 and issue 14 run free on real threads — beside the hook-forced tests,
+/// The kernel's historical device-memory races and issue 14 run free on real threads — beside the hook-forced tests,
 /// which pin one interleaving each, these let the scheduler find others. Every page of the shared
 /// range holds one constant byte that nobody ever changes; pages only move (to a device, back, into a
 /// fork child), and frames are freed and reused by another process all the time. Whoever reads a page —
@@ -97,9 +97,10 @@ struct FreeRunningRaceTests {
         }
     }
 
-    /// Bug #5: after `MADV_DONTNEED` returns, the page reads zero — even with migrations collecting the
-    /// same pages on other threads (the collect must not keep a stale copy alive past the zap).
-    @Test("bug #5: MADV_DONTNEED races migrate_vma collection; after it returns the page reads zero")
+    /// After `MADV_DONTNEED` returns, the page reads zero — even with migrations collecting the same pages
+    /// on other threads (the collect must not keep a stale copy alive past the zap; until v6.0 the kernel
+    /// flushed the TLB after dropping the page-table lock, leaving a writable stale entry).
+    @Test("MADV_DONTNEED races migrate_vma collection; after it returns the page reads zero")
     func dontNeedRacesCollect() throws {
         try withMachine(.init(systemMemory: 64 << 20)) { m in
             let devices = try MirrorDeviceSet(machine: m, chunkSize: 4 << 20, coherent: false)

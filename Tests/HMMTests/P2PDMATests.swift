@@ -351,7 +351,9 @@ struct P2PDMATests {
         }
     }
 
-    @Test("bug #16: a mapping that fails part-way leaks no page and no pagemap reference")
+    /// A failed `vm_insert_page` in `p2pmem_alloc_mmap()` leaked a pagemap reference (device removal then
+    /// hung) and left the page's refcount set, until the kernel's Dec 2025 fix.
+    @Test("a mapping that fails part-way leaks no page and no pagemap reference")
     func mapErrorPath() throws {
         let rig = try SwitchRig()
         try withMachine(.init(systemMemory: 64 << 20, pageTableNodes: 16)) { m in

@@ -7,7 +7,7 @@
 /// work happens on the concrete ``MigrateVMA`` arrays and on ``HMMRange/pfns``, so the existential
 /// costs one dynamic call per piece.
 ///
-/// The lock order of the simulated engine (DESIGN §4) holds for both: `mmapLock` → folio lock → driver
+/// The lock order of the simulated engine (<doc:Locking>) holds for both: `mmapLock` → folio lock → driver
 /// notifier lock → page-table locks.
 public protocol MirroredAddressSpace: AnyObject, Sendable {
     /// The machine whose frames (RAM, device pagemaps) back this space's migrations.

@@ -1,6 +1,6 @@
-/// Migration by physical frame, without a VMA (`migrate_device_range`, `migrate_device_pfns`,
-/// `migrate_device_pages`, `migrate_device_finalize`, kernel-spec §5): how a driver empties its memory —
-/// on release, unbind or eviction — not knowing which processes map it. Every mapping is found
+/// Migration by physical frame, without a VMA (`mm/migrate_device.c`: `migrate_device_range`,
+/// `migrate_device_pfns`, `migrate_device_pages`, `migrate_device_finalize`): how a driver empties its
+/// memory — on release, unbind or eviction — not knowing which processes map it. Every mapping is found
 /// through the reverse map and turned into a migration entry.
 ///
 /// ```
@@ -88,7 +88,7 @@ public final class MigrateDevice: @unchecked Sendable {
     }
 
     /// `migrate_device_pages`: moves page state to each destination. Entries without a destination, with
-    /// one ``MigrationRules`` refuses, or whose source gained a reference, stop migrating.
+    /// one `MigrationRules` refuses, or whose source gained a reference, stop migrating.
     /// - Throws: `.invalidArgument` out of order or for a destination that is not a locked order-0 folio
     ///   with one reference. Nothing changes on error.
     public func pages() throws(HMMError) {

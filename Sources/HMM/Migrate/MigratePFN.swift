@@ -1,5 +1,5 @@
 /// One entry of a migration's `src` or `dst` array (`(pfn << MIGRATE_PFN_SHIFT) | flags`), with the
-/// kernel's bit values (kernel-spec §4.1).
+/// kernel's bit values (`include/linux/migrate.h`).
 public struct MigratePFN: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
     public var rawValue: UInt64
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }

@@ -1,7 +1,7 @@
 import Synchronization
 
 /// Migration of a virtual range between system RAM and device memory in three phases
-/// (`struct migrate_vma`, `migrate_vma_setup/pages/finalize`, kernel-spec §4).
+/// (`struct migrate_vma`, `migrate_vma_setup/pages/finalize` in `mm/migrate_device.c`).
 ///
 /// ```
 /// try space.withMmapReadLock { () throws(HMMError) in
@@ -20,9 +20,9 @@ import Synchronization
 ///
 /// This class is the protocol only: it checks the phases' order, the range and the destinations, keeps
 /// `src`/`dst`/`cpages`, and observes the migration. The page work of each phase is the space's engine's
-/// (``MirroredAddressSpace/migrationEngine``): the simulated ``AddressSpace`` on its page tables, the
+/// (`MirroredAddressSpace.migrationEngine`): the simulated ``AddressSpace`` on its page tables, the
 /// native `NativeSpace` on the host process's memory. What both engines decide alike is
-/// ``MigrationRules``. A driver's code is the same on either.
+/// `MigrationRules`. A driver's code is the same on either.
 public final class MigrateVMA: @unchecked Sendable {
     /// The space migrated, on either engine.
     public let space: any MirroredAddressSpace
@@ -125,6 +125,9 @@ public final class MigrateVMA: @unchecked Sendable {
         npages = src.count
         cpages = src.reduce(0) { $0 + ($1.isMigrating ? 1 : 0) }
         observation.collected(src)
+        #if DEBUG
+        machine.hooks.fire(.migrateAfterSetup)
+        #endif
     }
 
     // MARK: phase 2

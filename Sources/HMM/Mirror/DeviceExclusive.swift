@@ -1,7 +1,7 @@
 import Synchronization
 
-/// Device-exclusive entries (`make_device_exclusive`, `remove_device_exclusive_entry`, kernel-spec §8):
-/// a device doing atomics owns a system page until the CPU touches it again.
+/// Device-exclusive entries (`make_device_exclusive()` in `mm/rmap.c`, `remove_device_exclusive_entry()` in
+/// `mm/memory.c`): a device doing atomics owns a system page until the CPU touches it again.
 extension AddressSpace {
     /// Makes the page at `address` device-exclusive: faults it in writable (breaking copy-on-write,
     /// splitting a huge mapping), replaces its PTE by a device-exclusive entry (which keeps the rmap and

@@ -67,7 +67,7 @@ public protocol IntervalNotifierOperations: AnyObject, Sendable {
 }
 
 /// A driver's subscription to changes of one virtual range of an address space
-/// (`struct mmu_interval_notifier`), with the kernel's sequence-count protocol (kernel-spec §7.1):
+/// (`struct mmu_interval_notifier`), with the kernel's sequence-count protocol (`mm/mmu_notifier.c`):
 ///
 /// ```
 /// let seq = notifier.readBegin()

@@ -1,6 +1,6 @@
 import Synchronization
 
-/// The words of ``HMMRange/pfns`` (`HMM_PFN_*`, 64-bit values, kernel-spec §7.2): low bits the frame,
+/// The words of ``HMMRange/pfns`` (`HMM_PFN_*` in `include/linux/hmm.h`, 64-bit values): low bits the frame,
 /// high bits flags.
 public enum HMMPFN {
     /// `HMM_PFN_VALID` (out) / `HMM_PFN_REQ_FAULT` (in).
@@ -137,7 +137,7 @@ public struct HMMRange: Sendable {
     }
 }
 
-/// `hmm_range_fault` (`mm/hmm.c`, kernel-spec §7.3).
+/// `hmm_range_fault` (`mm/hmm.c`).
 extension AddressSpace {
     /// Fills `range.pfns` with what the CPU page table maps, faulting pages in where the request flags
     /// ask for it. Requires `mmapLock` held for reading (``MirroredAddressSpace/withMmapReadLock(_:)``).

@@ -17,7 +17,7 @@ public enum P2PDMAMapType: Int, Sendable, CustomStringConvertible {
 }
 
 /// The P2PDMA distance and routing rules (`calc_map_type_and_dist`, `pci_p2pdma_distance_many`,
-/// `pci_p2pmem_find_many`; kernel-spec §11).
+/// `pci_p2pmem_find_many` in `drivers/pci/p2pdma.c`).
 extension PCITopology {
     /// Routing and distance between `provider` and `client` (`calc_map_type_and_dist`).
     ///

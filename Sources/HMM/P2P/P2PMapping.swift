@@ -16,7 +16,8 @@ extension AddressSpace {
     /// - Throws: `.invalidArgument` (zero length, a private mapping, a nonzero offset, other flags or
     ///   protection bits), `.noDevice` (the provider is unbinding or removed), `.outOfMemory` (no
     ///   contiguous room in the pool, no address range, no page-table node — the pages not yet inserted
-    ///   go back to the pool and nothing stays mapped, kernel-spec bug #16), `.noProcess`.
+    ///   go back to the pool and nothing stays mapped; the kernel's `p2pmem_alloc_mmap()` once leaked a
+    ///   pagemap reference on this path, which hung device removal), `.noProcess`.
     /// Takes `mmapLock` for writing, then the provider's state lock.
     public func mapP2PMemory(
         _ provider: P2PProvider, length: Int, protection: Protection = [.read, .write], flags: MapFlags = .shared,

@@ -8,7 +8,7 @@ import Synchronization
 /// `available`, `published`), in-kernel allocation, and the `allocate` file that user space maps
 /// (``AddressSpace/mapP2PMemory(_:length:protection:flags:offset:)``).
 ///
-/// Page lifecycle (kernel-spec §11): a pool page sits at refcount 0; mapping it sets refcount 1 (the
+/// Page lifecycle (`drivers/pci/p2pdma.c`): a pool page sits at refcount 0; mapping it sets refcount 1 (the
 /// page-table entry's reference) and takes a pagemap reference; fork and GUP add references; when the
 /// last one drops, the page is *retired* through the machine's ``Epoch`` and goes back to the pool only
 /// after every lockless walker that could still see the old entry has left — so GUP-fast can never

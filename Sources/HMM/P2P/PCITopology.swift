@@ -95,7 +95,7 @@ public final class PCIFunction: @unchecked Sendable, CustomStringConvertible, Ha
 
 /// A small model of a PCI hierarchy: host bridges, root ports, switches (an upstream port and its
 /// downstream ports) and endpoint functions with BARs — enough for the P2PDMA distance and routing
-/// rules (kernel-spec §11) and for finding peer memory.
+/// rules (`drivers/pci/p2pdma.c`) and for finding peer memory.
 ///
 /// Thread-safe; the hierarchy only grows.
 public final class PCITopology: @unchecked Sendable {

@@ -1,6 +1,6 @@
 import Synchronization
 
-/// The kind of a device-memory region (`enum memory_type`, kernel-spec §1).
+/// The kind of a device-memory region (`enum memory_type`, `include/linux/memremap.h`).
 public enum PagemapKind: Int, Sendable, CustomStringConvertible {
     /// `MEMORY_DEVICE_PRIVATE`: the CPU cannot address it. Mapped only by non-present device-private
     /// entries; a CPU touch faults and the driver's ``PagemapOperations/migrateToRAM(_:)`` moves the page
@@ -92,7 +92,7 @@ extension PagemapOperations {
 /// own bytes (a host arena), page metadata in the machine's frame table, an owner identity and the
 /// driver's operations.
 ///
-/// Frame lifecycle (current kernel rules, kernel-spec §2.3): a free device frame sits at refcount 0;
+/// Frame lifecycle (the kernel's rules since v6.1, `mm/memremap.c`): a free device frame sits at refcount 0;
 /// ``initFolio(_:order:)`` (`zone_device_folio_init`) makes it a folio with refcount 1, locked, and takes
 /// one pagemap reference per frame; when the last reference drops the core clears its anonymous
 /// state, calls ``PagemapOperations/folioFree(_:order:)`` and drops the pagemap references.

@@ -20,7 +20,8 @@ protocol EpochReclaimer: AnyObject, Sendable {
     func reclaim(_ item: RetiredItem)
 }
 
-/// Epoch-based reclamation — the part of RCU that lockless page-table walkers need (DESIGN §4).
+/// Epoch-based reclamation — the part of RCU that lockless page-table walkers need (`call_rcu`-style
+/// deferred freeing, with no synchronous wait per close).
 ///
 /// A walker (`getUserPages(…, .fast)`) runs inside ``withCriticalSection(_:)``: it publishes the global
 /// epoch it saw in a slot, walks, and clears the slot. A writer that unlinks something a walker may
@@ -48,7 +49,8 @@ public final class Epoch: @unchecked Sendable {
         /// Queue them; nobody waits (the default, and what the kernel does with `call_rcu`-style freeing).
         case deferred
         /// Wait for a grace period at every mapping close before the frames go back (a
-        /// `synchronize_rcu()` in `vm_close`, the proposal the seed's reviewers rejected). For comparison.
+        /// `synchronize_rcu()` in `vm_close`, which reviewers of the 2021 userspace-P2PDMA series rejected).
+        /// For comparison.
         case synchronousPerClose
     }
 

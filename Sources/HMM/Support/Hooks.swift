@@ -1,10 +1,12 @@
 import Synchronization
 
 /// Places in the library where a test can run code of its own, to force a bad interleaving of two
-/// threads (kernel-spec §13). Hooks fire only in debug builds; release builds compile the calls out.
+/// threads, as in the kernel's historical device-memory races. Hooks fire only in debug builds; release
+/// builds compile the calls out.
 public enum HookPoint: Int, CaseIterable, Sendable {
     /// CPU fault on a device-private entry: the page reference is taken and the page-table lock dropped,
-    /// `migrateToRAM` has not run yet (the window of CVE-2022-3523, bug #1).
+    /// `migrateToRAM` has not run yet (the window of CVE-2022-3523: a racing unmap could free the page under
+    /// `migrate_to_ram`).
     case deviceFaultBeforeMigrateToRAM
     /// `MigrateVMA.setup` has collected and unmapped; the driver has not copied yet.
     case migrateAfterSetup

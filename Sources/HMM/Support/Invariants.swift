@@ -7,7 +7,8 @@ public struct InvariantViolation: Error, CustomStringConvertible {
 }
 
 extension Machine {
-    /// Walks every frame, page table and page cache and checks that they agree (DESIGN §7):
+    /// Walks every frame, page table and page cache and checks that they agree (every test ends with it;
+    /// <doc:TestingWithRaces>):
     /// - each frame is exactly one of free (in a buddy block or the hugetlb pool), reserved, or in use
     ///   with a positive refcount — no frame both free and mapped, none leaked;
     /// - every page's mapcount equals the entries that map it, every folio's refcount equals its

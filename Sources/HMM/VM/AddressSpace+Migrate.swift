@@ -31,9 +31,6 @@ extension AddressSpace: MigrationEngine {
         m.engineContext = c
         invalidating(m.start, m.end, .migrate, owner: m.owner) { c.collect(vma) }
         c.unmapAndCheck()
-        #if DEBUG
-        machine.hooks.fire(.migrateAfterSetup)
-        #endif
     }
 
     /// `migrate_vma_pages` on the simulated page tables: for every entry still migrating with a

@@ -113,11 +113,12 @@ extension AddressSpace {
         }
     }
 
-    /// `do_swap_page` on a device-private entry (kernel-spec §6), entered with the PTE lock held. Takes
+    /// `do_swap_page()` (`mm/memory.c`) on a device-private entry, entered with the PTE lock held. Takes
     /// the page lock by try-lock and a reference while the lock is still held — so a racing migration or
-    /// unmap cannot free the page under `migrateToRAM` (bug #1) — then calls the driver. A contended page
-    /// lock means another thread is already moving the page: wait for it to be unlocked and retry, which
-    /// keeps many threads faulting one page live (bug #11). Returns false: the access is retried.
+    /// unmap cannot free the page under `migrateToRAM` (CVE-2022-3523) — then calls the driver. A contended
+    /// page lock means another thread is already moving the page: wait for it to be unlocked and retry,
+    /// which keeps many threads faulting one page live (retrying at once livelocked the kernel until
+    /// 2025). Returns false: the access is retried.
     /// Entered with the lock of the table holding `e` (a PTE, or a huge PMD entry) held; releases it.
     private func devicePrivateFault(
         _ lock: SpinLockWord, _ e: PageTableEntry, _ address: UInt64, _ access: FaultAccess

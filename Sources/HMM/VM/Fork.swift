@@ -184,7 +184,7 @@ extension AddressSpace {
                 d[i].store(e.rawValue, ordering: .relaxed)
             case .devicePrivateRead, .devicePrivateWrite:
                 // Parent and child share the device page read-only; the next write in either faults it
-                // back to RAM and copies (kernel-spec §9.1).
+                // back to RAM and copies (`copy_nonpresent_pte()` in `mm/memory.c`).
                 machine.getFolio(frames.head(of: e.pfn))
                 machine.addPageMapcount(e.pfn, 1)
                 frames.clearFlags(e.pfn, .anonExclusive)

@@ -9,8 +9,9 @@ import Synchronization
 /// - it takes a *speculative* reference (`folio_try_get`: only if the refcount is not 0, so a frame
 ///   being freed is never resurrected), then re-reads the PMD and PTE and gives the reference back if
 ///   either changed — a page that was unmapped, migrated or split meanwhile is never returned;
-/// - the checks that need the reference held (P2PDMA without the flag, kernel-spec bug #17; pins that
-///   must unshare; long-term pins of coherent memory) run after it is taken.
+/// - the checks that need the reference held (P2PDMA without the flag — as in `try_grab_folio()` in
+///   `mm/gup.c`, so GUP-fast cannot race an unbind that frees the pagemap; pins that must unshare;
+///   long-term pins of coherent memory) run after it is taken.
 extension AddressSpace {
     /// Takes as many pages from `address` on as it can without locks, appending them to `pfns`; stops at
     /// the first page it cannot take. Never faults, never sleeps.

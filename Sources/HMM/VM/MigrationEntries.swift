@@ -5,8 +5,9 @@ import Synchronization
 extension Machine {
     /// The migration entry that replaces mapping `e` of page `pfn` (present, device-private or
     /// device-exclusive). Writable sources give a writable entry (so the page comes back writable: no
-    /// double fault, kernel-spec §13 bug #4); otherwise read-exclusive if the page was anon-exclusive.
-    /// Young and dirty are carried from a present entry (bug #8).
+    /// double fault, as `try_to_migrate_one()` caused before its 2021 fix); otherwise read-exclusive if the
+    /// page was anon-exclusive. Young and dirty are carried from a present entry (as the kernel does since
+    /// v6.1; before, migration lost them).
     func migrationEntry(replacing e: PageTableEntry, _ pfn: PFN) -> PageTableEntry {
         let writable = e.isPresent ? e.isWritable : e.kind == .devicePrivateWrite || e.kind == .deviceExclusive
         let exclusive = frames.flags(pfn).contains(.anonExclusive)
@@ -15,9 +16,10 @@ extension Machine {
     }
 
     /// Replaces the mapping `e` of `pfn` at `slot` by a migration entry, with the slot's page-table lock
-    /// held: transfers the dirty bit to the folio (bug #6), gives up anon-exclusivity (refusing — and
-    /// leaving the entry alone — when the page may be DMA-pinned), removes the rmap and drops the
-    /// mapping's reference. The caller holds its own reference and the folio lock.
+    /// held: transfers the dirty bit to the folio (the kernel's collect dropped it, losing data, until
+    /// v6.0), gives up anon-exclusivity (refusing — and leaving the entry alone — when the page may be
+    /// DMA-pinned), removes the rmap and drops the mapping's reference. The caller holds its own reference
+    /// and the folio lock.
     /// - Returns: false if the page may be pinned.
     func unmapForMigration(_ slot: UnsafeMutablePointer<Atomic<UInt64>>, _ e: PageTableEntry, _ pfn: PFN) -> Bool {
         let head = frames.head(of: pfn)
