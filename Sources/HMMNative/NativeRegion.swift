@@ -212,7 +212,9 @@ public final class NativeRegion: @unchecked Sendable, CustomStringConvertible {
         let s = state(i)
         guard s.isZapped, !s.isMigrating else { return }
         let w = lock(i)
-        states[i].store(w.unlocked.rawValue, ordering: .releasing)
+        // Unlocked keeping a mark a later remove event set meanwhile (it is applied in turn): remove
+        // events drop only marked pages (``NativeSpace/dropRange(_:_:_:to:)``).
+        setState(i, w.unlocked)
     }
 
     /// The page-aligned, in-region range `offsets` names, as addresses.

@@ -10,8 +10,9 @@ import Glibc
 /// is mapped by ordinary present entries, `include/linux/memremap.h`).
 ///
 /// A coherent pagemap's frames live in a shared-memory file (``Pagemap/backingFile(of:)``). Migrating
-/// to it maps the frame over the page's hole with `mmap(MAP_FIXED | MAP_SHARED)`; the new mapping is
-/// registered MISSING + MINOR, so `munmap`, `MADV_DONTNEED` and `mremap` of it still send their events,
+/// to it maps the frame (`mmap(MAP_SHARED)`) at a scratch address, registers it MISSING + MINOR there
+/// and moves it over the page's hole with `mremap(MREMAP_FIXED)` — never unregistered at the page's
+/// address — so `munmap`, `MADV_DONTNEED` and `mremap` of it still send their events,
 /// and a touch after `MADV_DONTNEED` (page-table entry gone, frame still in the file) faults to the
 /// engine, which handles the remove event first. Leaving device memory (migration to RAM, a drop, a
 /// poison) first puts a registered hole back with `mremap(MREMAP_FIXED)` of a fresh registered
@@ -82,11 +83,42 @@ extension NativeSpace {
 
     private func mapCoherentHoldingGate(_ region: NativeRegion, at a: UInt64, file: Int32, offset: Int, _ bytes: UInt64) -> Bool {
         let pages = Int(bytes >> UInt64(PageSize.shift))
-        guard owns(a, bytes, .hole) else { return false }
-        guard let slot = selfUnmaps.expect(a, a + bytes) else { return false }
-        let rc = Sys.mapShared(at: a, bytes, region.protection(page: region.index(a)), file: file, offset: offset)
-        guard rc == 0 else {
+        // The frame is mapped at a scratch address first, made `MADV_DONTFORK` and registered there
+        // (shared memory registers for MISSING and MINOR; events come from either), and then moved
+        // over the hole in one `mremap(MREMAP_FIXED)`, which keeps the registration: the address is
+        // never an unregistered mapping. Mapped straight over the hole and registered afterwards,
+        // it was one for a moment — a `MADV_DONTNEED` of the page then raised no remove event, the
+        // host zapped the populated entries of the shared mapping (the file keeps its page) and the
+        // next touch mapped the file page again: the program read the bytes it had just dropped
+        // (the churn suite's resurrection, device-coherent). As in ``replaceWithHole(_:at:pages:)``
+        // the host also reports the move itself (REMAP from an address no region holds: ignored).
+        let protection = region.protection(page: region.index(a))
+        let scratch = Sys.mapAnonymous(bytes, protection)
+        guard scratch != 0 else { return false }
+        guard Sys.mapShared(at: scratch, bytes, protection, file: file, offset: offset) == 0 else {
+            _ = Sys.munmap(scratch, bytes)
+            return false
+        }
+        func dropScratch() {
+            _ = Sys.unregister(uffd, scratch, bytes)
+            _ = Sys.munmap(scratch, bytes)
+        }
+        _ = Sys.madvise(scratch, bytes, Sys.dontFork)
+        guard Sys.register(uffd, scratch, bytes, missing: true, minor: true) == 0 else {
+            dropScratch()
+            return false
+        }
+        guard owns(a, bytes, .hole) else {
+            dropScratch()
+            return false
+        }
+        guard let slot = selfUnmaps.expect(a, a + bytes) else {
+            dropScratch()
+            return false
+        }
+        guard Sys.moveMapping(from: scratch, to: a, bytes) == 0 else {
             selfUnmaps.cancel(slot)
+            dropScratch()
             return false
         }
         waitForReader()
@@ -94,9 +126,6 @@ extension NativeSpace {
             takeBack(a, bytes) { $0.shared && $0.inode == Sys.inode(file) }
             return false
         }
-        _ = Sys.madvise(a, bytes, Sys.dontFork)
-        // Shared memory registers for MISSING and MINOR; events come from either.
-        _ = Sys.register(uffd, a, bytes, missing: true, minor: true)
         statistics.count(\.coherentMapped, pages)
         return true
     }
@@ -235,14 +264,37 @@ extension NativeSpace {
         return false
     }
 
-    /// A CPU fault on a coherent page mapped in place: its page-table entry is gone (a MINOR fault) or
-    /// its frame has no page in the file yet (MISSING). Maps the frame's page, or a zeroed one.
-    func resolveCoherentFault(_ a: UInt64) {
-        var rc = retryingAgain { Sys.continueMapping(uffd, a, Sys.page) }
+    /// A CPU fault on coherent page `i` of `region` (at `a`), mapped in place: its page-table entry is
+    /// gone (a MINOR fault) or its frame has no page in the file yet (MISSING). Maps the frame's page,
+    /// or a zeroed one. False, mapping nothing, if a remove event marked the page: its zap is applied
+    /// first (look again).
+    ///
+    /// The frame's page is mapped as an install (``enterInstall()``), after a look at the mark: a
+    /// fault read before a remove event does not wait for it (a stale fault — its toucher was woken by
+    /// an install and went on — or one from another thread), and the host zaps the page-table entry
+    /// only after the event is read. Mapping the file page after that zap would hand the old bytes
+    /// back to a `madvise` caller that has returned. Installs and the reader exclude each other, so
+    /// either the mapping lands before the event is read (the zap, after it, removes it) or the mark
+    /// is seen here.
+    func resolveCoherentFault(_ region: NativeRegion, _ i: Int, _ a: UInt64) -> Bool {
+        var rc: Int32
+        while true {
+            enterInstall()
+            if region.state(i).isZapped {
+                leaveInstall()
+                return false
+            }
+            rc = Sys.continueMapping(uffd, a, Sys.page)
+            leaveInstall()
+            // An event is queued unread: let the reader read it, then look again.
+            guard rc == -EAGAIN, !stopping.load(ordering: .relaxed) else { break }
+            sched_yieldShim()
+        }
         if rc == -ENOENT || rc == -EFAULT {
             // No page behind it in the file: the device frame reads as zeros.
             rc = retryingAgain { Sys.copy(uffd, to: a, from: UInt64(UInt(bitPattern: zeros)), Sys.page).0 }
         }
         if rc != 0 { _ = Sys.wake(uffd, a, Sys.page) }
+        return true
     }
 }

@@ -46,6 +46,23 @@ extension NativeSpace {
                 for i in region.index(a)..<region.index(b + PageSize.baseMask) {
                     // An unmapped page stays so: its address may be another region's now (after an mremap).
                     if region.state(i).kind == .unmapped { continue }
+                    if final == .host && !region.state(i).isCompound {
+                        // A remove event drops only what its mark still names. The service thread
+                        // marked every page of the range as it read the event, and the host woke the
+                        // `madvise` caller then; whoever locks a marked page first applies the zap
+                        // (``NativeRegion/lock(_:unmapped:)``), so a page no longer marked was dropped
+                        // already — and may hold newer bytes. The churn suite lost stores that way:
+                        // `MADV_DONTNEED` returned, the owner's store faulted on the hole, the fault
+                        // applied the mark and filled it (a host hole never waits for events), a
+                        // migration moved the stored page to a device, and only then did this thread
+                        // reach the event and free the device copy (the owner read zeros). A marked
+                        // page is settled here if it is free; one held by a migration or a fault is
+                        // settled by its holder as it unlocks (``NativeRegion/setState(_:_:zapDone:)``).
+                        // A compound unit is still dropped whole below: ``NativeSpace/applyZap(_:_:_:)``
+                        // leaves it to this thread.
+                        region.settle(i)
+                        continue
+                    }
                     if dropPage(region, i, to: final) { unmapped += 1 }
                 }
                 if unmapped > 0 && region.mappedPages.subtract(unmapped, ordering: .acquiringAndReleasing).newValue == 0 {

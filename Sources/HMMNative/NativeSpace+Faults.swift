@@ -150,15 +150,29 @@ extension NativeSpace {
             case .host:
                 if write && s == .host && hugeFirstTouch(region, i) { break }
                 guard region.tryLock(i, s) else { continue }
-                zeroFill(a, write: write)
+                let filled = zeroFill(a, write: write)
                 // Unlocked before the toucher runs again, as the kernel's fault returns with no page
-                // lock held: a migration it starts next must find the page free. The fill found a hole,
-                // so any zap still pending has run.
-                region.setState(i, .host, zapDone: true)
+                // lock held: a migration it starts next must find the page free. A fill that found a
+                // hole says any zap still pending has run; one that found the page present (`EEXIST`)
+                // says nothing of the kind. That is a stale fault (its toucher was woken by an install
+                // and went on; its message is read later) handled between the read of a REMOVE event
+                // and the host's zap — the host wakes the `madvise` caller when the event is read and
+                // zaps only once that thread runs again. Declaring the zap done there would let a
+                // migration move the still-present bytes out ahead of the zap (which then finds a
+                // hole), and bring them back after `madvise` returned. The pending mark stays until a
+                // fault fills the hole or a collection finds one; every fill of a hole clears it, so a
+                // present page keeps it only until its zap runs.
+                region.setState(i, .host, zapDone: filled)
                 _ = Sys.wake(uffd, a, Sys.page)
             case .device where isCoherent(s):
-                // Mapped in place: only the page-table entry is missing.
-                resolveCoherentFault(a)
+                // Mapped in place: only the page-table entry is missing — unless a remove event marked
+                // the page: its file page still holds the old bytes (`MADV_DONTNEED` of a shared
+                // mapping only unmaps it), so the zap is applied first, as for any other kind.
+                if s.isZapped {
+                    region.settle(i)
+                    continue
+                }
+                guard resolveCoherentFault(region, i, a) else { continue }
             case .device:
                 // Not home yet (a drop or another fault got there first): look again.
                 switch bringBack(region, i, write: write) {
@@ -187,20 +201,27 @@ extension NativeSpace {
     /// names the old length only). False if the host says the address is not registered memory at all
     /// (the fault is then not the engine's); `EEXIST` (someone filled it) counts as filled.
     func fillZeros(_ a: UInt64, write: Bool) -> Bool {
-        let zerosAddress = UInt64(UInt(bitPattern: zeros))
-        let rc = retryingAgain {
-            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
-                : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
-        }
+        let rc = fillZerosOnce(a, write: write)
         return rc == 0 || rc == -EEXIST
     }
 
+    /// ``fillZeros(_:write:)``'s ioctl: 0 if it filled the hole, `-EEXIST` if the page was present.
+    private func fillZerosOnce(_ a: UInt64, write: Bool) -> Int32 {
+        let zerosAddress = UInt64(UInt(bitPattern: zeros))
+        return retryingAgain {
+            write ? Sys.copy(uffd, to: a, from: zerosAddress, Sys.page, dontWake: true).0
+                : Sys.zeropage(uffd, a, Sys.page, dontWake: true)
+        }
+    }
+
     /// A first touch (or a touch after the page was dropped): zeros, as `do_anonymous_page` gives — the
-    /// zero page for a read, a fresh zeroed page for a write. `EEXIST` (someone filled it) is fine. The
-    /// toucher is not woken: the caller wakes it once the page is unlocked.
-    private func zeroFill(_ a: UInt64, write: Bool) {
+    /// zero page for a read, a fresh zeroed page for a write. `EEXIST` (someone filled it: a stale
+    /// fault) is fine. The toucher is not woken: the caller wakes it once the page is unlocked. Returns
+    /// whether the fill found a hole (false: the page was present, or the address is not registered).
+    private func zeroFill(_ a: UInt64, write: Bool) -> Bool {
         statistics.count(\.zeroFills)
-        _ = fillZeros(a, write: write)
+        let rc = fillZerosOnce(a, write: write)
+        return rc == 0
     }
 
     /// `do_huge_pmd_anonymous_page` natively: the first write to an empty 2 MiB unit of a huge-advised
