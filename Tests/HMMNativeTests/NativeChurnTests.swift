@@ -130,12 +130,17 @@ struct NativeChurnTests {
                             continue
                         }
                         marker &+= 1
-                        at.storeBytes(of: marker, toByteOffset: 64, as: UInt32.self)
+                        // Probed accesses: in the known window (below) the engine may have unmapped the
+                        // program's page, and a plain access would kill the test process with SIGSEGV.
+                        if let signal = probedStore(marker, at + 64) {
+                            problems.withLock { $0.append("page \(p): the program's own store got signal \(signal)") }
+                            continue
+                        }
                         replaced.withLock { $0[p] = marker }
                         // Earlier replacements still hold their words.
                         for (q, m) in replaced.withLock({ $0 }) {
-                            let seen = (region.pointer + q << 12).load(fromByteOffset: 64, as: UInt32.self)
-                            if seen != m { problems.withLock { $0.append("replaced page \(q) reads \(seen), its program stored \(m)") } }
+                            let seen = probedLoad(region.pointer + q << 12 + 64)
+                            if seen != m { problems.withLock { $0.append("replaced page \(q) reads \(seen.map { "\($0)" } ?? "a signal"), its program stored \(m)") } }
                         }
                     }
                 }
@@ -151,8 +156,8 @@ struct NativeChurnTests {
                 let a = region.address + UInt64(p) << 12
                 let over = shared.filter { $0.start <= a && a < $0.end }
                 if !over.isEmpty { wrong.append("page \(p) is a shared mapping (\(over.map(\.path))) instead of the program's memory") }
-                let seen = (region.pointer + p << 12).load(fromByteOffset: 64, as: UInt32.self)
-                if seen != m { wrong.append("page \(p) reads \(seen) at the end, its program stored \(m)") }
+                let seen = probedLoad(region.pointer + p << 12 + 64)
+                if seen != m { wrong.append("page \(p) reads \(seen.map { "\($0)" } ?? "a signal") at the end, its program stored \(m)") }
             }
             if routed {
                 #expect(wrong == [])
@@ -292,6 +297,29 @@ extension NativeChurnTests {
             for p in replacedPages.withLock({ $0 }) { _ = munmap(region.pointer + p << 12, 4096) }
         }
     }
+}
+
+/// A 32-bit load that survives `SIGSEGV`/`SIGBUS` (byte by byte through the signal probe): nil if the
+/// address faulted.
+func probedLoad(_ p: UnsafeMutableRawPointer) -> UInt32? {
+    var word: UInt32 = 0
+    for k in 0..<4 {
+        var byte: UInt8 = 0
+        var code: Int32 = 0
+        guard cu_probe_read(p + k, &byte, &code) == 0 else { return nil }
+        word |= UInt32(byte) << (8 * UInt32(k))
+    }
+    return word
+}
+
+/// A 32-bit store that survives `SIGSEGV`/`SIGBUS`: the signal that stopped it, or nil.
+func probedStore(_ value: UInt32, _ p: UnsafeMutableRawPointer) -> Int32? {
+    for k in 0..<4 {
+        var code: Int32 = 0
+        let signal = cu_probe_write(p + k, UInt8(truncatingIfNeeded: value >> (8 * UInt32(k))), &code)
+        if signal != 0 { return signal }
+    }
+    return nil
 }
 
 /// How long a free-running race test runs (HMM_NATIVE_STRESS_MS, default 1500 ms).
