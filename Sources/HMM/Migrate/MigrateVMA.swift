@@ -37,10 +37,13 @@ public final class MigrateVMA: @unchecked Sendable {
     public let owner: (any AnyObject & Sendable)?
     /// The locked device-private page whose CPU fault started this migration (`fault_page`).
     public let faultPage: PFN?
-    /// Source entries, one per page (read-only for the driver).
-    public internal(set) var src: [MigratePFN]
+    /// Source entries, one per page (read-only for the driver). (It, ``dst`` and ``engineContext`` are
+    /// exclusivity-unchecked: the thread running the phases is the only one touching them — the driver
+    /// between phases, the engine inside — and the checks cost more than a 4 KiB page's migration
+    /// elsewhere.)
+    @exclusivity(unchecked) public internal(set) var src: [MigratePFN]
     /// Destination entries, filled by the driver between ``setup()`` and ``pages()``.
-    public var dst: [MigratePFN]
+    @exclusivity(unchecked) public var dst: [MigratePFN]
     /// Entries still migrating after ``setup()`` (holes included).
     public private(set) var cpages = 0
     /// Page slots walked.
@@ -95,7 +98,7 @@ public final class MigrateVMA: @unchecked Sendable {
     /// What the engine keeps about this migration between its phases (which pages it locked…); the
     /// engine sets it in setup and clears it in finalize.
     @_spi(Engine)
-    public var engineContext: AnyObject?
+    @exclusivity(unchecked) public var engineContext: AnyObject?
 
     /// The source entries, writable by the engine that collects them (``MigrationEngine``).
     @_spi(Engine)

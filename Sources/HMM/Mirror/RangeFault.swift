@@ -55,7 +55,7 @@ extension HMMPFN {
     /// read fault when the mapping is not valid.
     @inline(__always)
     public static func needFault(_ request: UInt64, _ cpu: UInt64) -> NeedFault {
-        guard request & requestFault != 0 else { return .none }
+        if _fastPath(request & requestFault == 0) { return .none }
         if request & requestWrite != 0 && cpu & write == 0 { return .write }
         return cpu & valid == 0 ? .read : .none
     }
@@ -65,11 +65,18 @@ extension HMMPFN {
         case none, read, write
     }
 
-    /// The word for frame `pfn` mapped by the CPU (`pte_to_hmm_pfn_flags`, `pmd_to_hmm_pfn_flags`):
-    /// valid, writable if the mapping is, with its map order (9 for a PMD).
+    /// The word for frame `pfn` mapped by the CPU through a PTE (`pte_to_hmm_pfn_flags`): valid, and
+    /// writable if the mapping is.
     @inline(__always)
-    public static func word(_ pfn: PFN, writable: Bool, order: Int = 0) -> UInt64 {
-        valid | (writable ? write : 0) | UInt64(order) << orderShift | pfn.rawValue
+    public static func word(_ pfn: PFN, writable: Bool) -> UInt64 {
+        valid | (writable ? write : 0) | pfn.rawValue
+    }
+
+    /// The word for frame `pfn` mapped with map order `order` (`pmd_to_hmm_pfn_flags`: 9 for a PMD; 0
+    /// is a PTE's word).
+    @inline(__always)
+    public static func word(_ pfn: PFN, writable: Bool, order: Int) -> UInt64 {
+        word(pfn, writable: writable) | UInt64(truncatingIfNeeded: order) << orderShift
     }
 
     /// Stores the walk's output `out` for a page, keeping the input's sticky flags (``inOut``).

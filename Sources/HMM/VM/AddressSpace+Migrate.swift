@@ -29,8 +29,10 @@ extension AddressSpace: MigrationEngine {
         }
         let c = SimulatedMigration(m, self, vma)
         m.engineContext = c
-        invalidating(m.start, m.end, .migrate, owner: m.owner) { c.collect(vma) }
-        c.unmapAndCheck()
+        c.withArrays {
+            invalidating(m.start, m.end, .migrate, owner: m.owner) { c.collect(vma) }
+            c.unmapAndCheck()
+        }
     }
 
     /// `migrate_vma_pages` on the simulated page tables: for every entry still migrating with a
@@ -40,7 +42,8 @@ extension AddressSpace: MigrationEngine {
     /// - Throws: `.invalidArgument` without `mmapLock` held. Nothing changes on error.
     public func migratePages(_ m: MigrateVMA) throws(HMMError) {
         try checkMmapLockHeld("migrate_vma_pages")
-        SimulatedMigration.of(m).pages()
+        let c = SimulatedMigration.of(m)
+        c.withArrays { c.pages() }
     }
 
     /// `migrate_vma_finalize` on the simulated page tables: every migration entry becomes a mapping of
@@ -50,7 +53,8 @@ extension AddressSpace: MigrationEngine {
     public func migrateFinalize(_ m: MigrateVMA, accepted: Bool) {
         let tookLock = mmapLock.tryWriteLock()
         defer { if tookLock { mmapLock.unlock() } }
-        SimulatedMigration.of(m).finalize(accepted: accepted)
+        let c = SimulatedMigration.of(m)
+        c.withArrays { c.finalize(accepted: accepted) }
         m.engineContext = nil
     }
 
@@ -80,8 +84,14 @@ final class SimulatedMigration {
     let faultPage: PFN?
     /// The VMA as setup found it (stable while the caller holds `mmapLock`).
     let vma: VMA
+    /// The migration's source entries while a phase runs here (``withArrays(_:)``), else empty.
+    /// (Unchecked, as `MigrateVMA`'s observation: only the thread running the phases touches them,
+    /// and a dynamic exclusivity check per page was measurable on 4 KiB migrations.)
+    @exclusivity(unchecked) var src: [MigratePFN] = []
+    /// The driver's destinations while a phase runs here, read-only.
+    @exclusivity(unchecked) var dst: [MigratePFN] = []
     /// Entries whose page was also mapped elsewhere (restored through the reverse map).
-    var remote: [Bool]
+    @exclusivity(unchecked) var remote: [Bool]
     /// Device THPs a split was refused for (pinned): not retried.
     var unsplittable: Set<PFN> = []
 
@@ -105,6 +115,19 @@ final class SimulatedMigration {
     }
 
     @inline(__always) func address(_ i: Int) -> UInt64 { start + UInt64(i) << UInt64(PageSize.shift) }
+
+    /// Runs a phase with the migration's arrays moved here (a swap, no copy) and back after: the page
+    /// loops then index arrays of this object rather than reaching into ``MigrateVMA``'s, which cost a
+    /// retain, a release and an exclusivity check per access.
+    @inline(__always) func withArrays<R>(_ body: () -> R) -> R {
+        swap(&src, &m.src)
+        dst = m.dst
+        defer {
+            swap(&src, &m.src)
+            dst = []
+        }
+        return body()
+    }
 
     /// `migrate_vma_collect`: one PMD step at a time. With `.compound`, a whole PMD-aligned 2 MiB step
     /// that is empty, the huge zero page, a THP or a device THP becomes one `compound` entry followed by
@@ -167,7 +190,7 @@ final class SimulatedMigration {
     func collectHoles(_ lo: UInt64, _ hi: UInt64) {
         var a = lo
         while a < hi {
-            m.src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate)
+            src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate)
             a += UInt64(PageSize.base)
         }
     }
@@ -189,11 +212,11 @@ final class SimulatedMigration {
             var writable = false
             switch e.kind {
             case .none:
-                if anonymousVMA { m.src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
+                if anonymousVMA { src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
                 continue
             case .present:
                 if e.isSpecial {
-                    if select.contains(.system) && e.pfn == machine.zeroPFN { m.src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
+                    if select.contains(.system) && e.pfn == machine.zeroPFN { src[i] = MigratePFN(rawValue: MigratePFN.migrate) }
                     continue
                 }
                 guard machine.migrationCollects(e.pfn, select, owner: owner) else { continue }
@@ -230,7 +253,7 @@ final class SimulatedMigration {
                 machine.putFolio(pfn)
                 continue
             }
-            m.src[i] = MigratePFN(pfn, flags: MigratePFN.migrate | (writable ? MigratePFN.write : 0))
+            src[i] = MigratePFN(pfn, flags: MigratePFN.migrate | (writable ? MigratePFN.write : 0))
         }
         return nil
     }
@@ -238,17 +261,17 @@ final class SimulatedMigration {
     /// `migrate_device_unmap`: pages still mapped elsewhere are unmapped through the reverse map; a page
     /// with references nobody can explain (a GUP pin) is restored.
     func unmapAndCheck() {
-        for i in 0..<m.src.count where m.src[i].isMigrating {
-            guard let pfn = m.src[i].pfn else { continue }
+        for i in 0..<src.count where src[i].isMigrating {
+            guard let pfn = src[i].pfn else { continue }
             if machine.totalMapcount(pfn) > 0 {
                 remote[i] = true
-                _ = m.src[i].isCompound ? machine.tryToMigrateHuge(pfn) : machine.tryToMigrate(pfn)
+                _ = src[i].isCompound ? machine.tryToMigrateHuge(pfn) : machine.tryToMigrate(pfn)
             }
             if machine.totalMapcount(pfn) == 0 && machine.refcount(pfn) <= expectedReferences(pfn) { continue }
             // Restore: the page stays where it is.
             restore(i, pfn, to: pfn)
             release(pfn)
-            m.src[i] = .empty
+            src[i] = .empty
         }
     }
 
@@ -265,7 +288,7 @@ final class SimulatedMigration {
     /// Replaces the migration entries of `src` (this space's slot, and every other space's if the page
     /// was mapped there) by mappings of `new`.
     func restore(_ i: Int, _ old: PFN, to new: PFN) {
-        if m.src[i].isCompound {
+        if src[i].isCompound {
             if let pmdN = try? mm.pmdNode(address(i), allocate: false), pmdN != 0 { restoreHuge(pmdN, address(i), old, to: new) }
             if remote[i] { machine.removeHugeMigrationEntries(old, new) }
             return
@@ -284,39 +307,39 @@ final class SimulatedMigration {
         let vma = self.vma
         var started = false
         defer { mm.notifiers.end(started) }
-        for i in 0..<m.src.count where m.src[i].isMigrating {
-            guard let d = m.dst[i].pfn else {
-                m.src[i].clearMigrate()
+        for i in 0..<src.count where src[i].isMigrating {
+            guard let d = dst[i].pfn else {
+                src[i].clearMigrate()
                 continue
             }
-            let dstCompound = m.dst[i].isCompound
-            guard let s = m.src[i].pfn else {
+            let dstCompound = dst[i].isCompound
+            guard let s = src[i].pfn else {
                 if !started {
                     started = mm.notifiers.start(NotifierRange(
                         space: mm, start: address(i), end: end, event: .migrate, owner: owner, blockable: true))
                 }
-                if m.src[i].isCompound && !dstCompound {
+                if src[i].isCompound && !dstCompound {
                     // The driver answered a 2 MiB hole with small pages: insert them one by one.
-                    for j in 0..<PageSize.pagesPerPMD { m.src[i + j] = MigratePFN(rawValue: MigratePFN.migrate) }
+                    for j in 0..<PageSize.pagesPerPMD { src[i + j] = MigratePFN(rawValue: MigratePFN.migrate) }
                 }
                 let inserted = dstCompound
-                    ? m.src[i].isCompound && insertHugePage(vma, address(i), d)
+                    ? src[i].isCompound && insertHugePage(vma, address(i), d)
                     : insertPage(vma, address(i), d)
-                if !inserted { m.src[i].clearMigrate() }
+                if !inserted { src[i].clearMigrate() }
                 continue
             }
-            if m.src[i].isCompound && !dstCompound && !splitUnmappedFolio(i) {
-                m.src[i].clearMigrate()
+            if src[i].isCompound && !dstCompound && !splitUnmappedFolio(i) {
+                src[i].clearMigrate()
                 continue
             }
-            if dstCompound != m.src[i].isCompound {
-                m.src[i].clearMigrate()
+            if dstCompound != src[i].isCompound {
+                src[i].clearMigrate()
                 continue
             }
             if !MigrationRules.destinationAccepts(machine.deviceKind(d), anonymousSource: machine.frames.flags(s).contains(.anon))
                 || machine.refcount(s) != expectedReferences(s)
             {
-                m.src[i].clearMigrate()
+                src[i].clearMigrate()
                 continue
             }
             for j in 0..<(dstCompound ? PageSize.pagesPerPMD : 1) { machine.migrateMetadata(from: s + j, to: d + j) }
@@ -358,23 +381,23 @@ final class SimulatedMigration {
     /// `__migrate_device_finalize` for this space: restores every entry to its target, then unlocks and
     /// drops the migration's references.
     func finalize(accepted: Bool) {
-        var target = [PFN?](repeating: nil, count: m.src.count)
-        for i in 0..<m.src.count {
-            let d = machine.finalizeDestination(m.dst[i], accepted: accepted)
-            guard let s = m.src[i].pfn else {
+        var target = [PFN?](repeating: nil, count: src.count)
+        for i in 0..<src.count {
+            let d = machine.finalizeDestination(dst[i], accepted: accepted)
+            guard let s = src[i].pfn else {
                 if let d { release(d) }
                 continue
             }
-            let new = MigrationRules.moves(m.src[i], to: d, accepted: accepted) ? d! : s
+            let new = MigrationRules.moves(src[i], to: d, accepted: accepted) ? d! : s
             machine.statistics.count(new == s ? .migrateFail : .migrateSuccess)
             if let d, d != new { release(d) }
             target[i] = new
         }
         restoreLocal(target)
-        for i in 0..<m.src.count {
-            guard let new = target[i], let s = m.src[i].pfn else { continue }
+        for i in 0..<src.count {
+            guard let new = target[i], let s = src[i].pfn else { continue }
             if remote[i] {
-                m.src[i].isCompound ? machine.removeHugeMigrationEntries(s, new) : machine.removeMigrationEntries(s, new)
+                src[i].isCompound ? machine.removeHugeMigrationEntries(s, new) : machine.removeMigrationEntries(s, new)
             }
             release(s)
             if new != s { release(new) }
@@ -392,7 +415,7 @@ final class SimulatedMigration {
             let pmd = PageTableEntry(rawValue: mm.pmdSlot(pmdN, a).pointee.load(ordering: .acquiring))
             if pmd.isNonPresent && pmd.isHuge {
                 let i = Int((a - start) >> UInt64(PageSize.shift))
-                if let new = target[i], let old = m.src[i].pfn { restoreHuge(pmdN, a, old, to: new) }
+                if let new = target[i], let old = src[i].pfn { restoreHuge(pmdN, a, old, to: new) }
                 continue
             }
             guard pmd.isTable else { continue }
@@ -402,7 +425,7 @@ final class SimulatedMigration {
             var b = a
             while b < stepEnd {
                 let i = Int((b - start) >> UInt64(PageSize.shift))
-                if let new = target[i], let old = m.src[i].pfn {
+                if let new = target[i], let old = src[i].pfn {
                     let slot = ptes + PageTableIndex.pte(b)
                     let e = PageTableEntry(rawValue: slot.pointee.load(ordering: .relaxed))
                     if e.isMigration && e.pfn == old {

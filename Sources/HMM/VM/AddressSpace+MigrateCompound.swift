@@ -7,7 +7,7 @@ import Synchronization
 extension SimulatedMigration {
     /// An empty (or huge-zero) PMD-aligned 2 MiB step: one compound hole.
     func collectCompoundHole(_ a: UInt64) {
-        m.src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate | MigratePFN.compound)
+        src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(rawValue: MigratePFN.migrate | MigratePFN.compound)
     }
 
     /// Collects the huge mapping `e` at `a` as one compound entry: reference, try-lock, PMD migration entry
@@ -41,7 +41,7 @@ extension SimulatedMigration {
         if e.isPresent && e.isDirty { frames.setFlags(head, .dirty) }
         machine.addEntireMapcount(head, -1)
         machine.putFolio(head)
-        m.src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(
+        src[Int((a - start) >> UInt64(PageSize.shift))] = MigratePFN(
             head, flags: MigratePFN.migrate | MigratePFN.compound | (writable ? MigratePFN.write : 0))
         return true
     }
@@ -86,7 +86,7 @@ extension SimulatedMigration {
     /// changed — if someone else holds a reference.
     func splitUnmappedFolio(_ i: Int) -> Bool {
         let frames = machine.frames
-        guard let head = m.src[i].pfn, frames.order(head) == PageSize.pmdOrder else { return false }
+        guard let head = src[i].pfn, frames.order(head) == PageSize.pmdOrder else { return false }
         let fault: Int32 = faultPage.map { $0 >= head && $0 < head + PageSize.pagesPerPMD ? 1 : 0 } ?? 0
         guard frames.record(head).pointee.refcount.compareExchange(
             expected: 1 + fault, desired: 0, ordering: .acquiringAndReleasing
@@ -99,9 +99,9 @@ extension SimulatedMigration {
         // A folio shared after fork has PMD migration entries in other spaces too: they become PTE
         // migration entries of the small pages, restored page by page at finalize.
         if remote[i] { machine.splitHugeMigrationEntries(head) }
-        let flags = m.src[i].rawValue & MigratePFN.write | MigratePFN.migrate
+        let flags = src[i].rawValue & MigratePFN.write | MigratePFN.migrate
         for j in 0..<PageSize.pagesPerPMD {
-            m.src[i + j] = MigratePFN(head + j, flags: flags)
+            src[i + j] = MigratePFN(head + j, flags: flags)
             remote[i + j] = remote[i]
         }
         return true
