@@ -37,7 +37,7 @@ public final class MigrateVMA: @unchecked Sendable {
     public let owner: (any AnyObject & Sendable)?
     /// The locked device-private page whose CPU fault started this migration (`fault_page`).
     public let faultPage: PFN?
-    /// Source entries, one per page (read-only for the driver). (It, ``dst`` and ``engineContext`` are
+    /// Source entries, one per page (read-only for the driver). (It, ``dst`` and `engineContext` are
     /// exclusivity-unchecked: the thread running the phases is the only one touching them — the driver
     /// between phases, the engine inside — and the checks cost more than a 4 KiB page's migration
     /// elsewhere.)
