@@ -271,7 +271,9 @@ extension AddressSpace {
             if e.isPresent {
                 if !e.isSpecial || e.pfn == machine.zeroPFN {
                     out = HMMPFN.word(e.pfn, writable: e.isWritable)
-                    if HMMPFN.needFault(req, out) == .write { return (b, true) }
+                    // (`req != 0` first: a snapshot asks for nothing, and the walk stays as tight as a
+                    // bare entry scan.)
+                    if req != 0 && HMMPFN.needFault(req, out) == .write { return (b, true) }
                 } else {
                     let need = HMMPFN.needFault(req, 0)
                     if need != .none { return (b, need == .write) }
