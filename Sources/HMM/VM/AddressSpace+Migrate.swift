@@ -30,7 +30,7 @@ extension AddressSpace: MigrationEngine {
         let c = SimulatedMigration(m, self, vma)
         m.engineContext = c
         c.withArrays {
-            invalidating(m.start, m.end, .migrate, owner: m.owner) { c.collect(vma) }
+            invalidating(m.start, m.end, .migrate, owner: m.owner) { c.collect() }
             c.unmapAndCheck()
         }
     }
@@ -132,7 +132,7 @@ final class SimulatedMigration {
     /// `migrate_vma_collect`: one PMD step at a time. With `.compound`, a whole PMD-aligned 2 MiB step
     /// that is empty, the huge zero page, a THP or a device THP becomes one `compound` entry followed by
     /// 511 empty ones; otherwise huge mappings are split and collected page by page.
-    func collect(_ vma: VMA) {
+    func collect() {
         let anonymousVMA = vma.isAnonymous && !vma.isShared
         var a = start
         while a < end {
